@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Runs inside the rig VM (as root): builds N simulated hosts, each with its own address
+# 10.0.0.i on a veth whose peer sits on one bridge, and its own Soft-RoCE device rxe<i>
+# on that veth; then turns the reserved memmap range into devdax PM at /dev/dax0.0.
+#
+# Why this topology: rdma_cm over an rxe device on `lo` cannot resolve routes, and rxe
+# traffic does not cross network namespaces on the 6.1 kernel. Hosts in the root
+# namespace whose locally generated packets are policy-routed out of their own veth do
+# give each host its own device, GID and rkeys, with packets really crossing the veths.
+#
+# Usage: rig-guest-setup.sh HOST_COUNT   (writes /tmp/pmgas-rig.env for callers to source)
+set -euo pipefail
+host_count=${1:-3}
+[[ $host_count =~ ^[0-9]+$ ]] && ((host_count >= 1 && host_count <= 8)) ||
+  { echo "rig-guest-setup: HOST_COUNT must be 1..8" >&2; exit 2; }
+
+sysctl_set() { sysctl -qw "$1=$2"; }
+
+modprobe rdma_rxe
+modprobe veth
+modprobe bridge 2>/dev/null || true
+
+ip link set lo up
+ip link add br-pmgas type bridge 2>/dev/null || true
+ip link set br-pmgas up
+sysctl_set net.ipv4.conf.all.rp_filter 0
+sysctl_set net.ipv4.conf.default.rp_filter 0
+sysctl_set net.ipv4.conf.all.accept_local 1
+sysctl_set net.ipv4.conf.all.arp_ignore 1
+sysctl_set net.ipv4.conf.all.arp_announce 2
+
+# The local table must be consulted after the per-host rules, or every packet between two
+# simulated hosts would short-cut through lo instead of crossing the veths.
+if ip rule show | grep -q '^0:.*lookup local'; then
+  ip rule add pref 1000 lookup local
+  ip rule del pref 0 lookup local
+fi
+
+hosts=()
+devices=()
+for i in $(seq 1 "$host_count"); do
+  a=veth${i}a b=veth${i}b ip_addr=10.0.0.$i table=$((100 + i))
+  ip link add "$a" type veth peer name "$b"
+  ip link set "$b" master br-pmgas
+  ip link set "$b" up
+  ip addr add "$ip_addr/24" dev "$a"
+  ip link set "$a" up
+  for k in rp_filter accept_local arp_ignore arp_announce; do :; done
+  sysctl_set "net.ipv4.conf.$a.rp_filter" 0
+  sysctl_set "net.ipv4.conf.$a.accept_local" 1
+  sysctl_set "net.ipv4.conf.$a.arp_ignore" 1
+  sysctl_set "net.ipv4.conf.$a.arp_announce" 2
+  ip rule add pref $((10 + i)) from "$ip_addr" to "$ip_addr" lookup local
+  ip rule add pref $((50 + i)) iif lo from "$ip_addr" lookup "$table"
+  ip route add 10.0.0.0/24 dev "$a" src "$ip_addr" table "$table"
+  rdma link add "rxe$i" type rxe netdev "$a"
+  hosts+=("$ip_addr")
+  devices+=("rxe$i")
+done
+
+# Emulated PM: the kernel was booted with memmap=SIZE!START, which nd_e820 exposes as a
+# pmem region; reconfigure its namespace as devdax so rxe can register it (fsdax cannot
+# be pinned for RDMA).
+pm_device=""
+if modprobe nd_e820 2>/dev/null && modprobe nd_pmem && modprobe dax_pmem; then
+  for _ in 1 2 3 4 5 6 7 8 9 10; do
+    ndctl list -N 2>/dev/null | grep -q namespace0.0 && break
+    sleep 0.5
+  done
+  if ndctl list -N 2>/dev/null | grep -q namespace0.0; then
+    ndctl create-namespace -f -e namespace0.0 -m devdax -a 4K >/dev/null
+    for _ in 1 2 3 4 5 6 7 8 9 10; do [[ -e /dev/dax0.0 ]] && break; sleep 0.5; done
+    [[ -e /dev/dax0.0 ]] && pm_device=/dev/dax0.0
+  fi
+fi
+
+{
+  echo "export PMGAS_RIG=1"
+  echo "export PMGAS_HOSTS='${hosts[*]}'"
+  echo "export PMGAS_DEVICES='${devices[*]}'"
+  echo "export PMGAS_PM_DEVICE='$pm_device'"
+} >/tmp/pmgas-rig.env
+echo "rig: hosts=${hosts[*]} devices=${devices[*]} pm=${pm_device:-none}"
+rdma link show

@@ -45,7 +45,6 @@ for i in $(seq 1 "$host_count"); do
   ip link set "$b" up
   ip addr add "$ip_addr/24" dev "$a"
   ip link set "$a" up
-  for k in rp_filter accept_local arp_ignore arp_announce; do :; done
   sysctl_set "net.ipv4.conf.$a.rp_filter" 0
   sysctl_set "net.ipv4.conf.$a.accept_local" 1
   sysctl_set "net.ipv4.conf.$a.arp_ignore" 1
@@ -56,6 +55,17 @@ for i in $(seq 1 "$host_count"); do
   rdma link add "rxe$i" type rxe netdev "$a"
   hosts+=("$ip_addr")
   devices+=("rxe$i")
+done
+
+# Permanent neighbour entries between all simulated hosts: the first ARP exchange through
+# the bridge can outlast rdma_cm's address-resolution timeout under TCG emulation, and the
+# rig's addresses and MACs are fixed anyway.
+for i in $(seq 1 "$host_count"); do
+  for j in $(seq 1 "$host_count"); do
+    ((i == j)) && continue
+    mac=$(cat "/sys/class/net/veth${j}a/address")
+    ip neigh replace "10.0.0.$j" lladdr "$mac" dev "veth${i}a" nud permanent
+  done
 done
 
 # Emulated PM: the kernel was booted with memmap=SIZE!START, which nd_e820 exposes as a

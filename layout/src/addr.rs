@@ -41,14 +41,21 @@ impl GlobalAddr {
     pub fn new(page: PageId, offset: u64, page_size_bytes: u64) -> Result<Self, AddrError> {
         check_page_size(page_size_bytes)?;
         if offset >= page_size_bytes {
-            return Err(AddrError::OffsetBeyondPage { offset, page_size_bytes });
+            return Err(AddrError::OffsetBeyondPage {
+                offset,
+                page_size_bytes,
+            });
         }
         Ok(Self(((page.0 as u64) << OFFSET_BITS) | offset))
     }
 
     /// Reinterprets raw bits, checking the offset against the page size.
     pub fn from_raw(raw: u64, page_size_bytes: u64) -> Result<Self, AddrError> {
-        Self::new(PageId((raw >> OFFSET_BITS) as u32), raw & OFFSET_MASK, page_size_bytes)
+        Self::new(
+            PageId((raw >> OFFSET_BITS) as u32),
+            raw & OFFSET_MASK,
+            page_size_bytes,
+        )
     }
 
     pub fn raw(self) -> u64 {
@@ -83,7 +90,10 @@ mod tests {
     fn rejects_offset_at_or_past_page_size() {
         assert_eq!(
             GlobalAddr::new(PageId(1), MIB2, MIB2),
-            Err(AddrError::OffsetBeyondPage { offset: MIB2, page_size_bytes: MIB2 })
+            Err(AddrError::OffsetBeyondPage {
+                offset: MIB2,
+                page_size_bytes: MIB2
+            })
         );
         assert!(GlobalAddr::from_raw((1u64 << 32) | MIB2, MIB2).is_err());
         assert!(GlobalAddr::new(PageId(u32::MAX), MIB2 - 1, MIB2).is_ok());

@@ -36,7 +36,13 @@ pub struct ConnectionConfig {
 
 impl Default for ConnectionConfig {
     fn default() -> Self {
-        Self { max_send_wr: 128, max_recv_wr: 128, max_inline_bytes: 64, max_rd_atomic: 16, timeout_ms: 5000 }
+        Self {
+            max_send_wr: 128,
+            max_recv_wr: 128,
+            max_inline_bytes: 64,
+            max_rd_atomic: 16,
+            timeout_ms: 5000,
+        }
     }
 }
 
@@ -48,7 +54,9 @@ pub(crate) fn to_sockaddr(addr: SocketAddr) -> libc::sockaddr_storage {
             let sin = libc::sockaddr_in {
                 sin_family: libc::AF_INET as libc::sa_family_t,
                 sin_port: v4.port().to_be(),
-                sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(v4.ip().octets()) },
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(v4.ip().octets()),
+                },
                 sin_zero: [0; 8],
             };
             // SAFETY: sockaddr_storage is larger than and suitably aligned for sockaddr_in.
@@ -59,7 +67,9 @@ pub(crate) fn to_sockaddr(addr: SocketAddr) -> libc::sockaddr_storage {
                 sin6_family: libc::AF_INET6 as libc::sa_family_t,
                 sin6_port: v6.port().to_be(),
                 sin6_flowinfo: v6.flowinfo(),
-                sin6_addr: libc::in6_addr { s6_addr: v6.ip().octets() },
+                sin6_addr: libc::in6_addr {
+                    s6_addr: v6.ip().octets(),
+                },
                 sin6_scope_id: v6.scope_id(),
             };
             // SAFETY: sockaddr_storage is larger than and suitably aligned for sockaddr_in6.
@@ -78,7 +88,8 @@ impl EventChannel {
     fn new() -> Result<Self> {
         // SAFETY: plain constructor.
         let ptr = unsafe { sys::rdma_create_event_channel() };
-        let ptr = NonNull::new(ptr).ok_or_else(|| Error::last_os("rdma_create_event_channel", ""))?;
+        let ptr =
+            NonNull::new(ptr).ok_or_else(|| Error::last_os("rdma_create_event_channel", ""))?;
         Ok(Self { ptr })
     }
 
@@ -89,7 +100,11 @@ impl EventChannel {
 
     /// Waits up to `timeout` for the next event. `Ok(None)` on timeout.
     fn next(&self, timeout: Duration) -> Result<Option<CmEvent>> {
-        let mut pfd = libc::pollfd { fd: self.fd(), events: libc::POLLIN, revents: 0 };
+        let mut pfd = libc::pollfd {
+            fd: self.fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
         let timeout_ms = timeout.as_millis().min(i32::MAX as u128) as i32;
         // SAFETY: one valid pollfd.
         let ready = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
@@ -98,7 +113,11 @@ impl EventChannel {
             if err.kind() == std::io::ErrorKind::Interrupted {
                 return Ok(None);
             }
-            return Err(Error::Verb { verb: "poll", context: " (rdma_cm channel)".into(), source: err });
+            return Err(Error::Verb {
+                verb: "poll",
+                context: " (rdma_cm channel)".into(),
+                source: err,
+            });
         }
         if ready == 0 {
             return Ok(None);
@@ -116,10 +135,18 @@ impl EventChannel {
             let private_data = if conn.private_data.is_null() || conn.private_data_len == 0 {
                 Vec::new()
             } else {
-                std::slice::from_raw_parts(conn.private_data.cast::<u8>(), conn.private_data_len as usize)
-                    .to_vec()
+                std::slice::from_raw_parts(
+                    conn.private_data.cast::<u8>(),
+                    conn.private_data_len as usize,
+                )
+                .to_vec()
             };
-            CmEvent { kind: e.event, status: e.status, id: e.id, private_data }
+            CmEvent {
+                kind: e.event,
+                status: e.status,
+                id: e.id,
+                private_data,
+            }
         };
         // SAFETY: acked exactly once.
         unsafe { sys::rdma_ack_cm_event(event) };
@@ -128,15 +155,20 @@ impl EventChannel {
 
     /// Waits for an event of kind `expected` (skipping none), failing on anything else.
     fn expect(&self, expected: u32, addr: &SocketAddr, timeout_ms: u64) -> Result<CmEvent> {
-        let event = self.next(Duration::from_millis(timeout_ms))?.ok_or_else(|| Error::Timeout {
-            what: format!("{} from {addr}", event_name(expected)),
-            timeout_ms,
-        })?;
+        let event = self
+            .next(Duration::from_millis(timeout_ms))?
+            .ok_or_else(|| Error::Timeout {
+                what: format!("{} from {addr}", event_name(expected)),
+                timeout_ms,
+            })?;
         if event.kind == expected {
             return Ok(event);
         }
         if event.kind == sys::rdma_cm_event_type::RDMA_CM_EVENT_REJECTED {
-            return Err(Error::Rejected { addr: addr.to_string(), status: event.status });
+            return Err(Error::Rejected {
+                addr: addr.to_string(),
+                status: event.status,
+            });
         }
         Err(Error::CmEvent {
             addr: addr.to_string(),
@@ -197,7 +229,12 @@ impl CmId {
         let mut id = std::ptr::null_mut();
         // SAFETY: valid channel, `id` is an out-pointer; RC needs the TCP port space.
         let ret = unsafe {
-            sys::rdma_create_id(channel.ptr.as_ptr(), &mut id, std::ptr::null_mut(), sys::rdma_port_space::RDMA_PS_TCP)
+            sys::rdma_create_id(
+                channel.ptr.as_ptr(),
+                &mut id,
+                std::ptr::null_mut(),
+                sys::rdma_port_space::RDMA_PS_TCP,
+            )
         };
         match NonNull::new(id) {
             Some(id) if ret == 0 => Ok(Self { id, channel }),
@@ -251,7 +288,11 @@ pub struct ResolvedRoute {
 
 impl Connector {
     pub fn new(src: Option<IpAddr>, dst: SocketAddr) -> Self {
-        Self { src, dst, timeout_ms: 5000 }
+        Self {
+            src,
+            dst,
+            timeout_ms: 5000,
+        }
     }
 
     /// Resolves address and route. Binding to `src` makes the connection use the device
@@ -260,21 +301,40 @@ impl Connector {
         let id = CmId::new(EventChannel::new()?)?;
         let mut dst = to_sockaddr(self.dst);
         let mut src = self.src.map(|ip| to_sockaddr(SocketAddr::new(ip, 0)));
-        let src_ptr = src.as_mut().map_or(std::ptr::null_mut(), |s| (s as *mut libc::sockaddr_storage).cast());
+        let src_ptr = src.as_mut().map_or(std::ptr::null_mut(), |s| {
+            (s as *mut libc::sockaddr_storage).cast()
+        });
         let timeout = self.timeout_ms.min(i32::MAX as u64) as i32;
         // SAFETY: valid id; the sockaddrs live across the call.
-        let ret = unsafe { sys::rdma_resolve_addr(id.as_ptr(), src_ptr, (&raw mut dst).cast(), timeout) };
+        let ret =
+            unsafe { sys::rdma_resolve_addr(id.as_ptr(), src_ptr, (&raw mut dst).cast(), timeout) };
         if ret != 0 {
-            return Err(Error::last_os("rdma_resolve_addr", format!("{:?} -> {}", self.src, self.dst)));
+            return Err(Error::last_os(
+                "rdma_resolve_addr",
+                format!("{:?} -> {}", self.src, self.dst),
+            ));
         }
-        id.channel.expect(sys::rdma_cm_event_type::RDMA_CM_EVENT_ADDR_RESOLVED, &self.dst, self.timeout_ms)?;
+        id.channel.expect(
+            sys::rdma_cm_event_type::RDMA_CM_EVENT_ADDR_RESOLVED,
+            &self.dst,
+            self.timeout_ms,
+        )?;
         // SAFETY: valid id with a resolved address.
         if unsafe { sys::rdma_resolve_route(id.as_ptr(), timeout) } != 0 {
             return Err(Error::last_os("rdma_resolve_route", self.dst.to_string()));
         }
-        id.channel.expect(sys::rdma_cm_event_type::RDMA_CM_EVENT_ROUTE_RESOLVED, &self.dst, self.timeout_ms)?;
+        id.channel.expect(
+            sys::rdma_cm_event_type::RDMA_CM_EVENT_ROUTE_RESOLVED,
+            &self.dst,
+            self.timeout_ms,
+        )?;
         let context = id.context()?;
-        Ok(ResolvedRoute { id, context, dst: self.dst, timeout_ms: self.timeout_ms })
+        Ok(ResolvedRoute {
+            id,
+            context,
+            dst: self.dst,
+            timeout_ms: self.timeout_ms,
+        })
     }
 }
 
@@ -285,7 +345,12 @@ impl ResolvedRoute {
     }
 
     /// Creates the QP on `pd` and connects, sending `private_data` (at most 56 bytes).
-    pub fn connect(self, pd: &ProtectionDomain, config: &ConnectionConfig, private_data: &[u8]) -> Result<Connection> {
+    pub fn connect(
+        self,
+        pd: &ProtectionDomain,
+        config: &ConnectionConfig,
+        private_data: &[u8],
+    ) -> Result<Connection> {
         if private_data.len() > MAX_CONNECT_PRIVATE_DATA_BYTES {
             return Err(Error::TooLarge {
                 what: "connect private data",
@@ -299,7 +364,11 @@ impl ResolvedRoute {
         if unsafe { sys::rdma_connect(conn.id.as_ptr(), &mut param) } != 0 {
             return Err(Error::last_os("rdma_connect", self.dst.to_string()));
         }
-        let event = conn.id.channel.expect(sys::rdma_cm_event_type::RDMA_CM_EVENT_ESTABLISHED, &self.dst, self.timeout_ms)?;
+        let event = conn.id.channel.expect(
+            sys::rdma_cm_event_type::RDMA_CM_EVENT_ESTABLISHED,
+            &self.dst,
+            self.timeout_ms,
+        )?;
         conn.remote_private_data = event.private_data;
         Ok(conn)
     }
@@ -371,7 +440,9 @@ impl Listener {
                 tracing::debug!(event = event_name(event.kind), "listener ignored event");
                 continue;
             }
-            let Some(raw) = NonNull::new(event.id) else { continue };
+            let Some(raw) = NonNull::new(event.id) else {
+                continue;
+            };
             // Give the new id a channel of its own so its later events (ESTABLISHED,
             // DISCONNECTED) never mix with other connections' or the listener's.
             let channel = EventChannel::new()?;
@@ -385,7 +456,11 @@ impl Listener {
                 return Err(err);
             }
             let id = CmId { id: raw, channel };
-            return Ok(Some(ConnectRequest { id, private_data: event.private_data, listen_addr: self.addr }));
+            return Ok(Some(ConnectRequest {
+                id,
+                private_data: event.private_data,
+                listen_addr: self.addr,
+            }));
         }
     }
 }
@@ -406,7 +481,12 @@ impl ConnectRequest {
         self.id.context()
     }
 
-    pub fn accept(self, pd: &ProtectionDomain, config: &ConnectionConfig, private_data: &[u8]) -> Result<Connection> {
+    pub fn accept(
+        self,
+        pd: &ProtectionDomain,
+        config: &ConnectionConfig,
+        private_data: &[u8],
+    ) -> Result<Connection> {
         if private_data.len() > MAX_ACCEPT_PRIVATE_DATA_BYTES {
             return Err(Error::TooLarge {
                 what: "accept private data",
@@ -421,7 +501,11 @@ impl ConnectRequest {
         if unsafe { sys::rdma_accept(conn.id.as_ptr(), &mut param) } != 0 {
             return Err(Error::last_os("rdma_accept", self.listen_addr.to_string()));
         }
-        conn.id.channel.expect(sys::rdma_cm_event_type::RDMA_CM_EVENT_ESTABLISHED, &self.listen_addr, config.timeout_ms)?;
+        conn.id.channel.expect(
+            sys::rdma_cm_event_type::RDMA_CM_EVENT_ESTABLISHED,
+            &self.listen_addr,
+            config.timeout_ms,
+        )?;
         conn.remote_private_data = remote;
         Ok(conn)
     }
@@ -455,7 +539,12 @@ pub struct Connection {
 unsafe impl Send for Connection {}
 
 impl Connection {
-    fn create_qp(id: CmId, pd: &ProtectionDomain, config: &ConnectionConfig, peer: SocketAddr) -> Result<Self> {
+    fn create_qp(
+        id: CmId,
+        pd: &ProtectionDomain,
+        config: &ConnectionConfig,
+        peer: SocketAddr,
+    ) -> Result<Self> {
         let route_ctx = id.context()?;
         if route_ctx.as_ptr() != pd.context().as_ptr() {
             return Err(Error::DeviceMismatch {
@@ -477,7 +566,10 @@ impl Connection {
         attr.cap.max_inline_data = config.max_inline_bytes;
         // SAFETY: the id, PD and CQ are valid and on the same device.
         if unsafe { sys::rdma_create_qp(id.as_ptr(), pd.as_ptr(), &mut attr) } != 0 {
-            return Err(Error::last_os("rdma_create_qp", format!("on {}", route_ctx.name())));
+            return Err(Error::last_os(
+                "rdma_create_qp",
+                format!("on {}", route_ctx.name()),
+            ));
         }
         // SAFETY: rdma_create_qp succeeded, so id->qp is set.
         let qp = NonNull::new(unsafe { (*id.as_ptr()).qp })
@@ -524,7 +616,8 @@ impl Connection {
         match self.id.channel.next(Duration::ZERO)? {
             Some(e) => Ok(matches!(
                 e.kind,
-                sys::rdma_cm_event_type::RDMA_CM_EVENT_DISCONNECTED | sys::rdma_cm_event_type::RDMA_CM_EVENT_DEVICE_REMOVAL
+                sys::rdma_cm_event_type::RDMA_CM_EVENT_DISCONNECTED
+                    | sys::rdma_cm_event_type::RDMA_CM_EVENT_DEVICE_REMOVAL
             )),
             None => Ok(false),
         }
@@ -534,7 +627,11 @@ impl Connection {
     pub fn wait_disconnected(&self, timeout: Duration) -> Result<bool> {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
-            if let Some(e) = self.id.channel.next(deadline.saturating_duration_since(Instant::now()))? {
+            if let Some(e) = self
+                .id
+                .channel
+                .next(deadline.saturating_duration_since(Instant::now()))?
+            {
                 if e.kind == sys::rdma_cm_event_type::RDMA_CM_EVENT_DISCONNECTED {
                     return Ok(true);
                 }

@@ -75,12 +75,25 @@ impl CompletionQueue {
     pub fn new(context: &Context, depth: u32) -> Result<Self> {
         // SAFETY: the context is valid; no completion channel, vector 0.
         let ptr = unsafe {
-            sys::ibv_create_cq(context.as_ptr(), depth as i32, std::ptr::null_mut(), std::ptr::null_mut(), 0)
+            sys::ibv_create_cq(
+                context.as_ptr(),
+                depth as i32,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                0,
+            )
         };
         let ptr = NonNull::new(ptr).ok_or_else(|| {
-            Error::last_os("ibv_create_cq", format!("{} entries on {}", depth, context.name()))
+            Error::last_os(
+                "ibv_create_cq",
+                format!("{} entries on {}", depth, context.name()),
+            )
         })?;
-        Ok(Self { ptr, _context: context.clone(), depth })
+        Ok(Self {
+            ptr,
+            _context: context.clone(),
+            depth,
+        })
     }
 
     pub(crate) fn as_ptr(&self) -> *mut sys::ibv_cq {
@@ -112,7 +125,8 @@ impl CompletionQueue {
             byte_len: wc.byte_len,
             vendor_err: wc.vendor_err,
             // SAFETY: with IBV_WC_WITH_IMM set, the union holds immediate data.
-            imm: with_imm.then(|| u32::from_be(unsafe { wc.imm_data_invalidated_rkey_union.imm_data })),
+            imm: with_imm
+                .then(|| u32::from_be(unsafe { wc.imm_data_invalidated_rkey_union.imm_data })),
         }))
     }
 }

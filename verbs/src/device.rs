@@ -54,7 +54,9 @@ pub struct Context {
 
 impl std::fmt::Debug for Context {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Context").field("name", &self.inner.name).finish()
+        f.debug_struct("Context")
+            .field("name", &self.inner.name)
+            .finish()
     }
 }
 
@@ -95,7 +97,11 @@ impl GidEntry {
 
 fn mtu_bytes(mtu: u32) -> u32 {
     // enum ibv_mtu: 1 = 256 … 5 = 4096.
-    if (1..=5).contains(&mtu) { 128 << mtu } else { 0 }
+    if (1..=5).contains(&mtu) {
+        128 << mtu
+    } else {
+        0
+    }
 }
 
 /// Selects the RoCE v2 GID for `ip` from a GID table: the choice perftest makes with `-x`,
@@ -108,7 +114,10 @@ pub fn select_gid(entries: &[GidEntry], ip: IpAddr, override_index: Option<u32>)
         IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
         IpAddr::V6(v6) => v6.octets(),
     };
-    entries.iter().find(|e| e.gid == want && e.gid_type == GidType::RoceV2).map(|e| e.index)
+    entries
+        .iter()
+        .find(|e| e.gid == want && e.gid_type == GidType::RoceV2)
+        .map(|e| e.index)
 }
 
 impl Context {
@@ -138,7 +147,9 @@ impl Context {
         let name = unsafe { CStr::from_ptr(sys::ibv_get_device_name((*ptr.as_ptr()).device)) }
             .to_string_lossy()
             .into_owned();
-        Ok(Self { inner: Arc::new(ContextInner { ptr, name }) })
+        Ok(Self {
+            inner: Arc::new(ContextInner { ptr, name }),
+        })
     }
 
     pub fn name(&self) -> &str {
@@ -155,7 +166,11 @@ impl Context {
         // SAFETY: the context is valid and `attr` is a valid out-pointer of the right size.
         let ret = unsafe { sys::___ibv_query_port(self.as_ptr(), port, &mut attr) };
         if ret != 0 {
-            return Err(Error::from_ret("ibv_query_port", self.port_context(port), ret));
+            return Err(Error::from_ret(
+                "ibv_query_port",
+                self.port_context(port),
+                ret,
+            ));
         }
         Ok(PortAttr {
             state: attr.state,
@@ -196,7 +211,11 @@ impl Context {
                 Ok(t) if t.trim().starts_with("IB/RoCE v1") => GidType::RoceV1,
                 Ok(_) | Err(_) => GidType::Ib,
             };
-            entries.push(GidEntry { index, gid: raw, gid_type });
+            entries.push(GidEntry {
+                index,
+                gid: raw,
+                gid_type,
+            });
         }
         Ok(entries)
     }
@@ -233,7 +252,11 @@ mod tests {
     use super::*;
 
     fn entry(index: u32, gid: [u8; 16], gid_type: GidType) -> GidEntry {
-        GidEntry { index, gid, gid_type }
+        GidEntry {
+            index,
+            gid,
+            gid_type,
+        }
     }
 
     fn mapped(ip: [u8; 4]) -> [u8; 16] {

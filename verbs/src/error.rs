@@ -22,14 +22,25 @@ pub enum Error {
     #[error("no RDMA device named {name:?} (devices present: {present:?})")]
     NoSuchDevice { name: String, present: Vec<String> },
     #[error("no RoCE v2 GID for {ip} on {device} port {port}")]
-    NoGidForIp { device: String, port: u8, ip: std::net::IpAddr },
+    NoGidForIp {
+        device: String,
+        port: u8,
+        ip: std::net::IpAddr,
+    },
     #[error("rdma_cm on {addr}: expected {expected}, got {got} (status {status})")]
-    CmEvent { addr: String, expected: &'static str, got: String, status: i32 },
+    CmEvent {
+        addr: String,
+        expected: &'static str,
+        got: String,
+        status: i32,
+    },
     #[error("rdma_cm peer {addr} rejected the connection (status {status})")]
     Rejected { addr: String, status: i32 },
     #[error("timed out after {timeout_ms} ms waiting for {what}")]
     Timeout { what: String, timeout_ms: u64 },
-    #[error("work request {wr_id:#x} ({opcode}) completed with {status_text} (status {status}, vendor error {vendor_err:#x})")]
+    #[error(
+        "work request {wr_id:#x} ({opcode}) completed with {status_text} (status {status}, vendor error {vendor_err:#x})"
+    )]
     WorkCompletion {
         wr_id: u64,
         opcode: &'static str,
@@ -37,12 +48,26 @@ pub enum Error {
         status_text: String,
         vendor_err: u32,
     },
-    #[error("the connection's resources belong to device {pd_device}, but the route uses {route_device}")]
-    DeviceMismatch { pd_device: String, route_device: String },
+    #[error(
+        "the connection's resources belong to device {pd_device}, but the route uses {route_device}"
+    )]
+    DeviceMismatch {
+        pd_device: String,
+        route_device: String,
+    },
     #[error("{what} is {len_bytes} bytes, more than the limit of {max_bytes}")]
-    TooLarge { what: &'static str, len_bytes: usize, max_bytes: usize },
+    TooLarge {
+        what: &'static str,
+        len_bytes: usize,
+        max_bytes: usize,
+    },
     #[error("{what} [{offset}, +{len_bytes}) is outside its region of {region_bytes} bytes")]
-    OutOfBounds { what: &'static str, offset: u64, len_bytes: u64, region_bytes: u64 },
+    OutOfBounds {
+        what: &'static str,
+        offset: u64,
+        len_bytes: u64,
+        region_bytes: u64,
+    },
     #[error("all {limit} request slots are in use; retry once responses arrive")]
     Backpressure { limit: usize },
     #[error("malformed message from the peer: {reason}")]
@@ -50,7 +75,12 @@ pub enum Error {
     #[error("the peer disconnected")]
     Disconnected,
     #[error("{path}: {reason}")]
-    Region { path: String, reason: String, #[source] source: Option<io::Error> },
+    Region {
+        path: String,
+        reason: String,
+        #[source]
+        source: Option<io::Error>,
+    },
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
 }
@@ -69,15 +99,26 @@ impl Error {
 
     fn from_errno(verb: &'static str, context: impl Into<String>, source: io::Error) -> Self {
         let context = context.into();
-        let context = if context.is_empty() { context } else { format!(" ({context})") };
-        Self::Verb { verb, context, source }
+        let context = if context.is_empty() {
+            context
+        } else {
+            format!(" ({context})")
+        };
+        Self::Verb {
+            verb,
+            context,
+            source,
+        }
     }
 
     /// The errno carried by a failed verb, if any.
     pub fn errno(&self) -> Option<i32> {
         match self {
             Self::Verb { source, .. } => source.raw_os_error(),
-            Self::Region { source: Some(source), .. } => source.raw_os_error(),
+            Self::Region {
+                source: Some(source),
+                ..
+            } => source.raw_os_error(),
             _ => None,
         }
     }

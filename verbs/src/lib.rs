@@ -13,6 +13,7 @@ pub mod device;
 pub mod error;
 pub mod mr;
 pub mod msg;
+pub mod peer;
 pub mod qp;
 pub mod region;
 

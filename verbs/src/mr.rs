@@ -63,8 +63,14 @@ impl ProtectionDomain {
     pub fn new(context: &Context) -> Result<Self> {
         // SAFETY: the context is valid for the life of the process.
         let ptr = unsafe { sys::ibv_alloc_pd(context.as_ptr()) };
-        let ptr = NonNull::new(ptr).ok_or_else(|| Error::last_os("ibv_alloc_pd", context.name()))?;
-        Ok(Self { inner: Arc::new(PdInner { ptr, context: context.clone() }) })
+        let ptr =
+            NonNull::new(ptr).ok_or_else(|| Error::last_os("ibv_alloc_pd", context.name()))?;
+        Ok(Self {
+            inner: Arc::new(PdInner {
+                ptr,
+                context: context.clone(),
+            }),
+        })
     }
 
     pub fn context(&self) -> &Context {
@@ -104,7 +110,13 @@ impl ProtectionDomain {
                 format!("{} bytes at {addr:p} on {}", len, self.context().name()),
             )
         })?;
-        Ok(MemoryRegion { mr, pd: self.clone(), buf: None, addr, len })
+        Ok(MemoryRegion {
+            mr,
+            pd: self.clone(),
+            buf: None,
+            addr,
+            len,
+        })
     }
 }
 
@@ -167,7 +179,11 @@ impl MemoryRegion {
 
     /// What a peer needs to address this region one-sided.
     pub fn remote(&self) -> RemoteRegion {
-        RemoteRegion { addr: self.addr(), len: self.len as u64, rkey: self.rkey() }
+        RemoteRegion {
+            addr: self.addr(),
+            len: self.len as u64,
+            rkey: self.rkey(),
+        }
     }
 
     /// Checks that `[offset, offset + len)` lies inside the region.
@@ -241,7 +257,11 @@ impl RemoteRegion {
     pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
         let field = |range: std::ops::Range<usize>| {
             bytes.get(range).ok_or_else(|| Error::Malformed {
-                reason: format!("region descriptor is {} bytes, need {}", bytes.len(), Self::WIRE_BYTES),
+                reason: format!(
+                    "region descriptor is {} bytes, need {}",
+                    bytes.len(),
+                    Self::WIRE_BYTES
+                ),
             })
         };
         let u64_at = |start| -> Result<u64> {
@@ -252,9 +272,15 @@ impl RemoteRegion {
         let mut rkey = [0u8; 4];
         rkey.copy_from_slice(field(16..20)?);
         if field(20..24)? != [0; 4] {
-            return Err(Error::Malformed { reason: "region descriptor reserved bytes are not zero".into() });
+            return Err(Error::Malformed {
+                reason: "region descriptor reserved bytes are not zero".into(),
+            });
         }
-        Ok(Self { addr: u64_at(0)?, len: u64_at(8)?, rkey: u32::from_le_bytes(rkey) })
+        Ok(Self {
+            addr: u64_at(0)?,
+            len: u64_at(8)?,
+            rkey: u32::from_le_bytes(rkey),
+        })
     }
 
     /// Checks that `[offset, offset + len)` lies inside the peer's region and returns the
@@ -309,7 +335,10 @@ impl Drop for AlignedBuf {
     fn drop(&mut self) {
         // SAFETY: allocated in `zeroed` with exactly this layout (which was valid then).
         unsafe {
-            dealloc(self.ptr.as_ptr(), Layout::from_size_align_unchecked(self.len.max(1), Self::ALIGN))
+            dealloc(
+                self.ptr.as_ptr(),
+                Layout::from_size_align_unchecked(self.len.max(1), Self::ALIGN),
+            )
         };
     }
 }
@@ -320,7 +349,11 @@ mod tests {
 
     #[test]
     fn remote_region_round_trips_and_rejects_bad_bytes() {
-        let r = RemoteRegion { addr: 0x7f00_1234_5000, len: 1 << 30, rkey: 0xabcd };
+        let r = RemoteRegion {
+            addr: 0x7f00_1234_5000,
+            len: 1 << 30,
+            rkey: 0xabcd,
+        };
         assert_eq!(RemoteRegion::from_bytes(&r.to_bytes()).unwrap(), r);
         assert!(RemoteRegion::from_bytes(&r.to_bytes()[..20]).is_err());
         let mut bad = r.to_bytes();
@@ -331,7 +364,11 @@ mod tests {
 
     #[test]
     fn remote_ranges_are_bounds_checked() {
-        let r = RemoteRegion { addr: 4096, len: 100, rkey: 1 };
+        let r = RemoteRegion {
+            addr: 4096,
+            len: 100,
+            rkey: 1,
+        };
         assert_eq!(r.addr_of(0, 100).unwrap(), 4096);
         assert_eq!(r.addr_of(92, 8).unwrap(), 4188);
         assert!(r.addr_of(93, 8).is_err());

@@ -36,17 +36,28 @@ pub struct MsgConfig {
 
 impl Default for MsgConfig {
     fn default() -> Self {
-        Self { ring_slots: 32, max_payload_bytes: 4096 - HEADER_BYTES }
+        Self {
+            ring_slots: 32,
+            max_payload_bytes: 4096 - HEADER_BYTES,
+        }
     }
 }
 
 /// What [`Endpoint::poll`] hands back.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Incoming {
-    Request { request_id: u64, payload: Vec<u8> },
-    Response { request_id: u64, payload: Vec<u8> },
+    Request {
+        request_id: u64,
+        payload: Vec<u8>,
+    },
+    Response {
+        request_id: u64,
+        payload: Vec<u8>,
+    },
     /// The request's deadline passed with no response; a late response will be dropped.
-    TimedOut { request_id: u64 },
+    TimedOut {
+        request_id: u64,
+    },
 }
 
 /// Counters an operator can read; nothing here is reset.
@@ -83,7 +94,10 @@ impl FrameHeader {
     pub fn decode(frame: &[u8], max_payload_bytes: usize) -> Result<Self> {
         let malformed = |reason: String| Error::Malformed { reason };
         if frame.len() < HEADER_BYTES {
-            return Err(malformed(format!("frame of {} bytes is shorter than its header", frame.len())));
+            return Err(malformed(format!(
+                "frame of {} bytes is shorter than its header",
+                frame.len()
+            )));
         }
         let magic = u16::from_le_bytes([frame[0], frame[1]]);
         if magic != FRAME_MAGIC {
@@ -105,7 +119,11 @@ impl FrameHeader {
         }
         let mut id = [0u8; 8];
         id.copy_from_slice(&frame[8..16]);
-        Ok(Self { kind, len, request_id: u64::from_le_bytes(id) })
+        Ok(Self {
+            kind,
+            len,
+            request_id: u64::from_le_bytes(id),
+        })
     }
 }
 
@@ -128,7 +146,10 @@ pub struct Endpoint {
 impl Endpoint {
     pub fn new(conn: Connection, config: MsgConfig) -> Result<Self> {
         if config.ring_slots < 2 || config.ring_slots > 4096 {
-            return Err(Error::InvalidArgument(format!("ring_slots {} not in 2..=4096", config.ring_slots)));
+            return Err(Error::InvalidArgument(format!(
+                "ring_slots {} not in 2..=4096",
+                config.ring_slots
+            )));
         }
         let slot_bytes = (HEADER_BYTES + config.max_payload_bytes).next_multiple_of(64);
         let buf = AlignedBuf::zeroed(slot_bytes * config.ring_slots * 2)?;
@@ -170,10 +191,23 @@ impl Endpoint {
     fn post_recv_slot(&mut self, slot: usize) -> Result<()> {
         // SAFETY: receive slots are only read after their completion is polled, and are
         // reposted only after the payload was copied out.
-        unsafe { self.conn.post_recv(slot as u64, &self.bufs, slot * self.slot_bytes, self.slot_bytes) }
+        unsafe {
+            self.conn.post_recv(
+                slot as u64,
+                &self.bufs,
+                slot * self.slot_bytes,
+                self.slot_bytes,
+            )
+        }
     }
 
-    fn send_frame(&mut self, kind: u8, request_id: u64, payload: &[u8], deadline: Instant) -> Result<()> {
+    fn send_frame(
+        &mut self,
+        kind: u8,
+        request_id: u64,
+        payload: &[u8],
+        deadline: Instant,
+    ) -> Result<()> {
         if payload.len() > self.config.max_payload_bytes {
             return Err(Error::TooLarge {
                 what: "message payload",
@@ -187,15 +221,24 @@ impl Endpoint {
             }
             // Every send slot is in flight: reap completions until one frees.
             if !self.progress()? && Instant::now() > deadline {
-                return Err(Error::Timeout { what: "a free send slot".into(), timeout_ms: 0 });
+                return Err(Error::Timeout {
+                    what: "a free send slot".into(),
+                    timeout_ms: 0,
+                });
             }
         };
         let offset = (self.config.ring_slots + slot) * self.slot_bytes;
-        let header = FrameHeader { kind, len: payload.len() as u32, request_id }.encode();
+        let header = FrameHeader {
+            kind,
+            len: payload.len() as u32,
+            request_id,
+        }
+        .encode();
         self.bufs.write_at(offset, &header)?;
         self.bufs.write_at(offset + HEADER_BYTES, payload)?;
         let len = HEADER_BYTES + payload.len();
-        let mut wr = WorkRequest::new(Opcode::Send, &self.bufs, offset, len, None)?.inline_if_fits(&self.conn);
+        let mut wr = WorkRequest::new(Opcode::Send, &self.bufs, offset, len, None)?
+            .inline_if_fits(&self.conn);
         wr.set_wr_id(SEND_BIT | slot as u64);
         // SAFETY: the send slot is not reused until its completion returns it to the free list.
         if let Err(e) = unsafe { self.conn.post(&mut wr) } {
@@ -209,7 +252,9 @@ impl Endpoint {
     /// `request_limit()` requests are already in flight.
     pub fn request(&mut self, payload: &[u8], timeout: Duration) -> Result<u64> {
         if self.pending.len() >= self.request_limit() {
-            return Err(Error::Backpressure { limit: self.request_limit() });
+            return Err(Error::Backpressure {
+                limit: self.request_limit(),
+            });
         }
         let request_id = self.next_request_id;
         self.next_request_id += 1;
@@ -222,7 +267,12 @@ impl Endpoint {
 
     /// Answers a request received earlier.
     pub fn respond(&mut self, request_id: u64, payload: &[u8]) -> Result<()> {
-        self.send_frame(KIND_RESPONSE, request_id, payload, Instant::now() + Duration::from_secs(5))?;
+        self.send_frame(
+            KIND_RESPONSE,
+            request_id,
+            payload,
+            Instant::now() + Duration::from_secs(5),
+        )?;
         self.stats.responses_sent += 1;
         Ok(())
     }
@@ -230,7 +280,9 @@ impl Endpoint {
     /// Handles at most one completion. Returns whether it found one; a received message is
     /// appended to `deferred`.
     fn progress(&mut self) -> Result<bool> {
-        let Some(wc) = self.conn.poll()? else { return Ok(false) };
+        let Some(wc) = self.conn.poll()? else {
+            return Ok(false);
+        };
         if !wc.is_success() {
             // A flushed or failed request means the QP is in error: the peer is gone.
             tracing::debug!(?wc, "message connection completion failed");
@@ -242,7 +294,9 @@ impl Endpoint {
         }
         let slot = wc.wr_id as usize;
         if slot >= self.config.ring_slots {
-            return Err(Error::InvalidArgument(format!("receive completion for unknown slot {slot}")));
+            return Err(Error::InvalidArgument(format!(
+                "receive completion for unknown slot {slot}"
+            )));
         }
         let offset = slot * self.slot_bytes;
         let mut frame = vec![0u8; (wc.byte_len as usize).min(self.slot_bytes)];
@@ -257,12 +311,21 @@ impl Endpoint {
             Ok(h) => {
                 let payload = frame.split_off(HEADER_BYTES);
                 if h.kind == KIND_REQUEST {
-                    self.deferred.push_back(Incoming::Request { request_id: h.request_id, payload });
+                    self.deferred.push_back(Incoming::Request {
+                        request_id: h.request_id,
+                        payload,
+                    });
                 } else if self.pending.remove(&h.request_id).is_some() {
-                    self.deferred.push_back(Incoming::Response { request_id: h.request_id, payload });
+                    self.deferred.push_back(Incoming::Response {
+                        request_id: h.request_id,
+                        payload,
+                    });
                 } else {
                     self.stats.late_responses += 1;
-                    tracing::debug!(request_id = h.request_id, "dropped response to an expired or unknown request");
+                    tracing::debug!(
+                        request_id = h.request_id,
+                        "dropped response to an expired or unknown request"
+                    );
                 }
             }
         }
@@ -271,7 +334,11 @@ impl Endpoint {
 
     fn expire(&mut self) -> Option<Incoming> {
         let now = Instant::now();
-        let request_id = self.pending.iter().find(|(_, d)| **d <= now).map(|(id, _)| *id)?;
+        let request_id = self
+            .pending
+            .iter()
+            .find(|(_, d)| **d <= now)
+            .map(|(id, _)| *id)?;
         self.pending.remove(&request_id);
         self.stats.timeouts += 1;
         Some(Incoming::TimedOut { request_id })
@@ -299,9 +366,12 @@ impl Endpoint {
             self.progress()?;
             // Only look at what arrived since the last scan; older entries are not ours.
             while scanned < self.deferred.len() {
-                if let Some(Incoming::Response { request_id: id, .. }) = self.deferred.get(scanned) {
+                if let Some(Incoming::Response { request_id: id, .. }) = self.deferred.get(scanned)
+                {
                     if *id == request_id {
-                        if let Some(Incoming::Response { payload, .. }) = self.deferred.remove(scanned) {
+                        if let Some(Incoming::Response { payload, .. }) =
+                            self.deferred.remove(scanned)
+                        {
                             return Ok(payload);
                         }
                     }
@@ -333,7 +403,11 @@ mod tests {
 
     #[test]
     fn header_round_trips() {
-        let h = FrameHeader { kind: KIND_REQUEST, len: 3, request_id: 0x0102_0304_0506_0708 };
+        let h = FrameHeader {
+            kind: KIND_REQUEST,
+            len: 3,
+            request_id: 0x0102_0304_0506_0708,
+        };
         let f = frame(h, b"abc");
         assert_eq!(FrameHeader::decode(&f, 100).unwrap(), h);
         assert_eq!(&f[..4], &[0x4d, 0x50, 1, 1]);
@@ -341,10 +415,17 @@ mod tests {
 
     #[test]
     fn header_rejects_malformed_frames() {
-        let good = FrameHeader { kind: KIND_RESPONSE, len: 2, request_id: 9 };
+        let good = FrameHeader {
+            kind: KIND_RESPONSE,
+            len: 2,
+            request_id: 9,
+        };
         let f = frame(good, b"hi");
         assert!(FrameHeader::decode(&f[..10], 100).is_err(), "short");
-        assert!(FrameHeader::decode(&f[..17], 100).is_err(), "truncated payload");
+        assert!(
+            FrameHeader::decode(&f[..17], 100).is_err(),
+            "truncated payload"
+        );
         assert!(FrameHeader::decode(&f, 1).is_err(), "payload over limit");
         for (i, v) in [(0usize, 0u8), (2, 9), (3, 7)] {
             let mut bad = f.clone();

@@ -28,9 +28,14 @@ pub enum Opcode {
     WriteWithImm(u32),
     Read,
     /// Compare-and-swap on 8 remote bytes; the old value lands in the local buffer.
-    CompareSwap { compare: u64, swap: u64 },
+    CompareSwap {
+        compare: u64,
+        swap: u64,
+    },
     /// Fetch-and-add on 8 remote bytes; the old value lands in the local buffer.
-    FetchAdd { add: u64 },
+    FetchAdd {
+        add: u64,
+    },
 }
 
 /// A prepared send-queue work request.
@@ -56,7 +61,11 @@ impl WorkRequest {
         local.check_range(offset, len)?;
         // SAFETY: ibv_send_wr and ibv_sge are plain old data; zero is valid for both.
         let mut wr: sys::ibv_send_wr = unsafe { std::mem::zeroed() };
-        let sge = sys::ibv_sge { addr: local.addr() + offset as u64, length: len as u32, lkey: local.lkey() };
+        let sge = sys::ibv_sge {
+            addr: local.addr() + offset as u64,
+            length: len as u32,
+            lkey: local.lkey(),
+        };
         let remote_addr = |len: u64| -> Result<(u64, u32)> {
             let (region, roff) = remote.ok_or_else(|| {
                 Error::InvalidArgument(format!("{opcode:?} needs a remote region"))
@@ -76,11 +85,16 @@ impl WorkRequest {
                 if let Opcode::WriteWithImm(imm) = opcode {
                     wr.imm_data_invalidated_rkey_union.imm_data = imm.to_be();
                 }
-                wr.wr.rdma = sys::rdma_t { remote_addr: addr, rkey };
+                wr.wr.rdma = sys::rdma_t {
+                    remote_addr: addr,
+                    rkey,
+                };
             }
             Opcode::CompareSwap { .. } | Opcode::FetchAdd { .. } => {
                 if len != 8 {
-                    return Err(Error::InvalidArgument(format!("atomics are 8 bytes, not {len}")));
+                    return Err(Error::InvalidArgument(format!(
+                        "atomics are 8 bytes, not {len}"
+                    )));
                 }
                 let (addr, rkey) = remote_addr(8)?;
                 if addr % 8 != 0 || sge.addr % 8 != 0 {
@@ -90,12 +104,19 @@ impl WorkRequest {
                     )));
                 }
                 let (op, compare_add, swap) = match opcode {
-                    Opcode::CompareSwap { compare, swap } => (IBV_WR_ATOMIC_CMP_AND_SWP, compare, swap),
+                    Opcode::CompareSwap { compare, swap } => {
+                        (IBV_WR_ATOMIC_CMP_AND_SWP, compare, swap)
+                    }
                     Opcode::FetchAdd { add } => (IBV_WR_ATOMIC_FETCH_AND_ADD, add, 0),
                     _ => unreachable!("matched above"),
                 };
                 wr.opcode = op;
-                wr.wr.atomic = sys::atomic_t { remote_addr: addr, compare_add, swap, rkey };
+                wr.wr.atomic = sys::atomic_t {
+                    remote_addr: addr,
+                    compare_add,
+                    swap,
+                    rkey,
+                };
             }
         }
         wr.num_sge = 1;
@@ -107,7 +128,10 @@ impl WorkRequest {
     /// DMA read). Only SEND and WRITE may be inline, up to the QP's inline limit.
     pub fn inline_if_fits(mut self, conn: &Connection) -> Self {
         use sys::ibv_wr_opcode::*;
-        let inlinable = matches!(self.wr.opcode, IBV_WR_SEND | IBV_WR_RDMA_WRITE | IBV_WR_RDMA_WRITE_WITH_IMM);
+        let inlinable = matches!(
+            self.wr.opcode,
+            IBV_WR_SEND | IBV_WR_RDMA_WRITE | IBV_WR_RDMA_WRITE_WITH_IMM
+        );
         if inlinable && self.sge.length <= conn.max_inline_bytes {
             self.wr.send_flags |= sys::ibv_send_flags::IBV_SEND_INLINE.0;
         }
@@ -148,7 +172,11 @@ impl Connection {
         // upholds the buffer contract.
         let ret = unsafe { sys::ibv_post_send(self.qp.as_ptr(), &mut wr.wr, &mut bad) };
         if ret != 0 {
-            return Err(Error::from_ret("ibv_post_send", self.peer().to_string(), ret));
+            return Err(Error::from_ret(
+                "ibv_post_send",
+                self.peer().to_string(),
+                ret,
+            ));
         }
         Ok(())
     }
@@ -159,15 +187,34 @@ impl Connection {
     ///
     /// As for [`Connection::post`]: the buffer belongs to the device until the receive
     /// completes.
-    pub unsafe fn post_recv(&self, wr_id: u64, local: &MemoryRegion, offset: usize, len: usize) -> Result<()> {
+    pub unsafe fn post_recv(
+        &self,
+        wr_id: u64,
+        local: &MemoryRegion,
+        offset: usize,
+        len: usize,
+    ) -> Result<()> {
         local.check_range(offset, len)?;
-        let mut sge = sys::ibv_sge { addr: local.addr() + offset as u64, length: len as u32, lkey: local.lkey() };
-        let mut wr = sys::ibv_recv_wr { wr_id, next: std::ptr::null_mut(), sg_list: &mut sge, num_sge: 1 };
+        let mut sge = sys::ibv_sge {
+            addr: local.addr() + offset as u64,
+            length: len as u32,
+            lkey: local.lkey(),
+        };
+        let mut wr = sys::ibv_recv_wr {
+            wr_id,
+            next: std::ptr::null_mut(),
+            sg_list: &mut sge,
+            num_sge: 1,
+        };
         let mut bad = std::ptr::null_mut();
         // SAFETY: the QP is valid; `wr` and `sge` live across the call.
         let ret = unsafe { sys::ibv_post_recv(self.qp.as_ptr(), &mut wr, &mut bad) };
         if ret != 0 {
-            return Err(Error::from_ret("ibv_post_recv", self.peer().to_string(), ret));
+            return Err(Error::from_ret(
+                "ibv_post_recv",
+                self.peer().to_string(),
+                ret,
+            ));
         }
         Ok(())
     }

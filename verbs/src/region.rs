@@ -37,11 +37,19 @@ pub struct MappedRegion {
 }
 
 fn refuse(path: &Path, reason: impl Into<String>) -> Error {
-    Error::Region { path: path.display().to_string(), reason: reason.into(), source: None }
+    Error::Region {
+        path: path.display().to_string(),
+        reason: reason.into(),
+        source: None,
+    }
 }
 
 fn io_err(path: &Path, what: &str, source: std::io::Error) -> Error {
-    Error::Region { path: path.display().to_string(), reason: what.to_owned(), source: Some(source) }
+    Error::Region {
+        path: path.display().to_string(),
+        reason: what.to_owned(),
+        source: Some(source),
+    }
 }
 
 /// Decides whether `path` may back a region, and what it is.
@@ -55,7 +63,10 @@ pub fn classify(path: &Path) -> Result<RegionKind> {
         if subsystem.file_name().is_some_and(|n| n == "dax") {
             return Ok(RegionKind::DevDax);
         }
-        return Err(refuse(path, "character device is not a devdax device (expected /dev/daxX.Y)"));
+        return Err(refuse(
+            path,
+            "character device is not a devdax device (expected /dev/daxX.Y)",
+        ));
     }
     if ft.is_block_device() {
         return Err(refuse(
@@ -66,7 +77,10 @@ pub fn classify(path: &Path) -> Result<RegionKind> {
         ));
     }
     if !ft.is_file() {
-        return Err(refuse(path, "is neither a devdax device nor a regular file"));
+        return Err(refuse(
+            path,
+            "is neither a devdax device nor a regular file",
+        ));
     }
     // SAFETY: statfs is plain old data; all-zero is valid.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
@@ -74,7 +88,11 @@ pub fn classify(path: &Path) -> Result<RegionKind> {
         .map_err(|_| refuse(path, "path contains a NUL byte"))?;
     // SAFETY: valid C string and out-pointer.
     if unsafe { libc::statfs(cpath.as_ptr(), &mut st) } != 0 {
-        return Err(io_err(path, "statfs failed", std::io::Error::last_os_error()));
+        return Err(io_err(
+            path,
+            "statfs failed",
+            std::io::Error::last_os_error(),
+        ));
     }
     let fs_type = st.f_type as i64;
     if fs_type == TMPFS_MAGIC || fs_type == HUGETLBFS_MAGIC {
@@ -96,8 +114,12 @@ pub fn classify(path: &Path) -> Result<RegionKind> {
 
 /// Whether the mount holding `path` has the `dax` option (fsdax).
 fn mount_has_dax(path: &Path) -> bool {
-    let Ok(canon) = fs::canonicalize(path) else { return false };
-    let Ok(mounts) = fs::read_to_string("/proc/self/mounts") else { return false };
+    let Ok(canon) = fs::canonicalize(path) else {
+        return false;
+    };
+    let Ok(mounts) = fs::read_to_string("/proc/self/mounts") else {
+        return false;
+    };
     let mut best: Option<(usize, bool)> = None;
     for line in mounts.lines() {
         let mut fields = line.split_whitespace();
@@ -119,8 +141,11 @@ fn devdax_size(path: &Path) -> Result<u64> {
     let meta = fs::metadata(path).map_err(|e| io_err(path, "cannot stat", e))?;
     let (major, minor) = (libc::major(meta.rdev()), libc::minor(meta.rdev()));
     let size_path = format!("/sys/dev/char/{major}:{minor}/size");
-    let text = fs::read_to_string(&size_path).map_err(|e| io_err(path, "cannot read devdax size from sysfs", e))?;
-    text.trim().parse().map_err(|_| refuse(path, format!("unparsable size {text:?} in {size_path}")))
+    let text = fs::read_to_string(&size_path)
+        .map_err(|e| io_err(path, "cannot read devdax size from sysfs", e))?;
+    text.trim()
+        .parse()
+        .map_err(|_| refuse(path, format!("unparsable size {text:?} in {size_path}")))
 }
 
 impl MappedRegion {
@@ -139,10 +164,14 @@ impl MappedRegion {
         let len = match kind {
             RegionKind::DevDax => devdax_size(path)?,
             RegionKind::TmpfsFile => {
-                let current = file.metadata().map_err(|e| io_err(path, "cannot stat", e))?.len();
+                let current = file
+                    .metadata()
+                    .map_err(|e| io_err(path, "cannot stat", e))?
+                    .len();
                 match file_len {
                     Some(want) if want > current => {
-                        file.set_len(want).map_err(|e| io_err(path, "cannot grow", e))?;
+                        file.set_len(want)
+                            .map_err(|e| io_err(path, "cannot grow", e))?;
                         want
                     }
                     _ => current,
@@ -150,14 +179,26 @@ impl MappedRegion {
             }
         };
         if len == 0 {
-            return Err(refuse(path, "has size 0; give a length for a new development file"));
+            return Err(refuse(
+                path,
+                "has size 0; give a length for a new development file",
+            ));
         }
-        let len = usize::try_from(len).map_err(|_| refuse(path, "does not fit the address space"))?;
-        let map = MmapOptions::new()
-            .len(len)
-            .map_raw(&file)
-            .map_err(|e| io_err(path, "mmap failed (devdax needs a length that is a multiple of its alignment)", e))?;
-        Ok(Self { map, path: path.to_owned(), kind, _file: file })
+        let len =
+            usize::try_from(len).map_err(|_| refuse(path, "does not fit the address space"))?;
+        let map = MmapOptions::new().len(len).map_raw(&file).map_err(|e| {
+            io_err(
+                path,
+                "mmap failed (devdax needs a length that is a multiple of its alignment)",
+                e,
+            )
+        })?;
+        Ok(Self {
+            map,
+            path: path.to_owned(),
+            kind,
+            _file: file,
+        })
     }
 
     pub fn kind(&self) -> RegionKind {
@@ -186,7 +227,10 @@ mod tests {
     use super::*;
 
     fn shm_path(tag: &str) -> PathBuf {
-        PathBuf::from(format!("/dev/shm/pmgas-region-test-{tag}-{}", std::process::id()))
+        PathBuf::from(format!(
+            "/dev/shm/pmgas-region-test-{tag}-{}",
+            std::process::id()
+        ))
     }
 
     #[test]
@@ -205,10 +249,15 @@ mod tests {
     fn refuses_non_memory_paths() {
         let err = classify(Path::new("/dev/null")).unwrap_err().to_string();
         assert!(err.contains("not a devdax device"), "{err}");
-        let err = classify(Path::new("/nonexistent/pmgas")).unwrap_err().to_string();
+        let err = classify(Path::new("/nonexistent/pmgas"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("cannot stat"), "{err}");
         let err = classify(Path::new("/")).unwrap_err().to_string();
-        assert!(err.contains("neither a devdax device nor a regular file"), "{err}");
+        assert!(
+            err.contains("neither a devdax device nor a regular file"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -219,7 +268,10 @@ mod tests {
             panic!("{} classified as registrable memory", manifest.display());
         }
         let err = classify(&manifest).unwrap_err().to_string();
-        assert!(err.contains("disk filesystem") || err.contains("fsdax"), "{err}");
+        assert!(
+            err.contains("disk filesystem") || err.contains("fsdax"),
+            "{err}"
+        );
     }
 
     #[test]

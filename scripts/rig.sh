@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Runs a command on the RDMA test rig: N simulated hosts (10.0.0.1…N), each with its own
+# Soft-RoCE device, plus emulated devdax PM at /dev/dax0.0. The command sees PMGAS_RIG=1,
+# PMGAS_HOSTS, PMGAS_DEVICES and PMGAS_PM_DEVICE, and its exit code is returned.
+#
+# Where the host kernel can load rdma_rxe, the rig is built natively (this changes the
+# host's policy routing: use a disposable machine). Otherwise — as on these CI machines —
+# it boots the installed distribution kernel with virtme-ng (no KVM: TCG emulation) over
+# the host's own root filesystem and builds the rig inside. A rig that cannot start is an
+# error (exit 90), never a skip.
+#
+# Usage: scripts/rig.sh [--hosts N] [--vm|--native] -- COMMAND [ARGS…]
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+hosts=3
+mode=auto
+while (($#)); do
+  case $1 in
+    --hosts) hosts=$2; shift 2 ;;
+    --vm) mode=vm; shift ;;
+    --native) mode=native; shift ;;
+    --) shift; break ;;
+    *) break ;;
+  esac
+done
+(($#)) || { echo "usage: $0 [--hosts N] [--vm|--native] -- COMMAND…" >&2; exit 2; }
+
+if [[ $mode == auto ]]; then
+  if modprobe -n rdma_rxe >/dev/null 2>&1; then mode=native; else mode=vm; fi
+fi
+
+out=$(mktemp -d /tmp/pmgas-rig.XXXXXX)
+trap 'rm -rf "$out"' EXIT
+{
+  printf '#!/usr/bin/env bash\nset -uo pipefail\n'
+  printf 'cd %q\n' "$PWD"
+  printf 'if ! bash %q %q; then echo "rig: setup failed" >&2; echo 90 >%q/rc; exit 90; fi\n' \
+    "$here/rig-guest-setup.sh" "$hosts" "$out"
+  printf 'source /tmp/pmgas-rig.env\n'
+  printf 'export PATH=%q\n' "$PATH"
+  printf 'export HOME=%q\n' "${HOME:-/root}"
+  [[ -n ${RUST_LOG:-} ]] && printf 'export RUST_LOG=%q\n' "$RUST_LOG"
+  printf '%q ' "$@"
+  printf '\nrc=$?\necho $rc >%q/rc\nexit $rc\n' "$out"
+} >"$out/run.sh"
+
+if [[ $mode == native ]]; then
+  echo "rig: building $hosts simulated hosts natively"
+  bash "$out/run.sh"
+  exit $?
+fi
+
+command -v vng >/dev/null || { echo "rig: vng (virtme-ng) missing: run scripts/install-deps.sh" >&2; exit 90; }
+kernel=$(ls -1 /boot/vmlinuz-*-amd64 2>/dev/null | sort -V | tail -n 1 || true)
+[[ -n $kernel ]] || { echo "rig: no distribution kernel in /boot: run scripts/install-deps.sh" >&2; exit 90; }
+echo "rig: booting $(basename "$kernel") under virtme-ng (TCG) for $hosts simulated hosts"
+start=$(date +%s)
+# Output goes through a pipe: vng writing straight to a file loses lines.
+set +e
+vng --disable-kvm --run "$kernel" --cpus 2 --memory 3G --append 'memmap=1G!4G' \
+  --rwdir="$out" --exec "bash $out/run.sh" 2>&1 | cat
+vng_rc=${PIPESTATUS[0]}
+set -e
+echo "rig: VM ran $(($(date +%s) - start)) s"
+if [[ ! -f $out/rc ]]; then
+  echo "rig: the VM did not run the command (vng exit $vng_rc): the RDMA rig could not start" >&2
+  exit 90
+fi
+exit "$(cat "$out/rc")"

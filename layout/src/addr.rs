@@ -27,8 +27,7 @@ pub enum AddrError {
 /// field is 32 bits wide).
 pub fn check_page_size(page_size_bytes: u64) -> Result<(), AddrError> {
     if page_size_bytes.is_power_of_two()
-        && page_size_bytes >= 4096
-        && page_size_bytes <= (1u64 << OFFSET_BITS)
+        && (4096..=(1u64 << OFFSET_BITS)).contains(&page_size_bytes)
     {
         Ok(())
     } else {

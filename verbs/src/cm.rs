@@ -622,23 +622,6 @@ impl Connection {
             None => Ok(false),
         }
     }
-
-    /// Waits up to `timeout` for the peer to disconnect.
-    pub fn wait_disconnected(&self, timeout: Duration) -> Result<bool> {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Some(e) = self
-                .id
-                .channel
-                .next(deadline.saturating_duration_since(Instant::now()))?
-            {
-                if e.kind == sys::rdma_cm_event_type::RDMA_CM_EVENT_DISCONNECTED {
-                    return Ok(true);
-                }
-            }
-        }
-        Ok(false)
-    }
 }
 
 impl Drop for Connection {

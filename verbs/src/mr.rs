@@ -214,6 +214,15 @@ impl MemoryRegion {
         Ok(())
     }
 
+    /// Reads one byte with a volatile load: for spinning on a byte that a remote WRITE will
+    /// change (the latency ping-pong), which a plain read could hoist out of the loop.
+    #[inline]
+    pub fn load_volatile(&self, offset: usize) -> Result<u8> {
+        self.check_range(offset, 1)?;
+        // SAFETY: in range of the live mapping; a byte load cannot tear.
+        Ok(unsafe { std::ptr::read_volatile(self.addr.add(offset)) })
+    }
+
     /// Copies bytes into the region.
     pub fn write_at(&self, offset: usize, data: &[u8]) -> Result<()> {
         self.check_range(offset, data.len())?;

@@ -366,15 +366,14 @@ impl Endpoint {
             self.progress()?;
             // Only look at what arrived since the last scan; older entries are not ours.
             while scanned < self.deferred.len() {
-                if let Some(Incoming::Response { request_id: id, .. }) = self.deferred.get(scanned)
+                let ours = matches!(
+                    self.deferred.get(scanned),
+                    Some(Incoming::Response { request_id: id, .. }) if *id == request_id
+                );
+                if ours
+                    && let Some(Incoming::Response { payload, .. }) = self.deferred.remove(scanned)
                 {
-                    if *id == request_id {
-                        if let Some(Incoming::Response { payload, .. }) =
-                            self.deferred.remove(scanned)
-                        {
-                            return Ok(payload);
-                        }
-                    }
+                    return Ok(payload);
                 }
                 scanned += 1;
             }

@@ -7,23 +7,28 @@
 //! immediate value of a WRITE_WITH_IMM comes back as a 4-byte message);
 //! [`MODE_MSG`] runs a message-layer [`Endpoint`] that answers each request with its
 //! payload reversed, except requests starting with `ignore`, which it leaves unanswered so
-//! that timeouts and back-pressure can be exercised.
+//! that timeouts and back-pressure can be exercised; [`MODE_WRITE_PINGPONG`] plays the
+//! far side of perftest's `ib_write_lat`: it spins on the last byte of the client's write
+//! into its region and answers with an RDMA WRITE of the same size into the client's.
 
-use std::io::Write;
+use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use crate::cm::{Connection, ConnectionConfig, Listener};
 use crate::error::{Error, Result};
-use crate::mr::{Access, AlignedBuf, MemoryRegion, ProtectionDomain};
+use crate::mr::{Access, AlignedBuf, MemoryRegion, ProtectionDomain, RemoteRegion};
 use crate::msg::{Endpoint, Incoming, MsgConfig};
 use crate::qp::{Opcode, WorkRequest};
 use crate::region::MappedRegion;
 
 pub const MODE_ECHO: u8 = 1;
 pub const MODE_MSG: u8 = 2;
+pub const MODE_WRITE_PINGPONG: u8 = 3;
 /// Bytes at each end of the region that the peer fills with [`pattern_byte`] at start.
 pub const PATTERN_BYTES: usize = 64 << 10;
 /// Receive slots and their size in echo mode.
@@ -39,6 +44,32 @@ pub fn pattern_byte(offset: u64) -> u8 {
 /// Connect private data asking for a mode.
 pub fn mode_private_data(mode: u8) -> [u8; 8] {
     [mode, 0, 0, 0, 0, 0, 0, 0]
+}
+
+/// Connect private data for [`MODE_WRITE_PINGPONG`]: mode, message size, and the client's
+/// region that the peer writes its answers into.
+pub fn pingpong_private_data(size_bytes: u32, client: &RemoteRegion) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    out[0] = MODE_WRITE_PINGPONG;
+    out[4..8].copy_from_slice(&size_bytes.to_le_bytes());
+    out[8..32].copy_from_slice(&client.to_bytes());
+    out
+}
+
+fn parse_pingpong(private_data: &[u8]) -> Result<(usize, RemoteRegion)> {
+    let size = private_data
+        .get(4..8)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+        .ok_or_else(|| Error::Malformed {
+            reason: "ping-pong private data too short".into(),
+        })?;
+    let client = RemoteRegion::from_bytes(private_data.get(8..32).unwrap_or(&[]))?;
+    if size == 0 || size as u64 > client.len {
+        return Err(Error::Malformed {
+            reason: format!("ping-pong size {size} does not fit the client region"),
+        });
+    }
+    Ok((size, client))
 }
 
 #[derive(Debug, Clone)]
@@ -136,7 +167,20 @@ pub fn serve(bind: SocketAddr, spec: &RegionSpec, config: &ConnectionConfig) -> 
             continue;
         };
         let mode = request.private_data().first().copied().unwrap_or(0);
-        if mode != MODE_ECHO && mode != MODE_MSG {
+        let pingpong = if mode == MODE_WRITE_PINGPONG {
+            parse_pingpong(request.private_data())
+        } else {
+            Ok((0, RemoteRegion::default()))
+        };
+        let pingpong = match pingpong {
+            Ok(p) if p.0 as u64 <= region.mr.len() as u64 => p,
+            Ok(_) | Err(_) => {
+                tracing::warn!("rejecting ping-pong connection with bad parameters");
+                let _ = request.reject(b"bad ping-pong parameters");
+                continue;
+            }
+        };
+        if ![MODE_ECHO, MODE_MSG, MODE_WRITE_PINGPONG].contains(&mode) {
             tracing::warn!(mode, "rejecting connection with unknown mode");
             let _ = request.reject(b"unknown mode");
             continue;
@@ -151,10 +195,10 @@ pub fn serve(bind: SocketAddr, spec: &RegionSpec, config: &ConnectionConfig) -> 
         let region = Arc::clone(&region);
         std::thread::spawn(move || {
             let peer = conn.peer();
-            let result = if mode == MODE_ECHO {
-                serve_echo(conn)
-            } else {
-                serve_msg(conn)
+            let result = match mode {
+                MODE_ECHO => serve_echo(conn),
+                MODE_MSG => serve_msg(conn),
+                _ => serve_write_pingpong(conn, &region.mr, pingpong.0, pingpong.1),
             };
             if let Err(e) = result {
                 tracing::debug!(error = %e, %peer, "connection ended");
@@ -236,6 +280,49 @@ fn serve_echo(mut conn: Connection) -> Result<()> {
     }
 }
 
+/// The far side of a WRITE ping-pong: wait until the last byte of the client's `n`-th
+/// message reads [`pingpong_marker`]`(n)`, then write the same bytes back.
+fn serve_write_pingpong(
+    mut conn: Connection,
+    region: &MemoryRegion,
+    size: usize,
+    client: RemoteRegion,
+) -> Result<()> {
+    let mut wr =
+        WorkRequest::new(Opcode::Write, region, 0, size, Some((&client, 0)))?.inline_if_fits(&conn);
+    let mut idle = IdlePolicy { idle_since: None };
+    let mut n: u64 = 0;
+    loop {
+        let want = pingpong_marker(n);
+        if region.load_volatile(size - 1)? != want {
+            if idle.idle() && conn.peer_disconnected()? {
+                return Ok(());
+            }
+            continue;
+        }
+        idle.busy();
+        wr.set_wr_id(n);
+        // SAFETY: the region is the peer's own registered memory, alive for the serve loop;
+        // its bytes are only rewritten by the client after our write has landed.
+        unsafe { conn.post(&mut wr) }?;
+        // Reap the completion so the send queue never fills; on rxe this costs nothing on
+        // the client's critical path, which is spinning on its own memory meanwhile.
+        loop {
+            if let Some(wc) = conn.poll()? {
+                wc.ok()?;
+                break;
+            }
+        }
+        n += 1;
+    }
+}
+
+/// The last byte of the `n`-th ping-pong message: never zero, so a zeroed buffer never
+/// looks like an arrival, and different for consecutive messages.
+pub fn pingpong_marker(n: u64) -> u8 {
+    (n % 255) as u8 + 1
+}
+
 fn serve_msg(conn: Connection) -> Result<()> {
     let mut ep = Endpoint::new(conn, MsgConfig::default())?;
     let mut idle = IdlePolicy { idle_since: None };
@@ -259,6 +346,67 @@ fn serve_msg(conn: Connection) -> Result<()> {
                 }
             }
         }
+    }
+}
+
+/// A peer running as a child process (a `serve` behind some binary); killed on drop.
+pub struct PeerProcess {
+    pub child: Child,
+    pub addr: SocketAddr,
+    /// The device the peer listens on, from its ready line.
+    pub device: String,
+}
+
+impl PeerProcess {
+    /// Starts `cmd` (which must end up calling [`serve`] on `addr`) and waits up to
+    /// `ready_timeout` for its `PEER READY` line.
+    pub fn spawn(mut cmd: Command, addr: SocketAddr, ready_timeout: Duration) -> Result<Self> {
+        let fail = |reason: String| Error::InvalidArgument(format!("peer on {addr}: {reason}"));
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| fail(format!("cannot start: {e}")))?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| fail("no stdout".into()))?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout)
+                .lines()
+                .map_while(std::result::Result::ok)
+            {
+                if line.starts_with("PEER READY") {
+                    let _ = tx.send(line);
+                }
+            }
+        });
+        let Ok(line) = rx.recv_timeout(ready_timeout) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(fail(format!(
+                "not ready within {} s",
+                ready_timeout.as_secs()
+            )));
+        };
+        let device = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("device="))
+            .unwrap_or("?")
+            .to_owned();
+        Ok(Self {
+            child,
+            addr,
+            device,
+        })
+    }
+}
+
+impl Drop for PeerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

@@ -97,7 +97,7 @@ impl WorkRequest {
                     )));
                 }
                 let (addr, rkey) = remote_addr(8)?;
-                if addr % 8 != 0 || sge.addr % 8 != 0 {
+                if !addr.is_multiple_of(8) || !sge.addr.is_multiple_of(8) {
                     return Err(Error::InvalidArgument(format!(
                         "atomic addresses must be 8-byte aligned (remote {addr:#x}, local {:#x})",
                         sge.addr

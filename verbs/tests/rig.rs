@@ -3,13 +3,13 @@
 //! two processes on two different hosts connected by rdma_cm. Without the rig they fail;
 //! they never pass silently.
 
-use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, SocketAddr};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::Duration;
 
-use pmgas_verbs::peer::{MODE_ECHO, MODE_MSG, PATTERN_BYTES, mode_private_data, pattern_byte};
+use pmgas_verbs::peer::{
+    MODE_ECHO, MODE_MSG, PATTERN_BYTES, PeerProcess, mode_private_data, pattern_byte,
+};
 use pmgas_verbs::{
     Access, AlignedBuf, Connection, ConnectionConfig, Connector, Context, Endpoint, Error, GidType,
     Incoming, MemoryRegion, MsgConfig, Opcode, ProtectionDomain, RemoteRegion, WorkRequest,
@@ -32,56 +32,12 @@ fn rig_hosts() -> Vec<IpAddr> {
     hosts
 }
 
-/// A peer process on another simulated host; killed on drop.
-struct Peer {
-    child: Child,
-    addr: SocketAddr,
-    device: String,
-}
-
-impl Peer {
-    fn start(host: IpAddr, port: u16, region: &str) -> Peer {
-        let addr = SocketAddr::new(host, port);
-        let mut child = Command::new(env!("CARGO_BIN_EXE_pmgas-verbs-peer"))
-            .args(["--bind", &addr.to_string(), "--region", region])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn pmgas-verbs-peer");
-        let stdout = child.stdout.take().expect("peer stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if line.starts_with("PEER READY") {
-                    let _ = tx.send(line);
-                }
-            }
-        });
-        let line = match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(line) => line,
-            Err(_) => {
-                let _ = child.kill();
-                panic!("peer on {addr} with region {region} did not become ready");
-            }
-        };
-        let device = line
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("device="))
-            .expect("device in ready line")
-            .to_owned();
-        Peer {
-            child,
-            addr,
-            device,
-        }
-    }
-}
-
-impl Drop for Peer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Starts a peer process on another simulated host; it is killed on drop.
+fn start_peer(host: IpAddr, port: u16, region: &str) -> PeerProcess {
+    let addr = SocketAddr::new(host, port);
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pmgas-verbs-peer"));
+    cmd.args(["--bind", &addr.to_string(), "--region", region]);
+    PeerProcess::spawn(cmd, addr, Duration::from_secs(60)).expect("start peer")
 }
 
 struct Client {
@@ -90,7 +46,7 @@ struct Client {
     local: MemoryRegion,
 }
 
-fn connect(src: IpAddr, peer: &Peer, mode: u8) -> Client {
+fn connect(src: IpAddr, peer: &PeerProcess, mode: u8) -> Client {
     let route = Connector::new(Some(src), peer.addr)
         .resolve()
         .expect("resolve route");
@@ -191,7 +147,7 @@ fn devices_ports_and_roce_v2_gids() {
 #[test]
 fn read_and_write_between_hosts() {
     let hosts = rig_hosts();
-    let peer = Peer::start(hosts[1], 21001, "anon:1048576");
+    let peer = start_peer(hosts[1], 21001, "anon:1048576");
     let mut c = connect(hosts[0], &peer, MODE_ECHO);
     assert_eq!(c.remote.len, 1 << 20);
 
@@ -237,7 +193,7 @@ fn read_and_write_between_hosts() {
 #[test]
 fn write_with_immediate_and_send_recv_echo() {
     let hosts = rig_hosts();
-    let peer = Peer::start(hosts[1], 21002, "anon:1048576");
+    let peer = start_peer(hosts[1], 21002, "anon:1048576");
     let mut c = connect(hosts[0], &peer, MODE_ECHO);
     for (round, size) in [1usize, 8, 64, 100, 1024, 4096, 60_000]
         .into_iter()
@@ -292,7 +248,7 @@ fn write_with_immediate_and_send_recv_echo() {
 #[test]
 fn compare_and_swap_and_fetch_add() {
     let hosts = rig_hosts();
-    let peer = Peer::start(hosts[1], 21003, "anon:1048576");
+    let peer = start_peer(hosts[1], 21003, "anon:1048576");
     let mut c = connect(hosts[0], &peer, MODE_ECHO);
     let word = 256 * 1024u64; // zero: between the head and tail patterns
     c.op(
@@ -395,7 +351,7 @@ fn devdax_region_is_read_and_written_remotely() {
         !dax.is_empty(),
         "the rig provided no devdax PM device (PMGAS_PM_DEVICE is empty)"
     );
-    let peer = Peer::start(hosts[1], 21004, &dax);
+    let peer = start_peer(hosts[1], 21004, &dax);
     let mut c = connect(hosts[0], &peer, MODE_ECHO);
     let len = c.remote.len;
     eprintln!("{dax}: {len} bytes registered on {}", peer.device);
@@ -434,7 +390,7 @@ fn devdax_region_is_read_and_written_remotely() {
 #[test]
 fn message_layer_requests_timeouts_and_backpressure() {
     let hosts = rig_hosts();
-    let peer = Peer::start(hosts[1], 21005, "anon:65536");
+    let peer = start_peer(hosts[1], 21005, "anon:65536");
     let c = connect(hosts[0], &peer, MODE_MSG);
     let mut ep = Endpoint::new(
         c.conn,
@@ -518,7 +474,7 @@ fn connection_errors_are_reported_not_fatal() {
         }
     }
     // A peer refuses a mode it does not know.
-    let peer = Peer::start(hosts[1], 21006, "anon:65536");
+    let peer = start_peer(hosts[1], 21006, "anon:65536");
     let route = Connector::new(Some(hosts[0]), peer.addr).resolve().unwrap();
     let pd = ProtectionDomain::new(route.context()).unwrap();
     let err = route
@@ -546,7 +502,7 @@ fn connection_errors_are_reported_not_fatal() {
 #[test]
 fn a_killed_peer_fails_requests_cleanly() {
     let hosts = rig_hosts();
-    let mut peer = Peer::start(hosts[1], 21007, "anon:65536");
+    let mut peer = start_peer(hosts[1], 21007, "anon:65536");
     let mut c = connect(hosts[0], &peer, MODE_ECHO);
     c.op(Opcode::Read, 0, 8, 0).unwrap();
     peer.child.kill().unwrap();

@@ -1,6 +1,8 @@
 //! `pmgas-bench`: the latency harness.
 #![deny(unsafe_code)]
 
+#[allow(unsafe_code)] // RDTSC; the block carries its SAFETY argument
+mod clock;
 mod peer_proc;
 mod report;
 #[allow(unsafe_code)] // posting work requests; each block carries its SAFETY argument

@@ -11,16 +11,18 @@
 //! The work request is built once; the loop only patches its id (and, for CAS, the values).
 
 use std::net::{IpAddr, SocketAddr};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 use hdrhistogram::Histogram;
 use pmgas_verbs::peer::{MODE_ECHO, mode_private_data, pingpong_marker, pingpong_private_data};
+use pmgas_verbs::spin::SpinDeadline;
 use pmgas_verbs::{
     Access, AlignedBuf, Connection, ConnectionConfig, Connector, MemoryRegion, Opcode,
     ProtectionDomain, RemoteRegion, WorkRequest,
 };
 
+use crate::clock::{CycleClock, cycles};
 use crate::peer_proc;
 use crate::report::{LatencyReport, new_histogram};
 
@@ -91,7 +93,7 @@ pub fn run(args: &VerbsArgs) -> Result<(), String> {
         .or_else(|| rig_host(0))
         .ok_or("no --local address and no rig (PMGAS_HOSTS); run through scripts/rig.sh")?;
     let region_bytes = size.next_multiple_of(4096).max(65_536) * 2;
-    let (_peer, peer_addr) = match args.peer {
+    let (peer_proc_handle, peer_addr) = match args.peer {
         Some(addr) => (None, addr),
         None => {
             let remote = args
@@ -124,60 +126,46 @@ pub fn run(args: &VerbsArgs) -> Result<(), String> {
         .connect(&pd, &config, &private)
         .map_err(|e| e.to_string())?;
     let remote = RemoteRegion::from_bytes(conn.remote_private_data()).map_err(|e| e.to_string())?;
-    let peer_device = _peer
+    let peer_device = peer_proc_handle
         .as_ref()
         .map_or_else(|| peer_addr.to_string(), |p| p.device.clone());
 
-    let total = args.warmup + args.iters;
-    let mut hist = new_histogram();
+    let mut sampler = Sampler {
+        clock: CycleClock::calibrate(Duration::from_millis(200)),
+        warmup: args.warmup,
+        total: args.warmup + args.iters,
+        hist: new_histogram(),
+    };
+    tracing::debug!(ghz = sampler.clock.ghz(), "cycle clock calibrated");
     let convention = match args.op {
         Op::Read => {
-            let wr = WorkRequest::new(Opcode::Read, &mr, 0, size, Some((&remote, 0)))
-                .map_err(|e| e.to_string())?;
-            measure_one_sided(&mut conn, wr, total, args.warmup, &mut hist, |_, _| {})?;
+            let wr =
+                WorkRequest::new(Opcode::Read, &mr, 0, size, Some((&remote, 0))).map_err(err)?;
+            measure_one_sided(&mut sampler, &mut conn, wr, |_, _| {})?;
             "round_trip"
         }
         Op::Cas => {
             // Learn the word's value, then make every CAS succeed: compare = current.
             let word_off = 65_536 - 8;
-            conn.execute(
-                Opcode::Read,
-                &mr,
-                0,
-                8,
-                Some((&remote, word_off)),
-                Duration::from_secs(5),
-            )
-            .map_err(|e| e.to_string())?;
+            let five_s = Duration::from_secs(5);
+            conn.execute(Opcode::Read, &mr, 0, 8, Some((&remote, word_off)), five_s)
+                .map_err(err)?;
             let mut cur = u64::from_le_bytes(read8(&mr, 0)?);
-            let wr = WorkRequest::new(
-                Opcode::CompareSwap {
-                    compare: 0,
-                    swap: 0,
-                },
-                &mr,
-                0,
-                8,
-                Some((&remote, word_off)),
-            )
-            .map_err(|e| e.to_string())?;
+            let cas = Opcode::CompareSwap {
+                compare: 0,
+                swap: 0,
+            };
+            let wr = WorkRequest::new(cas, &mr, 0, 8, Some((&remote, word_off))).map_err(err)?;
             let mut failures = 0u64;
-            measure_one_sided(
-                &mut conn,
-                wr,
-                total,
-                args.warmup,
-                &mut hist,
-                |wr, phase| match phase {
-                    Phase::Before => wr.set_compare_swap(cur, cur.wrapping_add(1)),
-                    Phase::After => {
-                        if read8(&mr, 0).map(u64::from_le_bytes) != Ok(cur) {
-                            failures += 1;
-                        }
-                        cur = cur.wrapping_add(1);
+            measure_one_sided(&mut sampler, &mut conn, wr, |wr, phase| match phase {
+                Phase::Before => wr.set_compare_swap(cur, cur.wrapping_add(1)),
+                Phase::After => {
+                    if read8(&mr, 0).map(u64::from_le_bytes) != Ok(cur) {
+                        failures += 1;
                     }
-                },
-            )?;
+                    cur = cur.wrapping_add(1);
+                }
+            })?;
             if failures > 0 {
                 return Err(format!(
                     "{failures} CAS operations did not find the expected value"
@@ -186,38 +174,51 @@ pub fn run(args: &VerbsArgs) -> Result<(), String> {
             "round_trip"
         }
         Op::Write => {
-            measure_write_pingpong(&mut conn, &mr, &remote, size, total, args.warmup, &mut hist)?;
+            measure_write_pingpong(&mut sampler, &mut conn, &mr, &remote, size)?;
             "half_round_trip"
         }
         Op::Send => {
-            measure_send_pingpong(&mut conn, &mr, size, total, args.warmup, &mut hist)?;
+            measure_send_pingpong(&mut sampler, &mut conn, &mr, size)?;
             "half_round_trip"
         }
     };
     let op = format!("{:?}", args.op).to_lowercase();
-    let report = LatencyReport::from_histogram(
-        &op,
-        size,
-        &hist,
-        conn.device_name(),
-        &peer_device,
-        convention,
-    );
+    let device = conn.device_name();
+    let report =
+        LatencyReport::from_histogram(&op, size, &sampler.hist, device, &peer_device, convention);
     if args.json {
-        println!(
-            "{}",
-            serde_json::to_string(&report).map_err(|e| e.to_string())?
-        );
+        println!("{}", serde_json::to_string(&report).map_err(err)?);
     } else {
         println!("{}", report.human());
     }
     Ok(())
 }
 
+fn err(e: impl std::fmt::Display) -> String {
+    e.to_string()
+}
+
 fn read8(mr: &MemoryRegion, offset: usize) -> Result<[u8; 8], String> {
     let mut b = [0u8; 8];
-    mr.read_at(offset, &mut b).map_err(|e| e.to_string())?;
+    mr.read_at(offset, &mut b).map_err(err)?;
     Ok(b)
+}
+
+/// Iteration bookkeeping: the clock, how many iterations, which ones are warm-up.
+struct Sampler {
+    clock: CycleClock,
+    warmup: u64,
+    total: u64,
+    hist: Histogram<u64>,
+}
+
+impl Sampler {
+    fn record(&mut self, iteration: u64, ns: u64) -> Result<(), String> {
+        if iteration >= self.warmup {
+            self.hist.record(ns.max(1)).map_err(err)?;
+        }
+        Ok(())
+    }
 }
 
 enum Phase {
@@ -225,45 +226,29 @@ enum Phase {
     After,
 }
 
+/// Polls until the completion of `wr_id` (the only one outstanding).
 fn spin_completion(conn: &mut Connection, wr_id: u64) -> Result<(), String> {
-    let start = Instant::now();
-    loop {
-        if let Some(wc) = conn.poll().map_err(|e| e.to_string())? {
-            let wc = wc.ok().map_err(|e| e.to_string())?;
-            if wc.wr_id != wr_id {
-                return Err(format!(
-                    "unexpected completion {:#x} (waiting for {wr_id:#x})",
-                    wc.wr_id
-                ));
-            }
-            return Ok(());
-        }
-        if start.elapsed() > Duration::from_secs(5) {
-            return Err(format!("no completion for request {wr_id} within 5 s"));
-        }
-    }
+    conn.wait_for(wr_id, Duration::from_secs(5))
+        .map(|_| ())
+        .map_err(err)
 }
 
 fn measure_one_sided(
+    s: &mut Sampler,
     conn: &mut Connection,
     mut wr: WorkRequest,
-    total: u64,
-    warmup: u64,
-    hist: &mut Histogram<u64>,
     mut patch: impl FnMut(&mut WorkRequest, Phase),
 ) -> Result<(), String> {
-    for i in 0..total {
+    for i in 0..s.total {
         wr.set_wr_id(i);
         patch(&mut wr, Phase::Before);
-        let t0 = Instant::now();
+        let t0 = cycles();
         // SAFETY: the local buffer is only read by us after the completion is polled.
-        unsafe { conn.post(&mut wr) }.map_err(|e| e.to_string())?;
+        unsafe { conn.post(&mut wr) }.map_err(err)?;
         spin_completion(conn, i)?;
-        let ns = t0.elapsed().as_nanos() as u64;
+        let ns = s.clock.ns_between(t0, cycles());
         patch(&mut wr, Phase::After);
-        if i >= warmup {
-            hist.record(ns.max(1)).map_err(|e| e.to_string())?;
-        }
+        s.record(i, ns)?;
     }
     Ok(())
 }
@@ -272,83 +257,74 @@ fn measure_one_sided(
 /// `pingpong_marker(n)`; the peer answers with a WRITE into our buffer ending in the same
 /// marker. The receive area is `mr[0..size]`, the send area starts at `send_off`.
 fn measure_write_pingpong(
+    s: &mut Sampler,
     conn: &mut Connection,
     mr: &MemoryRegion,
     remote: &RemoteRegion,
     size: usize,
-    total: u64,
-    warmup: u64,
-    hist: &mut Histogram<u64>,
 ) -> Result<(), String> {
     let send_off = size.next_multiple_of(4096);
     let mut wr = WorkRequest::new(Opcode::Write, mr, send_off, size, Some((remote, 0)))
-        .map_err(|e| e.to_string())?
+        .map_err(err)?
         .inline_if_fits(conn);
-    for n in 0..total {
+    for n in 0..s.total {
         let marker = pingpong_marker(n);
-        mr.write_at(send_off + size - 1, &[marker])
-            .map_err(|e| e.to_string())?;
+        mr.write_at(send_off + size - 1, &[marker]).map_err(err)?;
         wr.set_wr_id(n);
-        let t0 = Instant::now();
+        let t0 = cycles();
         // SAFETY: the send area is rewritten only after this write's completion is polled.
-        unsafe { conn.post(&mut wr) }.map_err(|e| e.to_string())?;
-        let spin_start = Instant::now();
-        while mr.load_volatile(size - 1).map_err(|e| e.to_string())? != marker {
-            if spin_start.elapsed() > Duration::from_secs(5) {
+        unsafe { conn.post(&mut wr) }.map_err(err)?;
+        let mut deadline = SpinDeadline::new(Duration::from_secs(5));
+        while mr.load_volatile(size - 1).map_err(err)? != marker {
+            if deadline.expired() {
                 return Err(format!("no ping-pong answer to message {n} within 5 s"));
             }
         }
-        let ns = t0.elapsed().as_nanos() as u64 / 2;
+        let ns = s.clock.ns_between(t0, cycles()) / 2;
         spin_completion(conn, n)?;
-        if n >= warmup {
-            hist.record(ns.max(1)).map_err(|e| e.to_string())?;
-        }
+        s.record(n, ns)?;
     }
     Ok(())
 }
 
 /// SEND ping-pong against the peer's echo: post a receive, send, wait for the echo.
 fn measure_send_pingpong(
+    s: &mut Sampler,
     conn: &mut Connection,
     mr: &MemoryRegion,
     size: usize,
-    total: u64,
-    warmup: u64,
-    hist: &mut Histogram<u64>,
 ) -> Result<(), String> {
     const RECV_BIT: u64 = 1 << 62;
     let recv_off = size.next_multiple_of(4096);
     let mut wr = WorkRequest::new(Opcode::Send, mr, 0, size, None)
-        .map_err(|e| e.to_string())?
+        .map_err(err)?
         .inline_if_fits(conn);
-    for n in 0..total {
+    for n in 0..s.total {
         // SAFETY: the receive area is read only after its completion.
-        unsafe { conn.post_recv(RECV_BIT | n, mr, recv_off, size) }.map_err(|e| e.to_string())?;
+        unsafe { conn.post_recv(RECV_BIT | n, mr, recv_off, size) }.map_err(err)?;
         wr.set_wr_id(n);
-        let t0 = Instant::now();
+        let t0 = cycles();
         // SAFETY: the send area is not modified during the loop.
-        unsafe { conn.post(&mut wr) }.map_err(|e| e.to_string())?;
+        unsafe { conn.post(&mut wr) }.map_err(err)?;
         let (mut sent, mut received) = (false, false);
         let mut ns = 0;
-        let start = Instant::now();
+        let mut deadline = SpinDeadline::new(Duration::from_secs(5));
         while !(sent && received) {
-            if let Some(wc) = conn.poll().map_err(|e| e.to_string())? {
-                let wc = wc.ok().map_err(|e| e.to_string())?;
+            if let Some(wc) = conn.poll().map_err(err)? {
+                let wc = wc.ok().map_err(err)?;
                 if wc.wr_id == (RECV_BIT | n) {
-                    ns = t0.elapsed().as_nanos() as u64 / 2;
+                    ns = s.clock.ns_between(t0, cycles()) / 2;
                     received = true;
                 } else if wc.wr_id == n {
                     sent = true;
                 } else {
                     return Err(format!("unexpected completion {:#x}", wc.wr_id));
                 }
-            } else if start.elapsed() > Duration::from_secs(5) {
+            } else if deadline.expired() {
                 return Err(format!("no echo of message {n} within 5 s"));
             }
         }
-        if n >= warmup {
-            hist.record(ns.max(1)).map_err(|e| e.to_string())?;
-        }
+        s.record(n, ns)?;
     }
     Ok(())
 }

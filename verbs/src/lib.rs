@@ -16,6 +16,7 @@ pub mod msg;
 pub mod peer;
 pub mod qp;
 pub mod region;
+pub mod spin;
 
 pub use cm::{ConnectRequest, Connection, ConnectionConfig, Connector, Listener, ResolvedRoute};
 pub use cq::WorkCompletion;

@@ -18,6 +18,7 @@ use crate::cm::Connection;
 use crate::error::{Error, Result};
 use crate::mr::{Access, AlignedBuf, MemoryRegion};
 use crate::qp::{Opcode, WorkRequest};
+use crate::spin::CLOCK_EVERY;
 
 pub const FRAME_MAGIC: u16 = 0x504d;
 pub const FRAME_VERSION: u8 = 1;
@@ -333,6 +334,9 @@ impl Endpoint {
     }
 
     fn expire(&mut self) -> Option<Incoming> {
+        if self.pending.is_empty() {
+            return None;
+        }
         let now = Instant::now();
         let request_id = self
             .pending
@@ -362,7 +366,9 @@ impl Endpoint {
     pub fn call(&mut self, payload: &[u8], timeout: Duration) -> Result<Vec<u8>> {
         let request_id = self.request(payload, timeout)?;
         let mut scanned = self.deferred.len();
+        let mut spins = 0u32;
         loop {
+            spins = spins.wrapping_add(1);
             self.progress()?;
             // Only look at what arrived since the last scan; older entries are not ours.
             while scanned < self.deferred.len() {
@@ -376,6 +382,9 @@ impl Endpoint {
                     return Ok(payload);
                 }
                 scanned += 1;
+            }
+            if !spins.is_multiple_of(CLOCK_EVERY) {
+                continue;
             }
             let deadline = self.pending.get(&request_id).copied();
             if deadline.is_some_and(|d| Instant::now() >= d) {

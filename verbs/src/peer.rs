@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::cm::{Connection, ConnectionConfig, Listener};
 use crate::error::{Error, Result};
@@ -25,6 +25,7 @@ use crate::mr::{Access, AlignedBuf, MemoryRegion, ProtectionDomain, RemoteRegion
 use crate::msg::{Endpoint, Incoming, MsgConfig};
 use crate::qp::{Opcode, WorkRequest};
 use crate::region::MappedRegion;
+use crate::spin::IdleBackoff;
 
 pub const MODE_ECHO: u8 = 1;
 pub const MODE_MSG: u8 = 2;
@@ -208,33 +209,6 @@ pub fn serve(bind: SocketAddr, spec: &RegionSpec, config: &ConnectionConfig) -> 
     }
 }
 
-/// Spins while traffic flows; once idle for a while, yields and checks for disconnect so
-/// that an idle peer does not hold a core.
-struct IdlePolicy {
-    idle_since: Option<Instant>,
-}
-
-impl IdlePolicy {
-    fn busy(&mut self) {
-        self.idle_since = None;
-    }
-
-    /// Returns true when the connection should be checked for a disconnect.
-    fn idle(&mut self) -> bool {
-        let since = *self.idle_since.get_or_insert_with(Instant::now);
-        let idle = since.elapsed();
-        if idle > Duration::from_millis(100) {
-            std::thread::sleep(Duration::from_micros(200));
-            true
-        } else {
-            if idle > Duration::from_millis(1) {
-                std::thread::yield_now();
-            }
-            false
-        }
-    }
-}
-
 fn serve_echo(mut conn: Connection) -> Result<()> {
     let bufs = conn.pd().register(
         AlignedBuf::zeroed(ECHO_SLOTS * ECHO_SLOT_BYTES)?,
@@ -245,7 +219,7 @@ fn serve_echo(mut conn: Connection) -> Result<()> {
         // after the echo that reads it completes.
         unsafe { conn.post_recv(slot as u64, &bufs, slot * ECHO_SLOT_BYTES, ECHO_SLOT_BYTES) }?;
     }
-    let mut idle = IdlePolicy { idle_since: None };
+    let mut idle = IdleBackoff::default();
     loop {
         let Some(wc) = conn.poll()? else {
             if idle.idle() && conn.peer_disconnected()? {
@@ -290,7 +264,7 @@ fn serve_write_pingpong(
 ) -> Result<()> {
     let mut wr =
         WorkRequest::new(Opcode::Write, region, 0, size, Some((&client, 0)))?.inline_if_fits(&conn);
-    let mut idle = IdlePolicy { idle_since: None };
+    let mut idle = IdleBackoff::default();
     let mut n: u64 = 0;
     loop {
         let want = pingpong_marker(n);
@@ -325,7 +299,7 @@ pub fn pingpong_marker(n: u64) -> u8 {
 
 fn serve_msg(conn: Connection) -> Result<()> {
     let mut ep = Endpoint::new(conn, MsgConfig::default())?;
-    let mut idle = IdlePolicy { idle_since: None };
+    let mut idle = IdleBackoff::default();
     loop {
         match ep.poll()? {
             Some(Incoming::Request {

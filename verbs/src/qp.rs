@@ -11,7 +11,7 @@
 //! (or the connection is dropped). Bounds are checked before posting; lifetimes are not,
 //! because a completion arrives asynchronously.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rdma_sys as sys;
 
@@ -19,6 +19,7 @@ use crate::cm::Connection;
 use crate::cq::WorkCompletion;
 use crate::error::{Error, Result};
 use crate::mr::{MemoryRegion, RemoteRegion};
+use crate::spin::SpinDeadline;
 
 /// What a work request does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -228,7 +229,7 @@ impl Connection {
     /// Busy-polls until the completion of `wr_id` arrives (failing on an error status or
     /// on any other completion, which a synchronous caller cannot have asked for).
     pub fn wait_for(&mut self, wr_id: u64, timeout: Duration) -> Result<WorkCompletion> {
-        let start = Instant::now();
+        let mut deadline = SpinDeadline::new(timeout);
         loop {
             if let Some(wc) = self.cq.poll_one()? {
                 let wc = wc.ok()?;
@@ -240,7 +241,7 @@ impl Connection {
                     wc.wr_id
                 )));
             }
-            if start.elapsed() > timeout {
+            if deadline.expired() {
                 return Err(Error::Timeout {
                     what: format!("completion of wr_id {wr_id:#x}"),
                     timeout_ms: timeout.as_millis() as u64,

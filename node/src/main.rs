@@ -1,16 +1,40 @@
 //! `pmgas-node`: the data-server binary.
 #![forbid(unsafe_code)]
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use pmgas_layout::{ClusterId, Epoch, NodeId, PageState};
+use pmgas_node::{OnBlank, Pool, PoolIdentity};
 
 #[derive(Parser)]
 #[command(name = "pmgas-node", version, about = "pmgas data server")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(clap::Args, Clone, Copy)]
+struct IdentityArgs {
+    #[arg(long)]
+    cluster_id: u64,
+    #[arg(long)]
+    node_id: u32,
+    /// Page size in bytes (power of two, 4 KiB ..= 4 GiB).
+    #[arg(long, default_value_t = 2 << 20)]
+    page_size: u64,
+}
+
+impl IdentityArgs {
+    fn identity(self) -> PoolIdentity {
+        PoolIdentity {
+            cluster_id: ClusterId(self.cluster_id),
+            node_id: NodeId(self.node_id),
+            page_size_bytes: self.page_size,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -24,29 +48,187 @@ enum Command {
         #[arg(long)]
         size_bytes: Option<u64>,
     },
+    /// Formats a pool. A valid pool is destroyed only with --force.
+    Format {
+        #[arg(long)]
+        pm: PathBuf,
+        #[command(flatten)]
+        id: IdentityArgs,
+        /// Create or grow a development file to this many bytes.
+        #[arg(long)]
+        size_bytes: Option<u64>,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Prints the pool header and every non-FREE ART entry, without modifying the pool.
+    ArtDump {
+        #[arg(long)]
+        pm: PathBuf,
+        /// One JSON object per line: the header first, then one per entry.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Crash-test workload (internal): formats a blank pool, then performs a seeded random
+    /// sequence of ART transitions, printing `DONE i` after each is durable.
+    #[command(hide = true)]
+    CrashExercise {
+        #[arg(long)]
+        pm: PathBuf,
+        #[command(flatten)]
+        id: IdentityArgs,
+        #[arg(long)]
+        size_bytes: Option<u64>,
+        #[arg(long)]
+        seed: u64,
+        #[arg(long)]
+        ops: u64,
+    },
 }
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .init();
-    match Cli::parse().command {
-        Command::CheckPm { pm, size_bytes } => {
-            match pmgas_node::MappedRegion::open(&pm, size_bytes) {
-                Ok(region) => {
-                    println!(
-                        "{}: {:?}, {} bytes",
-                        pm.display(),
-                        region.kind(),
-                        region.len()
-                    );
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("pmgas-node: {e}");
-                    ExitCode::FAILURE
-                }
-            }
+    let result = match Cli::parse().command {
+        Command::CheckPm { pm, size_bytes } => pmgas_node::MappedRegion::open(&pm, size_bytes)
+            .map(|region| {
+                println!(
+                    "{}: {:?}, {} bytes",
+                    pm.display(),
+                    region.kind(),
+                    region.len()
+                )
+            })
+            .map_err(|e| e.to_string()),
+        Command::Format {
+            pm,
+            id,
+            size_bytes,
+            force,
+        } => Pool::format(&pm, size_bytes, id.identity(), force)
+            .map(|pool| {
+                let h = pool.header();
+                println!(
+                    "{}: formatted {} pages of {} bytes for {}",
+                    pm.display(),
+                    h.page_count,
+                    h.page_size_bytes,
+                    h.node_id
+                );
+            })
+            .map_err(|e| e.to_string()),
+        Command::ArtDump { pm, json } => art_dump(&pm, json),
+        Command::CrashExercise {
+            pm,
+            id,
+            size_bytes,
+            seed,
+            ops,
+        } => crash_exercise(&pm, id.identity(), size_bytes, seed, ops),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("pmgas-node: {e}");
+            ExitCode::FAILURE
         }
     }
+}
+
+fn art_dump(pm: &std::path::Path, json: bool) -> Result<(), String> {
+    let pool = Pool::open(pm, None, OnBlank::Refuse, None).map_err(|e| e.to_string())?;
+    let h = pool.header();
+    let art = pool.art();
+    let mut out = std::io::stdout().lock();
+    let w = |out: &mut std::io::StdoutLock, line: String| {
+        writeln!(out, "{line}").map_err(|e| e.to_string())
+    };
+    if json {
+        w(
+            &mut out,
+            format!(
+                r#"{{"header":{{"cluster_id":{},"node_id":{},"page_size_bytes":{},"page_count":{},"data_offset":{},"pool_bytes":{},"free_pages":{}}}}}"#,
+                h.cluster_id.0,
+                h.node_id.0,
+                h.page_size_bytes,
+                h.page_count,
+                h.data_offset,
+                h.pool_bytes,
+                art.free_count()
+            ),
+        )?;
+    } else {
+        w(
+            &mut out,
+            format!(
+                "pool {}: cluster {} {} page_size {} pages {} free {} data_offset {}",
+                pm.display(),
+                h.cluster_id.0,
+                h.node_id,
+                h.page_size_bytes,
+                h.page_count,
+                art.free_count(),
+                h.data_offset
+            ),
+        )?;
+    }
+    for (page, rec) in art.iter().filter(|(_, r)| r.state != PageState::Free) {
+        let line = if json {
+            format!(
+                r#"{{"page_index":{},"state":"{}","page_id":{},"epoch":{},"seq":{}}}"#,
+                page.0,
+                rec.state.name(),
+                rec.page_id.0,
+                rec.epoch.0,
+                rec.seq
+            )
+        } else {
+            format!(
+                "page {:>6} {:<12} page_id {:>10} epoch {:>6} seq {}",
+                page.0,
+                rec.state.name(),
+                rec.page_id.0,
+                rec.epoch.0,
+                rec.seq
+            )
+        };
+        w(&mut out, line)?;
+    }
+    for c in pool.corrupt_entries() {
+        let line = if json {
+            format!(
+                r#"{{"page_index":{},"state":"CORRUPT","reason":{:?}}}"#,
+                c.page.0, c.reason
+            )
+        } else {
+            format!("page {:>6} CORRUPT      {}", c.page.0, c.reason)
+        };
+        w(&mut out, line)?;
+    }
+    Ok(())
+}
+
+/// The crash-test workload: see `node/tests/crash.rs` for the driver and the model.
+fn crash_exercise(
+    pm: &std::path::Path,
+    id: PoolIdentity,
+    size: Option<u64>,
+    seed: u64,
+    ops: u64,
+) -> Result<(), String> {
+    let pool = Pool::open(pm, size, OnBlank::Format(id), Some(id)).map_err(|e| e.to_string())?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "READY").map_err(|e| e.to_string())?;
+    let _ = out.flush();
+    let mut rng = pmgas_node::art::SplitMix(seed);
+    for i in 0..ops {
+        let (page, to, page_id) = pmgas_node::art::random_op(&pool.art(), &mut rng, i);
+        pool.transition(page, to, page_id, Epoch(1))
+            .map_err(|e| e.to_string())?;
+        writeln!(out, "DONE {i} {} {} {}", page.0, to.name(), page_id.0)
+            .map_err(|e| e.to_string())?;
+        let _ = out.flush();
+    }
+    Ok(())
 }

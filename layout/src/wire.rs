@@ -1,0 +1,773 @@
+//! Wire messages of the pmgas control protocol (monitor <-> nodes), carried as payloads of
+//! the verbs message layer. FORMAT.md describes the bytes.
+//!
+//! Every message is a 32-byte header — magic, version, kind, body length, epoch, sender,
+//! request id — and a body whose size the kind fixes (or bounds, for lists and text).
+//! [`Message::decode`] checks all of it, including that reserved bytes are zero, and
+//! returns [`WireError`] on anything else; it never panics.
+
+use crate::PageId;
+use crate::ids::{ClusterId, Epoch, NodeId, PageIndex};
+
+pub const WIRE_MAGIC: u16 = 0x4750;
+pub const WIRE_VERSION: u8 = 1;
+pub const HEADER_BYTES: usize = 32;
+/// Most replicas of one page (primary included).
+pub const MAX_REPLICAS: usize = 8;
+/// Longest error detail text.
+pub const MAX_DETAIL_BYTES: usize = 256;
+/// Largest encoded message.
+pub const MAX_MESSAGE_BYTES: usize = HEADER_BYTES + 16 + MAX_REPLICAS * 8 + MAX_DETAIL_BYTES;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum WireError {
+    #[error("malformed message: {0}")]
+    Corrupt(String),
+}
+
+fn corrupt<T>(reason: impl Into<String>) -> Result<T, WireError> {
+    Err(WireError::Corrupt(reason.into()))
+}
+
+/// Fields every message carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    pub epoch: Epoch,
+    pub sender: NodeId,
+    pub request_id: u64,
+}
+
+/// One replica of a page: which node, which page of its pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Replica {
+    pub node: NodeId,
+    pub page: PageIndex,
+}
+
+/// Why a request failed; the numeric codes are part of the wire format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ErrorCode {
+    Malformed,
+    StaleEpoch,
+    UnknownPage,
+    NoSpace,
+    NotEnoughNodes,
+    WrongCluster,
+    DuplicateNode,
+    BadGeometry,
+    NotLeader,
+    Internal,
+}
+
+impl ErrorCode {
+    const ALL: [Self; 10] = [
+        Self::Malformed,
+        Self::StaleEpoch,
+        Self::UnknownPage,
+        Self::NoSpace,
+        Self::NotEnoughNodes,
+        Self::WrongCluster,
+        Self::DuplicateNode,
+        Self::BadGeometry,
+        Self::NotLeader,
+        Self::Internal,
+    ];
+
+    pub fn code(self) -> u16 {
+        Self::ALL
+            .iter()
+            .position(|c| *c == self)
+            .map_or(0, |i| i as u16 + 1)
+    }
+
+    pub fn from_code(code: u16) -> Option<Self> {
+        Self::ALL.get((code as usize).checked_sub(1)?).copied()
+    }
+}
+
+/// A node registering with the monitor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Join {
+    pub cluster_id: ClusterId,
+    pub page_size_bytes: u64,
+    pub page_count: u32,
+    pub free_pages: u32,
+    /// The node's registered region (its whole PM mapping), for one-sided access.
+    pub region_addr: u64,
+    pub region_len: u64,
+    pub rkey: u32,
+    /// Where the node accepts rdma_cm connections.
+    pub cm_ip: [u8; 4],
+    pub cm_port: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Body {
+    Join(Join),
+    JoinAck {
+        live_nodes: u32,
+    },
+    /// Primary -> monitor: "I pre-allocated `primary_page`; find me backups."
+    AllocPage {
+        primary_page: PageIndex,
+        backups_wanted: u8,
+    },
+    /// Monitor -> backup: pre-allocate a page for transaction `txn_id`.
+    Prepare {
+        txn_id: u64,
+    },
+    Prepared {
+        txn_id: u64,
+        page: PageIndex,
+    },
+    /// Monitor -> every replica (backups first, primary last): the durable mapping.
+    Commit {
+        txn_id: u64,
+        page_id: PageId,
+        replicas: Vec<Replica>,
+    },
+    CommitAck {
+        txn_id: u64,
+        page_id: PageId,
+    },
+    Abort {
+        txn_id: u64,
+    },
+    AbortAck {
+        txn_id: u64,
+    },
+    MappingLookup {
+        page_id: PageId,
+    },
+    /// Replicas of a page, primary first.
+    Mapping {
+        page_id: PageId,
+        replicas: Vec<Replica>,
+    },
+    Error {
+        code: ErrorCode,
+        detail: String,
+    },
+}
+
+impl Body {
+    fn kind(&self) -> u8 {
+        match self {
+            Self::Join(_) => 1,
+            Self::JoinAck { .. } => 2,
+            Self::AllocPage { .. } => 3,
+            Self::Prepare { .. } => 4,
+            Self::Prepared { .. } => 5,
+            Self::Commit { .. } => 6,
+            Self::CommitAck { .. } => 7,
+            Self::Abort { .. } => 8,
+            Self::AbortAck { .. } => 9,
+            Self::MappingLookup { .. } => 10,
+            Self::Mapping { .. } => 11,
+            Self::Error { .. } => 12,
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Join(_) => "Join",
+            Self::JoinAck { .. } => "JoinAck",
+            Self::AllocPage { .. } => "AllocPage",
+            Self::Prepare { .. } => "Prepare",
+            Self::Prepared { .. } => "Prepared",
+            Self::Commit { .. } => "Commit",
+            Self::CommitAck { .. } => "CommitAck",
+            Self::Abort { .. } => "Abort",
+            Self::AbortAck { .. } => "AbortAck",
+            Self::MappingLookup { .. } => "MappingLookup",
+            Self::Mapping { .. } => "Mapping",
+            Self::Error { .. } => "Error",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    pub header: Header,
+    pub body: Body,
+}
+
+struct Writer(Vec<u8>);
+
+impl Writer {
+    fn u8(&mut self, v: u8) {
+        self.0.push(v);
+    }
+    fn u16(&mut self, v: u16) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u32(&mut self, v: u32) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u64(&mut self, v: u64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn zeros(&mut self, n: usize) {
+        self.0.resize(self.0.len() + n, 0);
+    }
+    fn replicas(&mut self, replicas: &[Replica]) {
+        for r in replicas {
+            self.u32(r.node.0);
+            self.u32(r.page.0);
+        }
+    }
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], WireError> {
+        let end = self.pos.checked_add(n).filter(|&e| e <= self.bytes.len());
+        let Some(end) = end else {
+            return corrupt(format!("truncated: need {n} bytes at offset {}", self.pos));
+        };
+        let out = &self.bytes[self.pos..end];
+        self.pos = end;
+        Ok(out)
+    }
+    fn u8(&mut self) -> Result<u8, WireError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, WireError> {
+        let b = self.take(2)?;
+        Ok(u16::from_le_bytes([b[0], b[1]]))
+    }
+    fn u32(&mut self) -> Result<u32, WireError> {
+        let b = self.take(4)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    fn u64(&mut self) -> Result<u64, WireError> {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(self.take(8)?);
+        Ok(u64::from_le_bytes(a))
+    }
+    fn zeros(&mut self, n: usize) -> Result<(), WireError> {
+        if self.take(n)?.iter().any(|&b| b != 0) {
+            return corrupt("reserved bytes are not zero");
+        }
+        Ok(())
+    }
+    fn replicas(&mut self, count: u8) -> Result<Vec<Replica>, WireError> {
+        let count = count as usize;
+        if count == 0 || count > MAX_REPLICAS {
+            return corrupt(format!("{count} replicas (allowed 1..={MAX_REPLICAS})"));
+        }
+        let mut out: Vec<Replica> = Vec::with_capacity(count);
+        for _ in 0..count {
+            let r = Replica {
+                node: NodeId(self.u32()?),
+                page: PageIndex(self.u32()?),
+            };
+            if out.iter().any(|o| o.node == r.node) {
+                return corrupt(format!("two replicas on {}", r.node));
+            }
+            out.push(r);
+        }
+        Ok(out)
+    }
+    fn finish(&self) -> Result<(), WireError> {
+        if self.pos != self.bytes.len() {
+            return corrupt(format!("{} trailing bytes", self.bytes.len() - self.pos));
+        }
+        Ok(())
+    }
+}
+
+impl Message {
+    pub fn new(epoch: Epoch, sender: NodeId, request_id: u64, body: Body) -> Self {
+        Self {
+            header: Header {
+                epoch,
+                sender,
+                request_id,
+            },
+            body,
+        }
+    }
+
+    /// Encodes the message. Bodies that break the format's bounds (too many replicas, too
+    /// long a detail) are programmer errors and are truncated to fit, with the detail cut
+    /// at a character boundary; replicas beyond [`MAX_REPLICAS`] are an assertion failure.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer(Vec::with_capacity(64));
+        w.u16(WIRE_MAGIC);
+        w.u8(WIRE_VERSION);
+        w.u8(self.body.kind());
+        w.u32(0); // body length, patched below
+        w.u64(self.header.epoch.0);
+        w.u32(self.header.sender.0);
+        w.u32(0);
+        w.u64(self.header.request_id);
+        match &self.body {
+            Body::Join(j) => {
+                w.u64(j.cluster_id.0);
+                w.u64(j.page_size_bytes);
+                w.u32(j.page_count);
+                w.u32(j.free_pages);
+                w.u64(j.region_addr);
+                w.u64(j.region_len);
+                w.u32(j.rkey);
+                w.0.extend_from_slice(&j.cm_ip);
+                w.u16(j.cm_port);
+                w.zeros(6);
+            }
+            Body::JoinAck { live_nodes } => {
+                w.u32(*live_nodes);
+                w.zeros(4);
+            }
+            Body::AllocPage {
+                primary_page,
+                backups_wanted,
+            } => {
+                w.u32(primary_page.0);
+                w.u8(*backups_wanted);
+                w.zeros(3);
+            }
+            Body::Prepare { txn_id } | Body::Abort { txn_id } | Body::AbortAck { txn_id } => {
+                w.u64(*txn_id)
+            }
+            Body::Prepared { txn_id, page } => {
+                w.u64(*txn_id);
+                w.u32(page.0);
+                w.zeros(4);
+            }
+            Body::Commit {
+                txn_id,
+                page_id,
+                replicas,
+            } => {
+                assert!(
+                    !replicas.is_empty() && replicas.len() <= MAX_REPLICAS,
+                    "replica count"
+                );
+                w.u64(*txn_id);
+                w.u32(page_id.0);
+                w.u8(replicas.len() as u8);
+                w.zeros(3);
+                w.replicas(replicas);
+            }
+            Body::CommitAck { txn_id, page_id } => {
+                w.u64(*txn_id);
+                w.u32(page_id.0);
+                w.zeros(4);
+            }
+            Body::MappingLookup { page_id } => {
+                w.u32(page_id.0);
+                w.zeros(4);
+            }
+            Body::Mapping { page_id, replicas } => {
+                assert!(
+                    !replicas.is_empty() && replicas.len() <= MAX_REPLICAS,
+                    "replica count"
+                );
+                w.u32(page_id.0);
+                w.u8(replicas.len() as u8);
+                w.zeros(3);
+                w.replicas(replicas);
+            }
+            Body::Error { code, detail } => {
+                let mut end = detail.len().min(MAX_DETAIL_BYTES);
+                while !detail.is_char_boundary(end) {
+                    end -= 1;
+                }
+                w.u16(code.code());
+                w.u16(end as u16);
+                w.zeros(4);
+                w.0.extend_from_slice(&detail.as_bytes()[..end]);
+            }
+        }
+        let body_len = (w.0.len() - HEADER_BYTES) as u32;
+        w.0[4..8].copy_from_slice(&body_len.to_le_bytes());
+        w.0
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
+        if bytes.len() > MAX_MESSAGE_BYTES {
+            return corrupt(format!(
+                "{} bytes, more than the largest message",
+                bytes.len()
+            ));
+        }
+        let mut r = Reader { bytes, pos: 0 };
+        let magic = r.u16()?;
+        if magic != WIRE_MAGIC {
+            return corrupt(format!("bad magic {magic:#06x}"));
+        }
+        let version = r.u8()?;
+        if version != WIRE_VERSION {
+            return corrupt(format!("unsupported version {version}"));
+        }
+        let kind = r.u8()?;
+        let body_len = r.u32()? as usize;
+        if HEADER_BYTES + body_len != bytes.len() {
+            return corrupt(format!(
+                "body length {body_len} does not match {} bytes",
+                bytes.len()
+            ));
+        }
+        let epoch = Epoch(r.u64()?);
+        let sender = NodeId(r.u32()?);
+        r.zeros(4)?;
+        let request_id = r.u64()?;
+        let body = match kind {
+            1 => {
+                let j = Join {
+                    cluster_id: ClusterId(r.u64()?),
+                    page_size_bytes: r.u64()?,
+                    page_count: r.u32()?,
+                    free_pages: r.u32()?,
+                    region_addr: r.u64()?,
+                    region_len: r.u64()?,
+                    rkey: r.u32()?,
+                    cm_ip: {
+                        let b = r.take(4)?;
+                        [b[0], b[1], b[2], b[3]]
+                    },
+                    cm_port: r.u16()?,
+                };
+                r.zeros(6)?;
+                if j.free_pages > j.page_count {
+                    return corrupt(format!("{} free pages of {}", j.free_pages, j.page_count));
+                }
+                Body::Join(j)
+            }
+            2 => {
+                let live_nodes = r.u32()?;
+                r.zeros(4)?;
+                Body::JoinAck { live_nodes }
+            }
+            3 => {
+                let primary_page = PageIndex(r.u32()?);
+                let backups_wanted = r.u8()?;
+                r.zeros(3)?;
+                if backups_wanted as usize >= MAX_REPLICAS {
+                    return corrupt(format!(
+                        "{backups_wanted} backups wanted (at most {})",
+                        MAX_REPLICAS - 1
+                    ));
+                }
+                Body::AllocPage {
+                    primary_page,
+                    backups_wanted,
+                }
+            }
+            4 => Body::Prepare { txn_id: r.u64()? },
+            5 => {
+                let txn_id = r.u64()?;
+                let page = PageIndex(r.u32()?);
+                r.zeros(4)?;
+                Body::Prepared { txn_id, page }
+            }
+            6 => {
+                let txn_id = r.u64()?;
+                let page_id = PageId(r.u32()?);
+                let count = r.u8()?;
+                r.zeros(3)?;
+                Body::Commit {
+                    txn_id,
+                    page_id,
+                    replicas: r.replicas(count)?,
+                }
+            }
+            7 => {
+                let txn_id = r.u64()?;
+                let page_id = PageId(r.u32()?);
+                r.zeros(4)?;
+                Body::CommitAck { txn_id, page_id }
+            }
+            8 => Body::Abort { txn_id: r.u64()? },
+            9 => Body::AbortAck { txn_id: r.u64()? },
+            10 => {
+                let page_id = PageId(r.u32()?);
+                r.zeros(4)?;
+                Body::MappingLookup { page_id }
+            }
+            11 => {
+                let page_id = PageId(r.u32()?);
+                let count = r.u8()?;
+                r.zeros(3)?;
+                Body::Mapping {
+                    page_id,
+                    replicas: r.replicas(count)?,
+                }
+            }
+            12 => {
+                let raw = r.u16()?;
+                let code = ErrorCode::from_code(raw)
+                    .ok_or_else(|| WireError::Corrupt(format!("unknown error code {raw}")))?;
+                let len = r.u16()? as usize;
+                r.zeros(4)?;
+                if len > MAX_DETAIL_BYTES {
+                    return corrupt(format!("error detail of {len} bytes"));
+                }
+                let detail = std::str::from_utf8(r.take(len)?)
+                    .map_err(|_| WireError::Corrupt("error detail is not UTF-8".into()))?
+                    .to_owned();
+                Body::Error { code, detail }
+            }
+            other => return corrupt(format!("unknown message kind {other}")),
+        };
+        r.finish()?;
+        Ok(Self {
+            header: Header {
+                epoch,
+                sender,
+                request_id,
+            },
+            body,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hdr() -> (Epoch, NodeId, u64) {
+        (Epoch(5), NodeId(2), 0x1122_3344)
+    }
+
+    fn msg(body: Body) -> Message {
+        let (e, s, id) = hdr();
+        Message::new(e, s, id, body)
+    }
+
+    fn replicas(n: u32) -> Vec<Replica> {
+        (0..n)
+            .map(|i| Replica {
+                node: NodeId(i + 1),
+                page: PageIndex(i * 10),
+            })
+            .collect()
+    }
+
+    pub(crate) fn samples() -> Vec<Message> {
+        vec![
+            msg(Body::Join(Join {
+                cluster_id: ClusterId(0xabc),
+                page_size_bytes: 2 << 20,
+                page_count: 511,
+                free_pages: 500,
+                region_addr: 0x7f00_0000_0000,
+                region_len: 1 << 30,
+                rkey: 0x1234,
+                cm_ip: [10, 0, 0, 2],
+                cm_port: 7100,
+            })),
+            msg(Body::JoinAck { live_nodes: 3 }),
+            msg(Body::AllocPage {
+                primary_page: PageIndex(17),
+                backups_wanted: 2,
+            }),
+            msg(Body::Prepare { txn_id: 99 }),
+            msg(Body::Prepared {
+                txn_id: 99,
+                page: PageIndex(4),
+            }),
+            msg(Body::Commit {
+                txn_id: 99,
+                page_id: PageId(1000),
+                replicas: replicas(3),
+            }),
+            msg(Body::CommitAck {
+                txn_id: 99,
+                page_id: PageId(1000),
+            }),
+            msg(Body::Abort { txn_id: 98 }),
+            msg(Body::AbortAck { txn_id: 98 }),
+            msg(Body::MappingLookup { page_id: PageId(7) }),
+            msg(Body::Mapping {
+                page_id: PageId(7),
+                replicas: replicas(MAX_REPLICAS as u32),
+            }),
+            msg(Body::Error {
+                code: ErrorCode::StaleEpoch,
+                detail: "epoch 4 < 5".into(),
+            }),
+        ]
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        for m in samples() {
+            let bytes = m.encode();
+            assert!(bytes.len() <= MAX_MESSAGE_BYTES);
+            assert_eq!(Message::decode(&bytes).unwrap(), m, "{}", m.body.name());
+        }
+    }
+
+    #[test]
+    fn golden_bytes() {
+        let b = msg(Body::AllocPage {
+            primary_page: PageIndex(17),
+            backups_wanted: 2,
+        })
+        .encode();
+        let want: Vec<u8> = [
+            &[0x50, 0x47, 1, 3][..],
+            &8u32.to_le_bytes(),
+            &5u64.to_le_bytes(),
+            &2u32.to_le_bytes(),
+            &[0; 4],
+            &0x1122_3344u64.to_le_bytes(),
+            &17u32.to_le_bytes(),
+            &[2, 0, 0, 0],
+        ]
+        .concat();
+        assert_eq!(b, want);
+        let c = msg(Body::Commit {
+            txn_id: 1,
+            page_id: PageId(2),
+            replicas: replicas(2),
+        })
+        .encode();
+        assert_eq!(&c[..4], &[0x50, 0x47, 1, 6]);
+        assert_eq!(
+            &c[32..],
+            &[
+                &1u64.to_le_bytes()[..],
+                &2u32.to_le_bytes(),
+                &[2, 0, 0, 0],
+                &1u32.to_le_bytes(),
+                &0u32.to_le_bytes(),
+                &2u32.to_le_bytes(),
+                &10u32.to_le_bytes()
+            ]
+            .concat()[..]
+        );
+        let e = msg(Body::Error {
+            code: ErrorCode::NoSpace,
+            detail: "full".into(),
+        })
+        .encode();
+        assert_eq!(
+            &e[32..],
+            &[
+                &4u16.to_le_bytes()[..],
+                &4u16.to_le_bytes(),
+                &[0; 4],
+                b"full"
+            ]
+            .concat()[..]
+        );
+    }
+
+    #[test]
+    fn rejects_malformed_messages() {
+        let good = msg(Body::Commit {
+            txn_id: 1,
+            page_id: PageId(2),
+            replicas: replicas(2),
+        })
+        .encode();
+        for cut in 0..good.len() {
+            assert!(Message::decode(&good[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut long = good.clone();
+        long.push(0);
+        assert!(Message::decode(&long).is_err());
+        let flip = |i: usize, v: u8| {
+            let mut b = good.clone();
+            b[i] = v;
+            Message::decode(&b)
+        };
+        assert!(flip(0, 0).is_err(), "magic");
+        assert!(flip(2, 2).is_err(), "version");
+        assert!(flip(3, 200).is_err(), "kind");
+        assert!(flip(20, 1).is_err(), "header reserved");
+        assert!(flip(44, 3).is_err(), "replica count vs length");
+        assert!(flip(45, 1).is_err(), "body reserved");
+        // Two replicas on one node.
+        assert!(flip(56, 1).is_err(), "duplicate node");
+        let zero = msg(Body::Mapping {
+            page_id: PageId(1),
+            replicas: replicas(1),
+        })
+        .encode();
+        let mut z = zero.clone();
+        z[36] = 0;
+        assert!(Message::decode(&z).is_err(), "zero replicas");
+        let too_many = msg(Body::AllocPage {
+            primary_page: PageIndex(0),
+            backups_wanted: 7,
+        })
+        .encode();
+        let mut t = too_many.clone();
+        t[36] = 8;
+        assert!(Message::decode(&t).is_err(), "backups wanted");
+        let mut bad_code = msg(Body::Error {
+            code: ErrorCode::Internal,
+            detail: String::new(),
+        })
+        .encode();
+        bad_code[32] = 0;
+        assert!(Message::decode(&bad_code).is_err(), "error code 0");
+        let mut bad_utf8 = msg(Body::Error {
+            code: ErrorCode::Internal,
+            detail: "ab".into(),
+        })
+        .encode();
+        bad_utf8[40] = 0xff;
+        assert!(Message::decode(&bad_utf8).is_err(), "utf8");
+    }
+
+    #[test]
+    fn long_error_detail_is_cut_at_a_char_boundary() {
+        let detail = "é".repeat(200); // 400 bytes
+        let m = Message::decode(
+            &msg(Body::Error {
+                code: ErrorCode::Internal,
+                detail,
+            })
+            .encode(),
+        )
+        .unwrap();
+        let Body::Error { detail, .. } = m.body else {
+            panic!()
+        };
+        assert_eq!(detail.len(), 256);
+        assert!(detail.chars().all(|c| c == 'é'));
+    }
+
+    #[test]
+    fn error_codes_round_trip() {
+        for c in ErrorCode::ALL {
+            assert_eq!(ErrorCode::from_code(c.code()), Some(c));
+        }
+        assert_eq!(ErrorCode::from_code(0), None);
+        assert_eq!(ErrorCode::from_code(11), None);
+    }
+
+    #[test]
+    fn decode_never_panics_on_mutations() {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for m in samples() {
+            let good = m.encode();
+            for _ in 0..3000 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let mut b = good.clone();
+                let i = (x as usize) % b.len();
+                b[i] = (x >> 32) as u8;
+                if x.is_multiple_of(5) {
+                    b.truncate((x >> 40) as usize % (b.len() + 1));
+                }
+                if let Ok(d) = Message::decode(&b) {
+                    // Whatever decodes must re-encode to the same bytes.
+                    assert_eq!(d.encode(), b);
+                }
+            }
+        }
+    }
+}

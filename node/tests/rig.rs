@@ -1,0 +1,5 @@
+//! The node's crash tests again, on the rig's devdax PM (`/dev/dax0.0`) instead of tmpfs.
+//! Built only with the `rig` feature; without a devdax device they fail.
+
+#[path = "crash.rs"]
+mod crash;

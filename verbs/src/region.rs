@@ -47,7 +47,7 @@ fn refuse(path: &Path, reason: impl Into<String>) -> Error {
 fn io_err(path: &Path, what: &str, source: std::io::Error) -> Error {
     Error::Region {
         path: path.display().to_string(),
-        reason: what.to_owned(),
+        reason: format!("{what}: {source}"),
         source: Some(source),
     }
 }

@@ -269,7 +269,10 @@ fn kill_minus_nine_at_random_times() {
                 if line == "READY" {
                     let _ = ready_tx.send(());
                 }
-                if let Some(i) = line.strip_prefix("DONE ").and_then(|r| r.split_whitespace().next()) {
+                if let Some(i) = line
+                    .strip_prefix("DONE ")
+                    .and_then(|r| r.split_whitespace().next())
+                {
                     last = i.parse::<u64>().ok();
                 }
             }

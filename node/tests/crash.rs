@@ -193,19 +193,15 @@ fn crash_at_every_step(mode: &str) -> u64 {
     // Persist steps of one run: the format's P1 (one per MiB of ART), P2 and P3, then one
     // P4 per operation.
     t.wipe();
-    let out = exercise_cmd(&t, seed, ops).output().expect("run exerciser");
-    assert!(out.status.success(), "clean run failed");
-    let format_steps = 2u64
-        + PoolHeader::plan(
-            ID.cluster_id,
-            ID.node_id,
-            ID.page_size_bytes,
-            t.pool_bytes(),
-        )
-        .unwrap()
-        .page_count as u64
-            * 64
-            / (1 << 20);
+    let page_count = PoolHeader::plan(
+        ID.cluster_id,
+        ID.node_id,
+        ID.page_size_bytes,
+        t.pool_bytes(),
+    )
+    .unwrap()
+    .page_count;
+    let format_steps = (page_count as u64 * 64).div_ceil(1 << 20) + 2;
     let total = format_steps + ops;
     let mut crashes = 0;
     for k in 1..=total {

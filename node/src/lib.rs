@@ -1,13 +1,16 @@
 //! pmgas data server: a node's PM pool (devdax, or a tmpfs file in development), its
 //! allocation-record table (ART) and the persistence primitive that every PM update goes
-//! through. The object allocator and the client API arrive with their issues.
+//! through, and the crash-consistent object allocator inside ALLOCATED pages. The client
+//! API arrives with the monitor.
 #![deny(unsafe_code)]
 
 pub mod art;
+pub mod objects;
 #[allow(unsafe_code)] // the one module that touches the mapping and issues flushes
 pub mod pmem;
 pub mod pool;
 
 pub use art::{ArtError, ArtState, ReconcileReport};
+pub use objects::{LocalPageIds, ObjectAllocator, ObjectError, PageSource, ThreadCache};
 pub use pmgas_verbs::{MappedRegion, RegionKind};
 pub use pool::{OnBlank, Pool, PoolError, PoolIdentity};

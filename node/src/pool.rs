@@ -43,6 +43,12 @@ pub enum PoolError {
     AlreadyFormatted { path: String },
     #[error(transparent)]
     Art(#[from] ArtError),
+    #[error("[{offset}, +{len}) is outside a page of {page_size} bytes")]
+    OutOfPage {
+        offset: u64,
+        len: usize,
+        page_size: u64,
+    },
 }
 
 /// Who this node is; a pool is opened only if it matches.
@@ -166,6 +172,55 @@ impl Pool {
 
     pub fn region(&self) -> &MappedRegion {
         self.pmem.region()
+    }
+
+    pub(crate) fn pmem(&self) -> &Pmem {
+        &self.pmem
+    }
+
+    /// One persist step writing `data` at byte `offset` of page `page` (application data
+    /// and allocator metadata alike). The page must not be FREE.
+    pub fn store_in_page(
+        &self,
+        page: PageIndex,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), PoolError> {
+        let base = self.page_base(page, offset, data.len())?;
+        self.pmem.store("page data", base + offset, data);
+        Ok(())
+    }
+
+    /// Reads bytes at `offset` of page `page`.
+    pub fn read_in_page(
+        &self,
+        page: PageIndex,
+        offset: u64,
+        out: &mut [u8],
+    ) -> Result<(), PoolError> {
+        let base = self.page_base(page, offset, out.len())?;
+        self.pmem.read(base + offset, out);
+        Ok(())
+    }
+
+    fn page_base(&self, page: PageIndex, offset: u64, len: usize) -> Result<u64, PoolError> {
+        let rec = self.record(page)?;
+        if rec.state == PageState::Free {
+            return Err(PoolError::Art(ArtError::IllegalTransition {
+                page: page.0,
+                from: "FREE",
+                to: "data access",
+            }));
+        }
+        let end = offset.checked_add(len as u64);
+        if end.is_none_or(|e| e > self.header.page_size_bytes) {
+            return Err(PoolError::OutOfPage {
+                offset,
+                len,
+                page_size: self.header.page_size_bytes,
+            });
+        }
+        Ok(self.header.page_offset(page).unwrap_or(0))
     }
 
     pub fn corrupt_entries(&self) -> &[CorruptEntry] {

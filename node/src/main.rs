@@ -83,6 +83,21 @@ enum Command {
         #[arg(long)]
         ops: u64,
     },
+    /// Object crash-test workload (internal): seeded random alloc/free, each allocated
+    /// object tagged with its own address; prints `A i addr` / `F i addr` once durable.
+    #[command(hide = true)]
+    ObjectExercise {
+        #[arg(long)]
+        pm: PathBuf,
+        #[command(flatten)]
+        id: IdentityArgs,
+        #[arg(long)]
+        size_bytes: Option<u64>,
+        #[arg(long)]
+        seed: u64,
+        #[arg(long)]
+        ops: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -126,6 +141,13 @@ fn main() -> ExitCode {
             seed,
             ops,
         } => crash_exercise(&pm, id.identity(), size_bytes, seed, ops),
+        Command::ObjectExercise {
+            pm,
+            id,
+            size_bytes,
+            seed,
+            ops,
+        } => object_exercise(&pm, id.identity(), size_bytes, seed, ops),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -228,6 +250,51 @@ fn crash_exercise(
             .map_err(|e| e.to_string())?;
         writeln!(out, "DONE {i} {} {} {}", page.0, to.name(), page_id.0)
             .map_err(|e| e.to_string())?;
+        let _ = out.flush();
+    }
+    Ok(())
+}
+
+/// The object crash-test workload: see `node/tests/object_crash.rs` for the checks.
+fn object_exercise(
+    pm: &std::path::Path,
+    id: PoolIdentity,
+    size: Option<u64>,
+    seed: u64,
+    ops: u64,
+) -> Result<(), String> {
+    use pmgas_node::{LocalPageIds, ObjectAllocator};
+    let pool = Pool::open(pm, size, OnBlank::Format(id), Some(id)).map_err(|e| e.to_string())?;
+    let alloc = ObjectAllocator::open(std::sync::Arc::new(pool), Box::new(LocalPageIds), true)
+        .map_err(|e| e.to_string())?;
+    let mut live: Vec<pmgas_layout::GlobalAddr> =
+        alloc.allocated().into_iter().map(|(a, _)| a).collect();
+    let mut tc = alloc.thread_cache();
+    let mut rng = pmgas_node::art::SplitMix(seed);
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "READY").map_err(|e| e.to_string())?;
+    let _ = out.flush();
+    for i in 0..ops {
+        if live.is_empty() || rng.below(10) < 6 {
+            // Mostly small objects, sometimes up to 8 KiB.
+            let size = if rng.below(4) == 0 {
+                8 + rng.below(8192)
+            } else {
+                8 + rng.below(256)
+            };
+            let addr = tc.alloc(size).map_err(|e| e.to_string())?;
+            let (page, offset) = alloc.page_of(addr).map_err(|e| e.to_string())?;
+            alloc
+                .pool()
+                .store_in_page(page, offset, &addr.raw().to_le_bytes())
+                .map_err(|e| e.to_string())?;
+            live.push(addr);
+            writeln!(out, "A {i} {}", addr.raw()).map_err(|e| e.to_string())?;
+        } else {
+            let victim = live.swap_remove(rng.below(live.len() as u64) as usize);
+            tc.free(victim).map_err(|e| e.to_string())?;
+            writeln!(out, "F {i} {}", victim.raw()).map_err(|e| e.to_string())?;
+        }
         let _ = out.flush();
     }
     Ok(())

@@ -1,5 +1,8 @@
-//! The node's crash tests again, on the rig's devdax PM (`/dev/dax0.0`) instead of tmpfs.
+//! The node's crash tests (ART and objects) again, on the rig's devdax PM (`/dev/dax0.0`) instead of tmpfs.
 //! Built only with the `rig` feature; without a devdax device they fail.
 
 #[path = "crash.rs"]
 mod crash;
+
+#[path = "object_crash.rs"]
+mod object_crash;

@@ -5,9 +5,10 @@
 //! durable. The driver crashes it at every persist step (before the step, and torn) and
 //! with `kill -9` at random times, reopens the pool, rebuilds the allocator and checks:
 //! every object the log says is live is allocated and keeps its tag; every allocated
-//! object is live in the log, except at most one (an allocation in flight at the crash,
-//! which the caller never learned of — the leak window of any allocator that returns
-//! addresses); allocations after recovery never hand out a live object.
+//! object is live in the log; the one operation in flight at the crash may show either
+//! way (an allocation the caller never learned of is the leak window of any allocator
+//! that returns addresses; a kill -9 can fall between a free's write-back and its log
+//! line); no page leaks; allocations after recovery never hand out a live object.
 
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader};
@@ -125,7 +126,7 @@ fn replay(log: &str) -> (HashSet<u64>, u64) {
     (live, ops)
 }
 
-fn check(t: &Target, live: &HashSet<u64>, context: &str) {
+fn check(t: &Target, live: &HashSet<u64>, in_flight_free_allowed: bool, context: &str) {
     let pool = Pool::open(&t.path, None, OnBlank::Format(ID), Some(ID))
         .unwrap_or_else(|e| panic!("{context}: reopen failed: {e}"));
     assert!(
@@ -138,11 +139,22 @@ fn check(t: &Target, live: &HashSet<u64>, context: &str) {
         .into_iter()
         .map(|(a, _)| a.raw())
         .collect();
-    for &addr in live {
-        assert!(
-            allocated.contains(&addr),
-            "{context}: live object {addr:#x} is not allocated"
-        );
+    // One operation may have been in flight at the crash. An injected crash stops a free
+    // before its only step (P9) lands, so there a live object may never be missing; a
+    // kill -9 can land after a free's write-back but before its log line.
+    let missing: Vec<u64> = live.difference(&allocated).copied().collect();
+    let extra: Vec<u64> = allocated.difference(live).copied().collect();
+    let allowed_missing = usize::from(in_flight_free_allowed);
+    assert!(
+        missing.len() <= allowed_missing && extra.len() <= 1 && missing.len() + extra.len() <= 1,
+        "{context}: {} live objects not allocated (such as {:x?}), {} allocated objects the log \
+         does not know (such as {:x?})",
+        missing.len(),
+        &missing[..missing.len().min(8)],
+        extra.len(),
+        &extra[..extra.len().min(8)]
+    );
+    for &addr in live.iter().filter(|a| allocated.contains(a)) {
         let ga = GlobalAddr::from_raw(addr, PAGE).unwrap();
         let (page, off) = alloc.page_of(ga).unwrap();
         let mut tag = [0u8; 8];
@@ -173,12 +185,6 @@ fn check(t: &Target, live: &HashSet<u64>, context: &str) {
         allocated_pages,
         "{context}: ALLOCATED pages that are not slabs leaked"
     );
-    let extra: Vec<_> = allocated.difference(live).collect();
-    assert!(
-        extra.len() <= 1,
-        "{context}: {} allocated objects the log does not know: {extra:x?}",
-        extra.len()
-    );
     let mut tc = alloc.thread_cache();
     for _ in 0..64 {
         let fresh = tc.alloc(16).unwrap().raw();
@@ -194,7 +200,7 @@ fn ops_per_run() -> u64 {
 }
 
 fn crash_every_step(mode: &str) -> u64 {
-    let seed = 0x0b1e_c7;
+    let seed = 0x000b_1ec7;
     let ops = ops_per_run();
     let t = Target::new(mode);
     let mut crashes = 0;
@@ -216,6 +222,7 @@ fn crash_every_step(mode: &str) -> u64 {
         check(
             &t,
             &live,
+            false,
             &format!("seed {seed} crash at step {k} ({mode}) after {done} ops"),
         );
         k += 1;
@@ -271,6 +278,7 @@ fn object_kill_minus_nine_at_random_times() {
         check(
             &t,
             &live,
+            true,
             &format!("kill -9 round {round} seed {run_seed} after {done} ops"),
         );
         rounds += 1;

@@ -3,6 +3,8 @@
 
 #[allow(unsafe_code)] // RDTSC; the block carries its SAFETY argument
 mod clock;
+#[allow(unsafe_code)] // FFI to libpmemobj and malloc; each block carries its SAFETY argument
+mod objects;
 mod peer_proc;
 mod report;
 #[allow(unsafe_code)] // posting work requests; each block carries its SAFETY argument
@@ -24,6 +26,8 @@ struct Cli {
 enum Command {
     /// Latency of one verb against a peer process on another host, with hdrhistogram.
     Verbs(verbs_lat::VerbsArgs),
+    /// The object allocator against libpmemobj and malloc: throughput, latency, scaling.
+    Objects(objects::ObjectsArgs),
     /// Lists RDMA devices, their ports and RoCE v2 GIDs; with --gid-for, prints just the
     /// GID index for that address (the value perftest's -x wants).
     Devices {
@@ -51,6 +55,7 @@ fn main() -> ExitCode {
         .init();
     let result = match Cli::parse().command {
         Command::Verbs(args) => verbs_lat::run(&args),
+        Command::Objects(args) => objects::run(&args),
         Command::Devices { device, gid_for } => devices(device.as_deref(), gid_for),
         Command::VerbsPeer { bind, region, cpu } => peer_proc::serve(bind, &region, cpu),
     };

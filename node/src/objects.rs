@@ -33,6 +33,7 @@ use crate::pool::{Pool, PoolError};
 pub const SLAB_MAGIC: [u8; 8] = *b"PMGASSLB";
 pub const SLAB_VERSION: u32 = 1;
 pub const SLAB_HEADER_BYTES: u64 = 64;
+const SLAB_SHARDS: usize = 64;
 /// The smallest object and the alignment of every object.
 pub const MIN_OBJECT_BYTES: u32 = 8;
 
@@ -202,7 +203,9 @@ pub struct ObjectAllocator {
     source: Box<dyn PageSource>,
     classes: Vec<u32>,
     page_size_bytes: u64,
-    slabs: RwLock<HashMap<PageId, Arc<Slab>>>,
+    /// Slabs by page id, in shards so that frees on different pages never touch the same
+    /// lock word.
+    slabs: Vec<RwLock<HashMap<PageId, Arc<Slab>>>>,
     partial: Vec<SegQueue<Arc<Slab>>>,
     /// Serialises taking new pages, so that two threads never both grow one class.
     grow: Mutex<()>,
@@ -223,7 +226,9 @@ impl ObjectAllocator {
             partial: classes.iter().map(|_| SegQueue::new()).collect(),
             classes,
             page_size_bytes,
-            slabs: RwLock::new(HashMap::new()),
+            slabs: (0..SLAB_SHARDS)
+                .map(|_| RwLock::new(HashMap::new()))
+                .collect(),
             grow: Mutex::new(()),
             source,
             pool,
@@ -283,10 +288,31 @@ impl ObjectAllocator {
             slab.queued.store(true, Ordering::Relaxed);
             self.partial[slab.class].push(Arc::clone(&slab));
         }
-        self.slabs
+        self.insert_slab(slab);
+    }
+
+    fn shard(&self, page_id: PageId) -> &RwLock<HashMap<PageId, Arc<Slab>>> {
+        &self.slabs[page_id.0 as usize % SLAB_SHARDS]
+    }
+
+    fn insert_slab(&self, slab: Arc<Slab>) {
+        self.shard(slab.page_id)
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .insert(slab.page_id, slab);
+    }
+
+    fn all_slabs(&self) -> Vec<Arc<Slab>> {
+        self.slabs
+            .iter()
+            .flat_map(|s| {
+                s.read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .values()
+                    .cloned()
+                    .collect::<Vec<_>>()
+            })
+            .collect()
     }
 
     pub fn max_object_bytes(&self) -> u64 {
@@ -372,10 +398,7 @@ impl ObjectAllocator {
                 addr: 0,
                 reason: "a new slab does not validate",
             })?;
-        self.slabs
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(page_id, Arc::clone(&slab));
+        self.insert_slab(Arc::clone(&slab));
         Ok(slab)
     }
 
@@ -418,7 +441,7 @@ impl ObjectAllocator {
     fn locate(&self, addr: GlobalAddr) -> Result<(Arc<Slab>, u32), ObjectError> {
         let raw = addr.raw();
         let slab = self
-            .slabs
+            .shard(addr.page())
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .get(&addr.page())
@@ -498,13 +521,7 @@ impl ObjectAllocator {
 
     /// Every allocated object, from the PM bitmaps (for checks and inspection).
     pub fn allocated(&self) -> Vec<(GlobalAddr, u32)> {
-        let slabs: Vec<Arc<Slab>> = self
-            .slabs
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect();
+        let slabs = self.all_slabs();
         let mut out = vec![];
         for slab in slabs {
             for w in 0..slab.bitmap_words() {
@@ -527,12 +544,12 @@ impl ObjectAllocator {
     }
 
     pub fn stats(&self) -> ObjectStats {
-        let slabs = self.slabs.read().unwrap_or_else(|p| p.into_inner());
+        let slabs = self.all_slabs();
         let free: u64 = slabs
-            .values()
+            .iter()
             .map(|s| s.free.load(Ordering::Relaxed) as u64)
             .sum();
-        let slots: u64 = slabs.values().map(|s| s.slot_count as u64).sum();
+        let slots: u64 = slabs.iter().map(|s| s.slot_count as u64).sum();
         ObjectStats {
             slabs: slabs.len() as u32,
             allocated_objects: slots - free,

@@ -295,7 +295,10 @@ impl ArtRecord {
     }
 
     fn decode_one(r: &ArtRecordBytes, index: PageIndex) -> Option<Self> {
+        // Writers never store sequence 0 (that is the all-zero fresh record), so a non-zero
+        // record claiming it is corrupt or forged.
         let valid = r.checksum.get() == Self::checksum(r.as_bytes(), index)
+            && r.seq.get() >= 1
             && r.reserved == [0; 3]
             && r.reserved2 == [0; 4];
         let state = PageState::from_code(r.state)?;

@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
-# The main job: installs what is missing, builds, brings up the Soft-RoCE rig and runs the
-# verbs latency benchmark side by side with perftest. (The local pmgas cluster joins this
-# once the monitor and data servers can allocate.)
+# The main job: installs what is missing, builds, then
+#  1. brings up the Soft-RoCE rig and runs the verbs latency benchmark side by side with
+#     perftest (arguments are passed to scripts/bench-vs-perftest.sh);
+#  2. runs the object-allocator benchmark against libpmemobj and malloc on tmpfs pools,
+#     and times the allocator's rebuild of a full 1 GiB pool.
+# (The local pmgas cluster joins this once the monitor can allocate pages.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec bash scripts/bench-vs-perftest.sh "$@"
+bash scripts/bench-vs-perftest.sh "$@"
+echo
+cargo build --release -p pmgas-bench --quiet
+./target/release/pmgas-bench objects --rebuild

@@ -1,3 +1,8 @@
-//! pmgas global monitor. The two-phase page allocation and the ZooKeeper-backed global
-//! address table arrive with their issue; this crate holds the place in the workspace.
+//! pmgas global monitor. So far: the two-phase page allocation as a pure state machine
+//! ([`coordinator`]). The RDMA and ZooKeeper shells, the GAT and leadership arrive with
+//! their issue.
 #![forbid(unsafe_code)]
+
+pub mod coordinator;
+
+pub use coordinator::{Action, Coordinator, Input, Mapping, NodeView, Timeouts};

@@ -6,6 +6,7 @@
 
 pub mod art;
 pub mod objects;
+pub mod participant;
 #[allow(unsafe_code)] // the one module that touches the mapping and issues flushes
 pub mod pmem;
 pub mod pool;

@@ -151,7 +151,8 @@ pub struct Coordinator {
     next_txn_id: u64,
     timeouts: Timeouts,
     nodes: BTreeMap<NodeId, NodeView>,
-    txns: HashMap<u64, Txn>,
+    /// Ordered, so that ticks visit transactions in a deterministic order.
+    txns: BTreeMap<u64, Txn>,
     /// (primary, request id) -> transaction, for idempotent retries.
     by_request: HashMap<(NodeId, u64), u64>,
 }
@@ -165,7 +166,7 @@ impl Coordinator {
             next_txn_id: 1,
             timeouts,
             nodes: BTreeMap::new(),
-            txns: HashMap::new(),
+            txns: BTreeMap::new(),
             by_request: HashMap::new(),
         }
     }

@@ -174,13 +174,15 @@ impl Participant {
     /// Abort: free the page prepared for `txn_id`, if any (durably). Unknown
     /// transactions are acknowledged: there is nothing to undo.
     pub fn abort(&mut self, table: &mut impl PageTable, txn_id: u64) -> Result<(), ErrorCode> {
-        if let Some(page) = self.txns.remove(&txn_id)
+        if let Some(&page) = self.txns.get(&txn_id)
             && table
                 .record(page)
                 .is_some_and(|r| r.state == PageState::Preallocated)
         {
             table.set_state(page, PageState::Free, PageId(0), Epoch(0))?;
         }
+        // Remembered even if it was never prepared here: an Abort may overtake its Prepare.
+        self.finish(txn_id);
         Ok(())
     }
 }

@@ -21,6 +21,7 @@ use pmgas_node::participant::{Participant, primary_finish, primary_prepare};
 
 const MS: u64 = 1_000_000;
 const EPOCH: Epoch = Epoch(3);
+const PMGAS_SIM_SEEDS: u64 = 2000;
 
 #[derive(Debug, Clone)]
 enum ToNode {
@@ -210,6 +211,9 @@ impl Sim {
     }
 
     fn step(&mut self, e: Event) {
+        if std::env::var_os("PMGAS_SIM_TRACE").is_some() {
+            eprintln!("{:>12} {e:?}", self.now);
+        }
         match e {
             Event::ToCoord(input) => self.coordinator(input),
             Event::ToNode(i, msg) => self.node_event(i, msg),
@@ -405,7 +409,7 @@ fn check(sim: &Sim, seed: u64) {
 fn two_phase_allocation_survives_loss_duplication_and_store_failures() {
     let seeds: Vec<u64> = match std::env::var("PMGAS_SIM_SEED") {
         Ok(s) => vec![s.parse().expect("PMGAS_SIM_SEED is a number")],
-        Err(_) => (1..=300).collect(),
+        Err(_) => (1..=PMGAS_SIM_SEEDS).collect(),
     };
     let (mut answered, mut stored) = (0, 0);
     for seed in &seeds {

@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod addr;
+pub mod gat;
 pub mod ids;
 pub mod pool;
 pub mod wire;

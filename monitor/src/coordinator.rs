@@ -41,12 +41,7 @@ impl Default for Timeouts {
     }
 }
 
-/// A committed mapping: the page id and its replicas, primary first.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Mapping {
-    pub page_id: PageId,
-    pub replicas: Vec<Replica>,
-}
+pub use pmgas_layout::gat::Mapping;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Input {

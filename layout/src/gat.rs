@@ -1,0 +1,226 @@
+//! The global address table (GAT) as stored in ZooKeeper: chunks of mappings
+//! `page_id → [replica…]` (primary first), each chunk one znode of at most
+//! [`CHUNK_MAX_BYTES`], checksummed so that a torn or foreign znode is detected.
+//!
+//! A monitor worker appends mappings to its current chunk and rewrites only that chunk
+//! (a znode is written whole); a full chunk is closed and a new one started, so adding a
+//! mapping never re-serialises more than one chunk. FORMAT.md describes the bytes.
+
+use std::collections::HashSet;
+
+use crate::PageId;
+use crate::ids::{NodeId, PageIndex};
+use crate::pool::crc32c;
+use crate::wire::{MAX_REPLICAS, Replica};
+
+pub const GAT_MAGIC: [u8; 8] = *b"PMGASGAT";
+pub const GAT_VERSION: u16 = 1;
+pub const CHUNK_HEADER_BYTES: usize = 24;
+/// Chunks stay well below ZooKeeper's ~1 MiB request limit and small enough that the
+/// server's in-heap log of recent transactions stays small.
+pub const CHUNK_MAX_BYTES: usize = 64 << 10;
+
+/// One committed page: its id and its replicas, primary first.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Mapping {
+    pub page_id: PageId,
+    pub replicas: Vec<Replica>,
+}
+
+impl Mapping {
+    pub fn encoded_bytes(&self) -> usize {
+        8 + 8 * self.replicas.len()
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum GatError {
+    #[error("corrupt GAT chunk: {0}")]
+    Corrupt(String),
+    #[error("GAT chunk would be {len_bytes} bytes, over the limit of {CHUNK_MAX_BYTES}")]
+    TooLarge { len_bytes: usize },
+}
+
+fn corrupt<T>(reason: impl Into<String>) -> Result<T, GatError> {
+    Err(GatError::Corrupt(reason.into()))
+}
+
+/// Encodes a chunk. Header: checksum u32 (CRC32C of bytes 4..), version u16, reserved
+/// u16, magic [8], count u32, reserved u32; then per mapping: page_id u32, count u8,
+/// reserved [3], count × (node u32, page u32).
+pub fn encode_chunk(mappings: &[Mapping]) -> Result<Vec<u8>, GatError> {
+    let len = CHUNK_HEADER_BYTES + mappings.iter().map(Mapping::encoded_bytes).sum::<usize>();
+    if len > CHUNK_MAX_BYTES {
+        return Err(GatError::TooLarge { len_bytes: len });
+    }
+    let mut out = Vec::with_capacity(len);
+    out.extend_from_slice(&[0; 4]);
+    out.extend_from_slice(&GAT_VERSION.to_le_bytes());
+    out.extend_from_slice(&[0; 2]);
+    out.extend_from_slice(&GAT_MAGIC);
+    out.extend_from_slice(&(mappings.len() as u32).to_le_bytes());
+    out.extend_from_slice(&[0; 4]);
+    for m in mappings {
+        assert!(
+            !m.replicas.is_empty() && m.replicas.len() <= MAX_REPLICAS,
+            "replica count"
+        );
+        out.extend_from_slice(&m.page_id.0.to_le_bytes());
+        out.push(m.replicas.len() as u8);
+        out.extend_from_slice(&[0; 3]);
+        for r in &m.replicas {
+            out.extend_from_slice(&r.node.0.to_le_bytes());
+            out.extend_from_slice(&r.page.0.to_le_bytes());
+        }
+    }
+    let sum = crc32c(&out[4..]);
+    out[0..4].copy_from_slice(&sum.to_le_bytes());
+    Ok(out)
+}
+
+/// Decodes and validates a chunk: checksum, version, magic, exact length, reserved bytes,
+/// 1..=8 replicas on distinct nodes per mapping, no page id twice in the chunk.
+pub fn decode_chunk(bytes: &[u8]) -> Result<Vec<Mapping>, GatError> {
+    if bytes.len() < CHUNK_HEADER_BYTES || bytes.len() > CHUNK_MAX_BYTES {
+        return corrupt(format!("{} bytes", bytes.len()));
+    }
+    let u32_at =
+        |i: usize| u32::from_le_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
+    if u32_at(0) != crc32c(&bytes[4..]) {
+        return corrupt("checksum mismatch");
+    }
+    if u16::from_le_bytes([bytes[4], bytes[5]]) != GAT_VERSION || bytes[6..8] != [0, 0] {
+        return corrupt("unsupported version");
+    }
+    if bytes[8..16] != GAT_MAGIC || u32_at(20) != 0 {
+        return corrupt("bad magic or reserved bytes");
+    }
+    let count = u32_at(16) as usize;
+    let mut pos = CHUNK_HEADER_BYTES;
+    let mut out = Vec::with_capacity(count.min(bytes.len() / 16));
+    let mut ids = HashSet::new();
+    for _ in 0..count {
+        let Some(head) = bytes.get(pos..pos + 8) else {
+            return corrupt("truncated mapping");
+        };
+        let page_id = PageId(u32::from_le_bytes([head[0], head[1], head[2], head[3]]));
+        let n = head[4] as usize;
+        if n == 0 || n > MAX_REPLICAS || head[5..8] != [0, 0, 0] {
+            return corrupt(format!(
+                "page {}: {n} replicas or reserved bytes set",
+                page_id.0
+            ));
+        }
+        if !ids.insert(page_id) {
+            return corrupt(format!("page {} twice", page_id.0));
+        }
+        pos += 8;
+        let Some(body) = bytes.get(pos..pos + 8 * n) else {
+            return corrupt("truncated replicas");
+        };
+        let replicas: Vec<Replica> = body
+            .chunks_exact(8)
+            .map(|c| Replica {
+                node: NodeId(u32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+                page: PageIndex(u32::from_le_bytes([c[4], c[5], c[6], c[7]])),
+            })
+            .collect();
+        if replicas
+            .iter()
+            .map(|r| r.node)
+            .collect::<HashSet<_>>()
+            .len()
+            != n
+        {
+            return corrupt(format!("page {}: two replicas on one node", page_id.0));
+        }
+        pos += 8 * n;
+        out.push(Mapping { page_id, replicas });
+    }
+    if pos != bytes.len() {
+        return corrupt(format!("{} trailing bytes", bytes.len() - pos));
+    }
+    Ok(out)
+}
+
+/// Mappings per full chunk when every mapping has `replicas` replicas.
+pub fn chunk_capacity(replicas: usize) -> usize {
+    (CHUNK_MAX_BYTES - CHUNK_HEADER_BYTES) / (8 + 8 * replicas)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(id: u32, nodes: &[u32]) -> Mapping {
+        Mapping {
+            page_id: PageId(id),
+            replicas: nodes
+                .iter()
+                .map(|&n| Replica {
+                    node: NodeId(n),
+                    page: PageIndex(id.wrapping_mul(10).wrapping_add(n)),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn chunks_round_trip_and_golden_bytes() {
+        let ms = vec![m(1, &[1, 2, 3]), m(2, &[2]), m(9, &[3, 1])];
+        let bytes = encode_chunk(&ms).unwrap();
+        assert_eq!(decode_chunk(&bytes).unwrap(), ms);
+        assert_eq!(
+            &bytes[4..24],
+            &[
+                1, 0, 0, 0, b'P', b'M', b'G', b'A', b'S', b'G', b'A', b'T', 3, 0, 0, 0, 0, 0, 0, 0
+            ]
+        );
+        assert_eq!(&bytes[24..32], &[1, 0, 0, 0, 3, 0, 0, 0]);
+        assert_eq!(&bytes[32..40], &[1, 0, 0, 0, 11, 0, 0, 0]);
+        assert_eq!(decode_chunk(&encode_chunk(&[]).unwrap()).unwrap(), vec![]);
+    }
+
+    #[test]
+    fn rejects_damage_and_violations() {
+        let bytes = encode_chunk(&[m(1, &[1, 2]), m(2, &[3])]).unwrap();
+        for i in 0..bytes.len() {
+            let mut b = bytes.clone();
+            b[i] ^= 0x10;
+            assert!(decode_chunk(&b).is_err(), "byte {i}");
+        }
+        for cut in 0..bytes.len() {
+            assert!(decode_chunk(&bytes[..cut]).is_err());
+        }
+        // Structurally valid checksums over invalid content are still refused.
+        let reseal = |mut b: Vec<u8>| {
+            let sum = crc32c(&b[4..]);
+            b[0..4].copy_from_slice(&sum.to_le_bytes());
+            b
+        };
+        let mut dup_node = bytes.clone();
+        dup_node[40..44].copy_from_slice(&1u32.to_le_bytes());
+        assert!(
+            decode_chunk(&reseal(dup_node)).is_err(),
+            "two replicas on one node"
+        );
+        let mut dup_id = bytes.clone();
+        dup_id[48..52].copy_from_slice(&1u32.to_le_bytes());
+        assert!(decode_chunk(&reseal(dup_id)).is_err(), "page id twice");
+    }
+
+    #[test]
+    fn chunk_size_is_bounded() {
+        let cap = chunk_capacity(3);
+        let full: Vec<Mapping> = (0..cap as u32).map(|i| m(i, &[1, 2, 3])).collect();
+        assert!(encode_chunk(&full).unwrap().len() <= CHUNK_MAX_BYTES);
+        let mut over = full;
+        over.push(m(u32::MAX, &[1, 2, 3]));
+        assert!(matches!(
+            encode_chunk(&over),
+            Err(GatError::TooLarge { .. })
+        ));
+        assert_eq!(cap, 2047);
+    }
+}

@@ -3,6 +3,7 @@
 # processes, stopped by pid: one standalone server, or a 3-server ensemble.
 #
 #   scripts/zookeeper.sh start [--ensemble] [--port 2181] [--tick-ms 200] [--dir DIR]
+#                              [--stop-with PID]   (stop the servers once PID exits)
 #   scripts/zookeeper.sh stop  [--dir DIR]
 #   scripts/zookeeper.sh status [--dir DIR]
 #
@@ -16,12 +17,14 @@ dir=/tmp/pmgas-zk
 port=2181
 tick_ms=200
 ensemble=0
+stop_with=""
 while (($#)); do
   case $1 in
     --dir) dir=$2; shift 2 ;;
     --port) port=$2; shift 2 ;;
     --tick-ms) tick_ms=$2; shift 2 ;;
     --ensemble) ensemble=1; shift ;;
+    --stop-with) stop_with=$2; shift 2 ;;
     *) echo "zookeeper.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -95,6 +98,11 @@ start() {
       sleep 0.2
     done
   done
+  if [[ -n $stop_with ]]; then
+    # A watcher in its own session: when the owner exits, the servers go too.
+    setsid bash -c "while kill -0 $stop_with 2>/dev/null; do sleep 1; done; bash '$0' stop --dir '$dir'" \
+      >/dev/null 2>&1 </dev/null &
+  fi
   (IFS=,; echo "${connect[*]}")
 }
 

@@ -1,8 +1,10 @@
 //! pmgas global monitor. So far: the two-phase page allocation as a pure state machine
-//! ([`coordinator`]). The RDMA and ZooKeeper shells, the GAT and leadership arrive with
-//! their issue.
+//! ([`coordinator`]) and the GAT's persistence in ZooKeeper ([`store`]). The RDMA shell,
+//! node join and leadership arrive with their issue.
 #![forbid(unsafe_code)]
 
 pub mod coordinator;
+pub mod store;
 
 pub use coordinator::{Action, Coordinator, Input, Mapping, NodeView, Timeouts};
+pub use store::{GatWriter, LoadedGat, Store, StoreError};

@@ -1,0 +1,196 @@
+//! The GAT store against a real ZooKeeper (Debian's 3.8), started by
+//! `scripts/zookeeper.sh` on a port of its own for this test binary, and stopped after.
+//! Without ZooKeeper installed the tests fail; they never pass silently.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use pmgas_layout::gat::Mapping;
+use pmgas_layout::wire::Replica;
+use pmgas_layout::{NodeId, PageId, PageIndex};
+use pmgas_monitor::{GatWriter, Store, StoreError};
+
+fn script() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/zookeeper.sh")
+}
+
+/// One standalone server for the whole test binary (tests use distinct cluster names);
+/// the script stops it when this process exits.
+fn zk() -> &'static str {
+    static ZK: OnceLock<String> = OnceLock::new();
+    ZK.get_or_init(|| {
+        let port = 24000 + (std::process::id() % 2000) as u16;
+        let dir = PathBuf::from(format!("/tmp/pmgas-zk-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let out = Command::new("bash")
+            .arg(script())
+            .args([
+                "start",
+                "--port",
+                &port.to_string(),
+                "--stop-with",
+                &std::process::id().to_string(),
+                "--dir",
+            ])
+            .arg(&dir)
+            .output()
+            .expect("run scripts/zookeeper.sh");
+        assert!(
+            out.status.success(),
+            "ZooKeeper did not start: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    })
+}
+
+fn mapping(id: u32, nodes: &[u32]) -> Mapping {
+    Mapping {
+        page_id: PageId(id),
+        replicas: nodes
+            .iter()
+            .map(|&n| Replica {
+                node: NodeId(n),
+                page: PageIndex(id % 1000),
+            })
+            .collect(),
+    }
+}
+
+async fn store(cluster: &str) -> Store {
+    Store::connect(zk(), cluster, Duration::from_secs(4))
+        .await
+        .expect("connect to ZooKeeper")
+}
+
+#[tokio::test]
+async fn group_commits_span_chunks_and_reload_exactly() {
+    let s = store("reload").await;
+    assert_eq!(s.epoch().await.unwrap().0, 0);
+    let mut w0 = GatWriter::open(&s, 0).await.unwrap();
+    let mut w1 = GatWriter::open(&s, 1).await.unwrap();
+    let mut all = vec![];
+    let mut id = 1;
+    // 5000 mappings in group commits of 1..=64, alternating workers.
+    let mut round = 0;
+    while all.len() < 5000 {
+        let n = 1 + (round * 37) % 64;
+        let batch: Vec<Mapping> = (0..n)
+            .map(|k| mapping(id + k as u32, &[1, 2 + (k as u32 % 3), 9]))
+            .collect();
+        id += n as u32;
+        if round % 2 == 0 {
+            w0.append(&batch).await.unwrap()
+        } else {
+            w1.append(&batch).await.unwrap()
+        }
+        all.extend(batch);
+        round += 1;
+    }
+    assert!(
+        w0.chunk_seq() + w1.chunk_seq() >= 2,
+        "5000 mappings of 3 replicas need several chunks"
+    );
+    let loaded = s.load_gat().await.unwrap();
+    assert_eq!(loaded.mappings.len(), all.len());
+    assert_eq!(loaded.max_page_id, id - 1);
+    let want: HashSet<_> = all.iter().cloned().collect();
+    assert!(loaded.mappings.iter().all(|m| want.contains(m)));
+    eprintln!(
+        "{} mappings in {} chunks reloaded",
+        loaded.mappings.len(),
+        loaded.chunks
+    );
+
+    // A writer reopened on its series resumes after the last stored mapping.
+    drop(w0);
+    let mut again = GatWriter::open(&s, 0).await.unwrap();
+    again.append(&[mapping(id, &[4])]).await.unwrap();
+    assert_eq!(s.load_gat().await.unwrap().mappings.len(), all.len() + 1);
+}
+
+#[tokio::test]
+async fn a_second_writer_on_one_series_is_fenced() {
+    let s = store("fence").await;
+    let mut a = GatWriter::open(&s, 0).await.unwrap();
+    a.append(&[mapping(1, &[1, 2])]).await.unwrap();
+    let mut b = GatWriter::open(&s, 0).await.unwrap();
+    b.append(&[mapping(2, &[1, 3])]).await.unwrap();
+    // `a` still believes the old version: its write must not overwrite `b`'s.
+    let err = a.append(&[mapping(3, &[2, 3])]).await.unwrap_err();
+    assert!(matches!(err, StoreError::Fenced { .. }), "{err}");
+    let ids: Vec<u32> = s
+        .load_gat()
+        .await
+        .unwrap()
+        .mappings
+        .iter()
+        .map(|m| m.page_id.0)
+        .collect();
+    assert_eq!(ids, vec![1, 2]);
+    assert!(
+        !a.resolve(&[mapping(3, &[2, 3])]).await.unwrap(),
+        "the fenced batch did not land"
+    );
+}
+
+#[tokio::test]
+async fn a_damaged_chunk_is_reported_not_skipped() {
+    let s = store("damaged").await;
+    let mut w = GatWriter::open(&s, 0).await.unwrap();
+    w.append(&[mapping(1, &[1])]).await.unwrap();
+    s.client()
+        .set_data("/pmgas/damaged/gat/w0000/c0000000000", b"garbage", None)
+        .await
+        .unwrap();
+    let err = s.load_gat().await.unwrap_err();
+    assert!(matches!(err, StoreError::Chunk { .. }), "{err}");
+    assert!(err.to_string().contains("c0000000000"), "{err}");
+}
+
+#[test]
+fn gat_dump_prints_json_lines() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let s = store("dump").await;
+        let mut w = GatWriter::open(&s, 3).await.unwrap();
+        w.append(&[mapping(7, &[2, 1]), mapping(8, &[3])])
+            .await
+            .unwrap();
+    });
+    let out = Command::new(env!("CARGO_BIN_EXE_pmgas-monitor"))
+        .args(["gat-dump", "--zk", zk(), "--cluster", "dump", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines[0]["epoch"], 0);
+    assert_eq!(lines[1]["page_id"], 7);
+    assert_eq!(lines[1]["replicas"][0]["node"], 2, "primary first");
+    assert_eq!(lines[1]["replicas"][1]["page_index"], 7);
+    assert_eq!(lines[2]["page_id"], 8);
+    assert_eq!(lines.len(), 3);
+    let bad = Command::new(env!("CARGO_BIN_EXE_pmgas-monitor"))
+        .args(["gat-dump", "--zk", "127.0.0.1:1", "--cluster", "x"])
+        .output()
+        .unwrap();
+    assert!(
+        !bad.status.success(),
+        "an unreachable ZooKeeper is an error"
+    );
+}

@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod coordinator;
+pub mod server;
 pub mod store;
 
 pub use coordinator::{Action, Coordinator, Input, Mapping, NodeView, Timeouts};

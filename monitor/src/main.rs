@@ -1,5 +1,5 @@
-//! `pmgas-monitor`: the global monitor binary. So far it can inspect the metadata in
-//! ZooKeeper (`gat-dump`); serving allocations arrives with the RDMA shell.
+//! `pmgas-monitor`: the global monitor binary: `serve` (the active monitor) and
+//! `gat-dump` (inspect the metadata in ZooKeeper).
 #![forbid(unsafe_code)]
 
 use std::process::ExitCode;
@@ -28,8 +28,22 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Runs the monitor (not implemented yet: it says so and fails).
-    Serve,
+    /// Runs the active monitor: accepts data nodes over rdma_cm on --listen and serves
+    /// two-phase page allocations, persisting the GAT in ZooKeeper. (Standbys, leader
+    /// election and recovery arrive with the high-availability issue.)
+    Serve {
+        #[arg(long)]
+        zk: String,
+        #[arg(long)]
+        cluster: String,
+        #[arg(long)]
+        cluster_id: u64,
+        #[arg(long, default_value_t = 2 << 20)]
+        page_size: u64,
+        /// rdma_cm address to accept nodes on (an address of an RDMA device).
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+    },
 }
 
 fn main() -> ExitCode {
@@ -39,9 +53,13 @@ fn main() -> ExitCode {
         .init();
     let result = match Cli::parse().command {
         Command::GatDump { zk, cluster, json } => gat_dump(&zk, &cluster, json),
-        Command::Serve => Err(
-            "serving is not implemented yet (the RDMA shell of the two-phase allocation)".into(),
-        ),
+        Command::Serve {
+            zk,
+            cluster,
+            cluster_id,
+            page_size,
+            listen,
+        } => serve(&zk, &cluster, cluster_id, page_size, listen),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -79,4 +97,36 @@ fn gat_dump(zk: &str, cluster: &str, json: bool) -> Result<(), String> {
         }
         Ok(())
     })
+}
+
+fn serve(
+    zk: &str,
+    cluster: &str,
+    cluster_id: u64,
+    page_size: u64,
+    listen: std::net::SocketAddr,
+) -> Result<(), String> {
+    // A worker thread keeps the ZooKeeper session alive (pings) while the RDMA loop,
+    // which never yields, runs on this thread.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let connect = rt.block_on(async {
+        tokio::time::timeout(
+            Duration::from_secs(20),
+            Store::connect(zk, cluster, Duration::from_secs(6)),
+        )
+        .await
+    });
+    let store = connect
+        .map_err(|_| format!("ZooKeeper at {zk} did not answer within 20 s"))?
+        .map_err(|e| e.to_string())?;
+    let config = pmgas_monitor::server::ServerConfig {
+        listen,
+        cluster_id: pmgas_layout::ClusterId(cluster_id),
+        page_size_bytes: page_size,
+    };
+    pmgas_monitor::server::serve(&config, &store, &rt)
 }

@@ -10,6 +10,7 @@ pub mod participant;
 #[allow(unsafe_code)] // the one module that touches the mapping and issues flushes
 pub mod pmem;
 pub mod pool;
+pub mod server;
 
 pub use art::{ArtError, ArtState, ReconcileReport};
 pub use objects::{LocalPageIds, ObjectAllocator, ObjectError, PageSource, ThreadCache};

@@ -68,6 +68,32 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Runs a data node: opens (or formats) the pool, joins the monitor over rdma_cm and
+    /// serves the two-phase page allocation; with --alloc-pages, also allocates that many
+    /// replicated pages as a primary and prints `ALLOC DONE …` with their latencies.
+    Serve {
+        #[arg(long)]
+        pm: PathBuf,
+        #[command(flatten)]
+        id: IdentityArgs,
+        #[arg(long)]
+        size_bytes: Option<u64>,
+        /// The monitor's rdma_cm address.
+        #[arg(long)]
+        monitor: std::net::SocketAddr,
+        /// This node's address (picks its RDMA device).
+        #[arg(long)]
+        bind: std::net::IpAddr,
+        #[arg(long, default_value_t = 0)]
+        alloc_pages: u64,
+        #[arg(long, default_value_t = 2)]
+        backups: u8,
+        #[arg(long, default_value_t = 1)]
+        concurrency: usize,
+        /// Serve only for this long after joining before allocating.
+        #[arg(long, default_value_t = 0)]
+        start_delay_ms: u64,
+    },
     /// Crash-test workload (internal): formats a blank pool, then performs a seeded random
     /// sequence of ART transitions, printing `DONE i` after each is durable.
     #[command(hide = true)]
@@ -133,6 +159,28 @@ fn main() -> ExitCode {
                 );
             })
             .map_err(|e| e.to_string()),
+        Command::Serve {
+            pm,
+            id,
+            size_bytes,
+            monitor,
+            bind,
+            alloc_pages,
+            backups,
+            concurrency,
+            start_delay_ms,
+        } => {
+            let config = pmgas_node::server::NodeConfig {
+                node_id: id.identity().node_id,
+                bind,
+                monitor,
+                alloc_pages,
+                backups,
+                concurrency: concurrency.max(1),
+                start_delay: std::time::Duration::from_millis(start_delay_ms),
+            };
+            serve(&pm, id.identity(), size_bytes, &config)
+        }
         Command::ArtDump { pm, json } => art_dump(&pm, json),
         Command::CrashExercise {
             pm,
@@ -298,4 +346,33 @@ fn object_exercise(
         let _ = out.flush();
     }
     Ok(())
+}
+
+fn serve(
+    pm: &std::path::Path,
+    id: PoolIdentity,
+    size: Option<u64>,
+    config: &pmgas_node::server::NodeConfig,
+) -> Result<(), String> {
+    let pool = Pool::open(pm, size, OnBlank::Format(id), Some(id)).map_err(|e| e.to_string())?;
+    pmgas_node::server::serve(config, &pool, |r| {
+        let mut l = r.latencies_us.clone();
+        l.sort_unstable();
+        let q = |f: f64| {
+            l.get(((l.len() as f64 * f) as usize).min(l.len().saturating_sub(1)))
+                .copied()
+                .unwrap_or(0)
+        };
+        let secs = r.elapsed.as_secs_f64();
+        println!(
+            "ALLOC DONE ok={} failed={} {:?} p50_us={} p99_us={} elapsed_s={secs:.3} per_s={:.1}",
+            r.ok,
+            r.failed,
+            r.failures,
+            q(0.5),
+            q(0.99),
+            r.ok as f64 / secs.max(1e-9)
+        );
+        let _ = std::io::stdout().flush();
+    })
 }

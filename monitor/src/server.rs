@@ -1,0 +1,440 @@
+//! The monitor's RDMA shell: accepts data nodes over rdma_cm, speaks the wire protocol
+//! over the verbs message layer, feeds the [`Coordinator`] and carries out its actions,
+//! persisting mappings to ZooKeeper in group commits (every Persist action produced by
+//! one pass of the loop goes into one write).
+//!
+//! One thread runs the whole loop; ZooKeeper writes block it (a write takes about a
+//! millisecond; requests arriving meanwhile join the next group commit).
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use pmgas_layout::gat::Mapping;
+use pmgas_layout::wire::{Body, ErrorCode, Message};
+use pmgas_layout::{ClusterId, Epoch, NodeId, PageId};
+use pmgas_verbs::msg::{Endpoint, Incoming, MsgConfig};
+use pmgas_verbs::{ConnectionConfig, Listener, ProtectionDomain};
+
+use crate::coordinator::{Action, Coordinator, Input, NodeView, Timeouts};
+use crate::store::{GatWriter, Store};
+
+/// The monitor's own sender id on the wire.
+pub const MONITOR_SENDER: NodeId = NodeId(u32::MAX);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub cluster_id: ClusterId,
+    pub page_size_bytes: u64,
+}
+
+/// What an outstanding monitor → node request was for.
+#[derive(Debug, Clone, Copy)]
+enum Sent {
+    Prepare(u64),
+    Commit,
+    Abort,
+}
+
+struct Peer {
+    ep: Endpoint,
+    node: Option<NodeId>,
+    /// Msg-layer request id -> what we asked.
+    sent: HashMap<u64, Sent>,
+}
+
+pub fn serve(
+    config: &ServerConfig,
+    store: &Store,
+    rt: &tokio::runtime::Runtime,
+) -> Result<(), String> {
+    let gat = rt.block_on(store.load_gat()).map_err(|e| e.to_string())?;
+    let epoch = rt.block_on(store.epoch()).map_err(|e| e.to_string())?;
+    let mut mappings: HashMap<PageId, Mapping> =
+        gat.mappings.into_iter().map(|m| (m.page_id, m)).collect();
+    let mut coord = Coordinator::new(epoch, gat.max_page_id, Timeouts::default());
+    let mut writer = rt
+        .block_on(GatWriter::open(store, 0))
+        .map_err(|e| e.to_string())?;
+    let listener = Listener::bind(config.listen, 64).map_err(|e| e.to_string())?;
+    let pd = ProtectionDomain::new(listener.context()).map_err(|e| e.to_string())?;
+    println!(
+        "MONITOR READY listen={} device={} epoch={} mappings={} max_page_id={}",
+        config.listen,
+        listener.context().name(),
+        epoch.0,
+        mappings.len(),
+        gat.max_page_id
+    );
+    let start = Instant::now();
+    let mut peers: Vec<Peer> = vec![];
+    // (node, wire request id) -> msg-layer id to answer, for AllocPage replies.
+    let mut replies: HashMap<(NodeId, u64), u64> = HashMap::new();
+    let mut by_node: BTreeMap<NodeId, usize> = BTreeMap::new();
+    let mut last_tick = Instant::now();
+    let mut last_accept = Instant::now() - Duration::from_secs(1);
+    loop {
+        if last_accept.elapsed() >= Duration::from_millis(2) {
+            last_accept = Instant::now();
+            if let Some(req) = listener
+                .next_request(Duration::ZERO)
+                .map_err(|e| e.to_string())?
+            {
+                match req.accept(&pd, &ConnectionConfig::default(), &[]) {
+                    Ok(conn) => match Endpoint::new(conn, MsgConfig::default()) {
+                        Ok(ep) => peers.push(Peer {
+                            ep,
+                            node: None,
+                            sent: HashMap::new(),
+                        }),
+                        Err(e) => tracing::warn!(error = %e, "endpoint setup failed"),
+                    },
+                    Err(e) => tracing::warn!(error = %e, "accept failed"),
+                }
+            }
+        }
+        let now_ns = start.elapsed().as_nanos() as u64;
+        let mut inputs: Vec<Input> = vec![];
+        let mut dead = vec![];
+        for (i, peer) in peers.iter_mut().enumerate() {
+            loop {
+                let incoming = match peer.ep.poll() {
+                    Ok(Some(m)) => m,
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::warn!(node = ?peer.node, error = %e, "node connection lost");
+                        dead.push(i);
+                        break;
+                    }
+                };
+                match incoming {
+                    Incoming::Request {
+                        request_id,
+                        payload,
+                    } => {
+                        let reply = handle_request(
+                            &payload,
+                            peer,
+                            i,
+                            config,
+                            &mut coord,
+                            &mut by_node,
+                            &mappings,
+                            epoch,
+                            &mut replies,
+                            request_id,
+                            &mut inputs,
+                        );
+                        if let Some(reply) = reply {
+                            let _ = peer.ep.respond(request_id, &reply.encode());
+                        }
+                    }
+                    Incoming::Response {
+                        request_id,
+                        payload,
+                    } => {
+                        let (Some(node), Some(sent)) = (peer.node, peer.sent.remove(&request_id))
+                        else {
+                            continue;
+                        };
+                        match (Message::decode(&payload).map(|m| m.body), sent) {
+                            (Ok(Body::Prepared { txn_id, page }), _) => {
+                                inputs.push(Input::Prepared {
+                                    from: node,
+                                    txn_id,
+                                    page,
+                                })
+                            }
+                            (Ok(Body::CommitAck { txn_id, .. }), _) => {
+                                inputs.push(Input::CommitAck { from: node, txn_id })
+                            }
+                            (Ok(Body::AbortAck { txn_id }), _) => {
+                                inputs.push(Input::AbortAck { from: node, txn_id })
+                            }
+                            (Ok(Body::Error { code, .. }), Sent::Prepare(txn_id)) => {
+                                inputs.push(Input::PrepareFailed {
+                                    from: node,
+                                    txn_id,
+                                    code,
+                                })
+                            }
+                            (other, sent) => {
+                                tracing::warn!(?node, ?sent, ?other, "unexpected response")
+                            }
+                        }
+                    }
+                    Incoming::TimedOut { request_id } => {
+                        // The coordinator's own timers retry or abort.
+                        peer.sent.remove(&request_id);
+                    }
+                }
+            }
+        }
+        for i in dead.into_iter().rev() {
+            let p = peers.remove(i);
+            if let Some(n) = p.node {
+                by_node.remove(&n);
+            }
+            for idx in by_node.values_mut() {
+                if *idx > i {
+                    *idx -= 1;
+                }
+            }
+        }
+        if last_tick.elapsed() >= Duration::from_millis(10) {
+            last_tick = Instant::now();
+            inputs.push(Input::Tick);
+            // Drop connections whose peer has gone (a node restarting rejoins on a new one).
+            for i in (0..peers.len()).rev() {
+                if peers[i].ep.connection().peer_disconnected().unwrap_or(true) {
+                    let p = peers.remove(i);
+                    tracing::warn!(node = ?p.node, "node disconnected");
+                    if let Some(n) = p.node {
+                        by_node.remove(&n);
+                    }
+                    for idx in by_node.values_mut() {
+                        if *idx > i {
+                            *idx -= 1;
+                        }
+                    }
+                }
+            }
+        }
+        // Run the coordinator to a fixed point, group-committing its Persist actions.
+        let mut pending = inputs;
+        while !pending.is_empty() {
+            let mut actions = vec![];
+            for input in pending.drain(..) {
+                actions.extend(coord.handle(input, now_ns));
+            }
+            let mut batch: Vec<(u64, Mapping)> = vec![];
+            for action in actions {
+                match action {
+                    Action::Persist { txn_id, mapping } => batch.push((txn_id, mapping)),
+                    Action::Prepare { to, txn_id } => send(
+                        &mut peers,
+                        &by_node,
+                        to,
+                        Body::Prepare { txn_id },
+                        Sent::Prepare(txn_id),
+                        epoch,
+                    ),
+                    Action::Commit {
+                        to,
+                        txn_id,
+                        mapping,
+                    } => send(
+                        &mut peers,
+                        &by_node,
+                        to,
+                        Body::Commit {
+                            txn_id,
+                            page_id: mapping.page_id,
+                            replicas: mapping.replicas,
+                        },
+                        Sent::Commit,
+                        epoch,
+                    ),
+                    Action::Abort { to, txn_id } => send(
+                        &mut peers,
+                        &by_node,
+                        to,
+                        Body::Abort { txn_id },
+                        Sent::Abort,
+                        epoch,
+                    ),
+                    Action::Reply {
+                        to,
+                        request_id,
+                        txn_id,
+                        result,
+                    } => {
+                        let Some(msg_id) = replies.remove(&(to, request_id)) else {
+                            continue;
+                        };
+                        let body = match result {
+                            Ok(m) => {
+                                mappings.insert(m.page_id, m.clone());
+                                Body::Commit {
+                                    txn_id,
+                                    page_id: m.page_id,
+                                    replicas: m.replicas,
+                                }
+                            }
+                            Err(code) => Body::Error {
+                                code,
+                                detail: format!("allocation failed: {code:?}"),
+                            },
+                        };
+                        if let Some(&i) = by_node.get(&to) {
+                            let _ = peers[i].ep.respond(
+                                msg_id,
+                                &Message::new(epoch, MONITOR_SENDER, request_id, body).encode(),
+                            );
+                        }
+                    }
+                }
+            }
+            if !batch.is_empty() {
+                let txn_ids: Vec<u64> = batch.iter().map(|(t, _)| *t).collect();
+                let maps: Vec<Mapping> = batch.into_iter().map(|(_, m)| m).collect();
+                match rt.block_on(writer.append(&maps)) {
+                    Ok(()) => pending.push(Input::Persisted { txn_ids }),
+                    Err(e) => {
+                        tracing::error!(error = %e, "GAT write failed");
+                        // An unknown outcome must be resolved before anything is aborted.
+                        let stored = rt.block_on(writer.resolve(&maps)).unwrap_or(false);
+                        pending.push(if stored {
+                            Input::Persisted { txn_ids }
+                        } else {
+                            Input::PersistFailed { txn_ids }
+                        });
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn send(
+    peers: &mut [Peer],
+    by_node: &BTreeMap<NodeId, usize>,
+    to: NodeId,
+    body: Body,
+    sent: Sent,
+    epoch: Epoch,
+) {
+    let Some(&i) = by_node.get(&to) else {
+        tracing::warn!(?to, "no connection to node");
+        return;
+    };
+    let msg = Message::new(epoch, MONITOR_SENDER, 0, body).encode();
+    match peers[i].ep.request(&msg, REQUEST_TIMEOUT) {
+        Ok(id) => {
+            peers[i].sent.insert(id, sent);
+        }
+        Err(e) => tracing::warn!(?to, error = %e, "send failed; the coordinator will retry"),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn handle_request(
+    payload: &[u8],
+    peer: &mut Peer,
+    index: usize,
+    config: &ServerConfig,
+    coord: &mut Coordinator,
+    by_node: &mut BTreeMap<NodeId, usize>,
+    mappings: &HashMap<PageId, Mapping>,
+    epoch: Epoch,
+    replies: &mut HashMap<(NodeId, u64), u64>,
+    msg_id: u64,
+    inputs: &mut Vec<Input>,
+) -> Option<Message> {
+    let error = |code, detail: String, rid| {
+        Some(Message::new(
+            epoch,
+            MONITOR_SENDER,
+            rid,
+            Body::Error { code, detail },
+        ))
+    };
+    let msg = match Message::decode(payload) {
+        Ok(m) => m,
+        Err(e) => return error(ErrorCode::Malformed, e.to_string(), 0),
+    };
+    let rid = msg.header.request_id;
+    match msg.body {
+        Body::Join(j) => {
+            let node = msg.header.sender;
+            if j.cluster_id != config.cluster_id {
+                return error(
+                    ErrorCode::WrongCluster,
+                    format!("cluster {} is not {}", j.cluster_id.0, config.cluster_id.0),
+                    rid,
+                );
+            }
+            if j.page_size_bytes != config.page_size_bytes {
+                return error(
+                    ErrorCode::BadGeometry,
+                    format!(
+                        "page size {} is not {}",
+                        j.page_size_bytes, config.page_size_bytes
+                    ),
+                    rid,
+                );
+            }
+            if by_node.contains_key(&node) {
+                return error(
+                    ErrorCode::DuplicateNode,
+                    format!("{node} is already joined"),
+                    rid,
+                );
+            }
+            peer.node = Some(node);
+            by_node.insert(node, index);
+            coord.set_node(
+                node,
+                NodeView {
+                    free_pages: j.free_pages,
+                },
+            );
+            tracing::info!(%node, free = j.free_pages, "node joined");
+            Some(Message::new(
+                epoch,
+                MONITOR_SENDER,
+                rid,
+                Body::JoinAck {
+                    live_nodes: by_node.len() as u32,
+                },
+            ))
+        }
+        _ if peer.node != Some(msg.header.sender) => error(
+            ErrorCode::Malformed,
+            "join first, as the node you are".into(),
+            rid,
+        ),
+        _ if msg.header.epoch != epoch => error(
+            ErrorCode::StaleEpoch,
+            format!("epoch {} is not {}", msg.header.epoch.0, epoch.0),
+            rid,
+        ),
+        Body::AllocPage {
+            primary_page,
+            backups_wanted,
+        } => {
+            let node = msg.header.sender;
+            replies.insert((node, rid), msg_id);
+            inputs.push(Input::AllocPage {
+                from: node,
+                request_id: rid,
+                epoch: msg.header.epoch,
+                primary_page,
+                backups_wanted,
+            });
+            None
+        }
+        Body::MappingLookup { page_id } => match mappings.get(&page_id) {
+            Some(m) => Some(Message::new(
+                epoch,
+                MONITOR_SENDER,
+                rid,
+                Body::Mapping {
+                    page_id,
+                    replicas: m.replicas.clone(),
+                },
+            )),
+            None => error(
+                ErrorCode::UnknownPage,
+                format!("page {} is not mapped", page_id.0),
+                rid,
+            ),
+        },
+        other => error(
+            ErrorCode::Malformed,
+            format!("{} is not a request to the monitor", other.name()),
+            rid,
+        ),
+    }
+}

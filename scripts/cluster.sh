@@ -1,0 +1,133 @@
+#!/usr/bin/env bash
+# A local pmgas cluster on the rig: ZooKeeper, one monitor and three data nodes, each on
+# its own simulated host with its own rxe device, PM pools on tmpfs. Every node allocates
+# PAGES/3 replicated pages (2 backups) with CONCURRENCY in flight while serving the
+# others; then the cluster is stopped and the GAT (gat-dump) is checked against every
+# node's ART (art-dump): the same mappings, every replica ALLOCATED with its page id, no
+# PREALLOCATED page, no page id twice, no two replicas on one node.
+#
+# Usage (outside the rig it re-runs itself inside): scripts/cluster.sh [--pages N] [--concurrency C]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+pages=999
+concurrency=4
+while (($#)); do
+  case $1 in
+    --pages) pages=$2; shift 2 ;;
+    --concurrency) concurrency=$2; shift 2 ;;
+    *) echo "usage: $0 [--pages N] [--concurrency C]" >&2; exit 2 ;;
+  esac
+done
+
+if [[ ${PMGAS_RIG:-} != 1 ]]; then
+  cargo build --release --bins --quiet
+  exec bash scripts/rig.sh --hosts 4 -- bash "$root/scripts/cluster.sh" --pages "$pages" --concurrency "$concurrency"
+fi
+
+bin=${PMGAS_BIN:-$root/target/release}
+[[ -x $bin/pmgas-node && -x $bin/pmgas-monitor ]] || bin=$root/target/debug
+read -r h1 h2 h3 h4 _ <<<"$PMGAS_HOSTS"
+work=$(mktemp -d /tmp/pmgas-cluster.XXXXXX)
+cluster=c$$
+page_size=65536
+pool_bytes=$((96 << 20))
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  bash "$root/scripts/zookeeper.sh" stop --dir "$work/zk" >/dev/null 2>&1 || true
+}
+trap cleanup EXIT
+
+echo "cluster: starting ZooKeeper"
+zk=$(bash "$root/scripts/zookeeper.sh" start --port 2181 --dir "$work/zk")
+echo "cluster: ZooKeeper at $zk; monitor on $h4; nodes on $h1 $h2 $h3"
+
+"$bin/pmgas-monitor" serve --zk "$zk" --cluster "$cluster" --cluster-id 7 --page-size $page_size \
+  --listen "$h4:7000" >"$work/monitor.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 1 600); do grep -q "MONITOR READY" "$work/monitor.log" && break; sleep 0.1; done
+grep "MONITOR READY" "$work/monitor.log" || { cat "$work/monitor.log"; exit 1; }
+
+per_node=$(((pages + 2) / 3))
+i=0
+for h in $h1 $h2 $h3; do
+  i=$((i + 1))
+  "$bin/pmgas-node" serve --pm "/dev/shm/pmgas-$cluster-node$i" --size-bytes $pool_bytes --cluster-id 7 \
+    --node-id $i --page-size $page_size --monitor "$h4:7000" --bind "$h" \
+    --alloc-pages 0 >"$work/node$i.log" 2>&1 &
+  pids+=($!)
+done
+# Nodes serve first; allocations start once all three have joined (a later node could
+# not be a backup for the first allocations otherwise).
+for i in 1 2 3; do
+  for _ in $(seq 1 600); do grep -q "NODE READY" "$work/node$i.log" && break; sleep 0.1; done
+  grep "NODE READY" "$work/node$i.log" || { cat "$work/node$i.log" "$work/monitor.log"; exit 1; }
+done
+# Restart the nodes as allocators: the pools keep their state (nothing allocated yet).
+for p in "${pids[@]:1}"; do kill "$p"; done
+pids=("${pids[0]}")
+sleep 0.5
+i=0
+for h in $h1 $h2 $h3; do
+  i=$((i + 1))
+  "$bin/pmgas-node" serve --pm "/dev/shm/pmgas-$cluster-node$i" --cluster-id 7 --node-id $i \
+    --page-size $page_size --monitor "$h4:7000" --bind "$h" --alloc-pages "$per_node" --backups 2 \
+    --concurrency "$concurrency" --start-delay-ms 3000 >"$work/node$i.log" 2>&1 &
+  pids+=($!)
+done
+for i in 1 2 3; do
+  for _ in $(seq 1 3000); do grep -q "ALLOC DONE\|pmgas-node:" "$work/node$i.log" && break; sleep 0.1; done
+done
+for i in 1 2 3; do
+  grep -q "ALLOC DONE" "$work/node$i.log" || { echo "node $i did not finish:"; cat "$work/node$i.log"; tail -20 "$work/monitor.log"; exit 1; }
+  echo "node$i: $(grep 'ALLOC DONE' "$work/node$i.log")"
+done
+# Stop everything but ZooKeeper, then compare the GAT with every ART.
+for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+wait "${pids[@]}" 2>/dev/null || true
+pids=()
+"$bin/pmgas-monitor" gat-dump --zk "$zk" --cluster "$cluster" --json >"$work/gat.jsonl"
+for i in 1 2 3; do
+  "$bin/pmgas-node" art-dump --pm "/dev/shm/pmgas-$cluster-node$i" --json >"$work/art$i.jsonl"
+done
+check_ok=0
+python3 - "$work" "$pages" <<'PY' || check_ok=1
+import json, sys
+work, pages = sys.argv[1], int(sys.argv[2])
+gat = [json.loads(l) for l in open(f"{work}/gat.jsonl")]
+head, maps = gat[0], gat[1:]
+ok = sum(int(l.split("ok=")[1].split()[0]) for i in (1, 2, 3) for l in open(f"{work}/node{i}.log") if "ALLOC DONE" in l)
+errors = []
+ids = [m["page_id"] for m in maps]
+if len(ids) != len(set(ids)): errors.append("page id stored twice")
+if len(maps) != ok: errors.append(f"{len(maps)} mappings stored but {ok} allocations succeeded")
+art = {}
+for i in (1, 2, 3):
+    for l in list(open(f"{work}/art{i}.jsonl"))[1:]:
+        e = json.loads(l)
+        art[(i, e["page_index"])] = e
+claimed = set()
+for m in maps:
+    nodes = [r["node"] for r in m["replicas"]]
+    if len(set(nodes)) != len(nodes): errors.append(f"page {m['page_id']}: two replicas on one node")
+    if len(nodes) != 3: errors.append(f"page {m['page_id']}: {len(nodes)} replicas")
+    for r in m["replicas"]:
+        k = (r["node"], r["page_index"])
+        e = art.get(k)
+        claimed.add(k)
+        if not e or e["state"] != "ALLOCATED" or e["page_id"] != m["page_id"]:
+            errors.append(f"page {m['page_id']}: replica {k} is {e}")
+for k, e in art.items():
+    if e["state"] == "PREALLOCATED": errors.append(f"{k} left PREALLOCATED")
+    if e["state"] == "ALLOCATED" and k not in claimed: errors.append(f"{k} ALLOCATED but not in the GAT")
+print(f"cluster check: {len(maps)} mappings in the GAT (epoch {head['epoch']}), {len(art)} non-FREE ART entries on 3 nodes, {len(errors)} problems")
+for e in errors[:20]: print("  " + e)
+sys.exit(1 if errors or ok < pages * 0.99 else 0)
+PY
+if ((check_ok != 0)); then
+  echo "--- monitor log (tail)"; tail -30 "$work/monitor.log"
+  for i in 1 2 3; do echo "--- node$i log (tail)"; tail -10 "$work/node$i.log"; done
+  exit 1
+fi

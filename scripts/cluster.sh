@@ -26,7 +26,7 @@ if [[ ${PMGAS_RIG:-} != 1 ]]; then
 fi
 
 bin=${PMGAS_BIN:-$root/target/release}
-[[ -x $bin/pmgas-node && -x $bin/pmgas-monitor ]] || bin=$root/target/debug
+[[ -x $bin/pmgas-node && -x $bin/pmgas-monitor ]] || { echo "cluster: no pmgas binaries in $bin" >&2; exit 1; }
 read -r h1 h2 h3 h4 _ <<<"$PMGAS_HOSTS"
 work=$(mktemp -d /tmp/pmgas-cluster.XXXXXX)
 cluster=c$$
@@ -37,6 +37,7 @@ cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
   bash "$root/scripts/zookeeper.sh" stop --dir "$work/zk" >/dev/null 2>&1 || true
+  rm -f /dev/shm/pmgas-"$cluster"-node*
 }
 trap cleanup EXIT
 

@@ -3,11 +3,15 @@
 #  1. brings up the Soft-RoCE rig and runs the verbs latency benchmark side by side with
 #     perftest (arguments are passed to scripts/bench-vs-perftest.sh);
 #  2. runs the object-allocator benchmark against libpmemobj and malloc on tmpfs pools,
-#     and times the allocator's rebuild of a full 1 GiB pool.
-# (The local pmgas cluster joins this once the monitor can allocate pages.)
+#     and times the allocator's rebuild of a full 1 GiB pool;
+#  3. runs a local cluster on the rig (ZooKeeper, a monitor, three data nodes on their
+#     own simulated hosts) that allocates 999 replicated pages and checks the GAT
+#     against every node's ART (scripts/cluster.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bench-vs-perftest.sh "$@"
 echo
 cargo build --release -p pmgas-bench --quiet
 ./target/release/pmgas-bench objects --rebuild
+echo
+bash scripts/cluster.sh --pages 999 --concurrency 4

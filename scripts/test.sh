@@ -35,7 +35,7 @@ echo "rig test binaries: $(wc -l <"$logs/rig-bins.txt")"
 
 echo "== rig tests (Soft-RoCE)"
 set +e
-bash scripts/rig.sh --hosts 3 -- bash "$root/scripts/rig-tests.sh" "$logs/rig-bins.txt" 2>&1 | tee "$logs/rig.log"
+bash scripts/rig.sh --hosts 4 -- bash "$root/scripts/rig-tests.sh" "$logs/rig-bins.txt" 2>&1 | tee "$logs/rig.log"
 rig_rc=${PIPESTATUS[0]}
 set -e
 

@@ -74,6 +74,7 @@ pub fn serve(
     let mut by_node: BTreeMap<NodeId, usize> = BTreeMap::new();
     let mut last_tick = Instant::now();
     let mut last_accept = Instant::now() - Duration::from_secs(1);
+    let mut idle = pmgas_verbs::spin::IdleBackoff::default();
     loop {
         if last_accept.elapsed() >= Duration::from_millis(2) {
             last_accept = Instant::now();
@@ -200,6 +201,13 @@ pub fn serve(
                     }
                 }
             }
+        }
+        // Spin while messages flow, nap when idle (ticks and accepts are time-based, so
+        // they keep working through the naps).
+        if inputs.iter().all(|i| matches!(i, Input::Tick)) {
+            idle.idle();
+        } else {
+            idle.busy();
         }
         // Run the coordinator to a fixed point, group-committing its Persist actions.
         let mut pending = inputs;

@@ -116,6 +116,9 @@ pub fn serve(
     let mut remaining = config.alloc_pages;
     let start = Instant::now();
     let mut done_reported = config.alloc_pages == 0;
+    // Spin while messages flow, nap when idle: several nodes and the monitor may share
+    // few cores (the rig has two).
+    let mut idle = pmgas_verbs::spin::IdleBackoff::default();
     loop {
         // Keep `concurrency` allocations in flight.
         while remaining > 0
@@ -159,6 +162,7 @@ pub fn serve(
         let incoming = match ep.poll() {
             Ok(Some(m)) => m,
             Ok(None) => {
+                idle.idle();
                 if !done_reported && remaining == 0 && primaries.is_empty() {
                     report.elapsed = start.elapsed().saturating_sub(config.start_delay);
                     on_done(&report);
@@ -168,6 +172,7 @@ pub fn serve(
             }
             Err(e) => return Err(format!("monitor connection lost: {e}")),
         };
+        idle.busy();
         match incoming {
             Incoming::Request {
                 request_id,

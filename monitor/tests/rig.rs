@@ -1,0 +1,42 @@
+//! The whole two-phase page allocation on the rig: real ZooKeeper, the monitor and three
+//! data nodes as separate processes on four simulated hosts with their own rxe devices.
+//! `scripts/cluster.sh` runs 999 replicated allocations (2 backups, three primaries
+//! allocating at once) and checks the GAT in ZooKeeper against every node's ART.
+//! Built only with the `rig` feature; without the rig it fails.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+#[test]
+fn nine_hundred_ninety_nine_replicated_pages_gat_matches_every_art() {
+    let hosts = std::env::var("PMGAS_HOSTS").unwrap_or_default();
+    assert!(
+        hosts.split_whitespace().count() >= 4,
+        "the rig must provide 4 simulated hosts (PMGAS_HOSTS={hosts:?}); run through scripts/test.sh"
+    );
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    // The binaries of this build (debug under `cargo test`), next to this test's own.
+    let exe = std::env::current_exe().expect("own path");
+    let bin_dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target dir")
+        .to_path_buf();
+    let out = Command::new("bash")
+        .arg(root.join("scripts/cluster.sh"))
+        .args(["--pages", "999", "--concurrency", "4"])
+        .env("PMGAS_BIN", &bin_dir)
+        .output()
+        .expect("run scripts/cluster.sh");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "the cluster run failed");
+    assert!(
+        stdout.contains("999 mappings in the GAT"),
+        "not every allocation was stored"
+    );
+    assert!(
+        stdout.contains(", 0 problems"),
+        "the GAT and the ARTs disagree"
+    );
+}

@@ -97,33 +97,26 @@ enum Command {
     /// Crash-test workload (internal): formats a blank pool, then performs a seeded random
     /// sequence of ART transitions, printing `DONE i` after each is durable.
     #[command(hide = true)]
-    CrashExercise {
-        #[arg(long)]
-        pm: PathBuf,
-        #[command(flatten)]
-        id: IdentityArgs,
-        #[arg(long)]
-        size_bytes: Option<u64>,
-        #[arg(long)]
-        seed: u64,
-        #[arg(long)]
-        ops: u64,
-    },
+    CrashExercise(ExerciseArgs),
     /// Object crash-test workload (internal): seeded random alloc/free, each allocated
     /// object tagged with its own address; prints `A i addr` / `F i addr` once durable.
     #[command(hide = true)]
-    ObjectExercise {
-        #[arg(long)]
-        pm: PathBuf,
-        #[command(flatten)]
-        id: IdentityArgs,
-        #[arg(long)]
-        size_bytes: Option<u64>,
-        #[arg(long)]
-        seed: u64,
-        #[arg(long)]
-        ops: u64,
-    },
+    ObjectExercise(ExerciseArgs),
+}
+
+/// The crash-test workloads' arguments.
+#[derive(clap::Args)]
+struct ExerciseArgs {
+    #[arg(long)]
+    pm: PathBuf,
+    #[command(flatten)]
+    id: IdentityArgs,
+    #[arg(long)]
+    size_bytes: Option<u64>,
+    #[arg(long)]
+    seed: u64,
+    #[arg(long)]
+    ops: u64,
 }
 
 fn main() -> ExitCode {
@@ -182,20 +175,12 @@ fn main() -> ExitCode {
             serve(&pm, id.identity(), size_bytes, &config)
         }
         Command::ArtDump { pm, json } => art_dump(&pm, json),
-        Command::CrashExercise {
-            pm,
-            id,
-            size_bytes,
-            seed,
-            ops,
-        } => crash_exercise(&pm, id.identity(), size_bytes, seed, ops),
-        Command::ObjectExercise {
-            pm,
-            id,
-            size_bytes,
-            seed,
-            ops,
-        } => object_exercise(&pm, id.identity(), size_bytes, seed, ops),
+        Command::CrashExercise(a) => {
+            crash_exercise(&a.pm, a.id.identity(), a.size_bytes, a.seed, a.ops)
+        }
+        Command::ObjectExercise(a) => {
+            object_exercise(&a.pm, a.id.identity(), a.size_bytes, a.seed, a.ops)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -166,11 +166,7 @@ impl Pmem {
     /// word. The read-modify-write is atomic with respect to other threads doing the same,
     /// and an aligned 8-byte word is the unit a power failure leaves whole.
     pub fn update_bits(&self, step: &'static str, offset: u64, mask: u64, set: bool) -> u64 {
-        let start = self.check(offset, 8);
-        assert!(
-            start.is_multiple_of(8),
-            "bit word at {offset} is not 8-byte aligned"
-        );
+        let word = self.word(offset);
         if let Some(plan) = planned_crash_here() {
             // An 8-byte store cannot tear: crash before it.
             eprintln!(
@@ -179,40 +175,36 @@ impl Pmem {
             );
             std::process::abort();
         }
-        // SAFETY: the word is in bounds, 8-byte aligned, inside a live shared mapping that
-        // is only ever accessed atomically at this granularity by the bit updates.
-        let word = unsafe {
-            &*self
-                .region
-                .as_ptr()
-                .add(start)
-                .cast::<std::sync::atomic::AtomicU64>()
-        };
         let old = if set {
             word.fetch_or(mask, Ordering::AcqRel)
         } else {
             word.fetch_and(!mask, Ordering::AcqRel)
         };
-        self.persist_range(start, 8);
+        self.persist_range(offset as usize, 8);
         old
     }
 
     /// Atomically loads the aligned 8-byte word at `offset`.
     pub fn load_word(&self, offset: u64) -> u64 {
+        self.word(offset).load(Ordering::Acquire)
+    }
+
+    /// The aligned 8-byte word at `offset`, for atomic access.
+    fn word(&self, offset: u64) -> &std::sync::atomic::AtomicU64 {
         let start = self.check(offset, 8);
         assert!(
             start.is_multiple_of(8),
             "word at {offset} is not 8-byte aligned"
         );
-        // SAFETY: as in `update_bits`.
-        let word = unsafe {
+        // SAFETY: the word is in bounds, 8-byte aligned, inside a live shared mapping that
+        // lives as long as `self`; such words are only accessed atomically (bitmaps).
+        unsafe {
             &*self
                 .region
                 .as_ptr()
                 .add(start)
                 .cast::<std::sync::atomic::AtomicU64>()
-        };
-        word.load(Ordering::Acquire)
+        }
     }
 
     /// Stores zeroes over a range (formatting), in one persist step.

@@ -11,13 +11,15 @@
 //! Set `PMGAS_CRASH_PM` to run against another device (the rig runs this on /dev/dax0.0).
 
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use pmgas_layout::{ArtRecord, ClusterId, Epoch, NodeId, PoolHeader};
 use pmgas_node::art::{SplitMix, random_op};
 use pmgas_node::{ArtState, OnBlank, Pool, PoolIdentity};
+
+#[path = "support/target.rs"]
+mod target;
+use target::Target;
 
 const ID: PoolIdentity = PoolIdentity {
     cluster_id: ClusterId(0xc4a5),
@@ -25,98 +27,6 @@ const ID: PoolIdentity = PoolIdentity {
     page_size_bytes: 2 << 20,
 };
 const FILE_BYTES: u64 = 64 << 20;
-
-struct Target {
-    path: PathBuf,
-    /// Tmpfs files are created (and removed) by the test; devices are wiped before use.
-    file: bool,
-}
-
-impl Target {
-    fn new(tag: &str) -> Self {
-        // Built into the rig's test binary, the tests run on the rig's devdax PM and fail
-        // without it; otherwise on a tmpfs file (or PMGAS_CRASH_PM, if set).
-        let device = if cfg!(feature = "rig") {
-            let dev = std::env::var("PMGAS_PM_DEVICE").unwrap_or_default();
-            assert!(
-                !dev.is_empty(),
-                "the rig provided no devdax device (PMGAS_PM_DEVICE is empty)"
-            );
-            Some(dev)
-        } else {
-            std::env::var("PMGAS_CRASH_PM")
-                .ok()
-                .filter(|d| !d.is_empty())
-        };
-        match device {
-            Some(dev) => Target {
-                path: dev.into(),
-                file: false,
-            },
-            None => Target {
-                path: format!("/dev/shm/pmgas-crash-{tag}-{}", std::process::id()).into(),
-                file: true,
-            },
-        }
-    }
-
-    fn size_arg(&self) -> Option<u64> {
-        self.file.then_some(FILE_BYTES)
-    }
-
-    /// Makes the pool blank (zero header area), as a first start finds it.
-    fn wipe(&self) {
-        if self.file {
-            let _ = std::fs::remove_file(&self.path);
-        } else {
-            // devdax supports only mmap, not write(2).
-            let region = pmgas_node::MappedRegion::open(&self.path, None).expect("map device");
-            pmgas_node::pmem::Pmem::new(region).zero("test wipe", 0, 4096);
-        }
-    }
-
-    fn pool_bytes(&self) -> u64 {
-        if self.file {
-            FILE_BYTES
-        } else {
-            pmgas_node::MappedRegion::open(&self.path, None)
-                .expect("map device")
-                .len() as u64
-        }
-    }
-}
-
-impl Drop for Target {
-    fn drop(&mut self) {
-        if self.file {
-            let _ = std::fs::remove_file(&self.path);
-        }
-    }
-}
-
-fn exercise_cmd(t: &Target, seed: u64, ops: u64) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pmgas-node"));
-    cmd.arg("crash-exercise").arg("--pm").arg(&t.path);
-    cmd.args([
-        "--cluster-id",
-        &ID.cluster_id.0.to_string(),
-        "--node-id",
-        &ID.node_id.0.to_string(),
-    ]);
-    cmd.args([
-        "--page-size",
-        &ID.page_size_bytes.to_string(),
-        "--seed",
-        &seed.to_string(),
-        "--ops",
-        &ops.to_string(),
-    ]);
-    if let Some(size) = t.size_arg() {
-        cmd.args(["--size-bytes", &size.to_string()]);
-    }
-    cmd.stdout(Stdio::piped()).stderr(Stdio::null());
-    cmd
-}
 
 /// The ART the model predicts after `done` operations.
 fn model(page_count: u32, seed: u64, done: u64) -> ArtState {
@@ -189,7 +99,7 @@ fn last_done(stdout: impl std::io::Read) -> Option<u64> {
 fn crash_at_every_step(mode: &str) -> u64 {
     let seed = 0x5eed_0001;
     let ops = 40;
-    let t = Target::new(mode);
+    let t = Target::new("crash", mode, FILE_BYTES);
     // Persist steps of one run: the format's P1 (one per MiB of ART), P2 and P3, then one
     // P4 per operation.
     t.wipe();
@@ -206,7 +116,7 @@ fn crash_at_every_step(mode: &str) -> u64 {
     let mut crashes = 0;
     for k in 1..=total {
         t.wipe();
-        let mut cmd = exercise_cmd(&t, seed, ops);
+        let mut cmd = t.exercise("crash-exercise", ID, seed, ops);
         cmd.env("PMGAS_CRASH_AT_PERSIST", k.to_string())
             .env("PMGAS_CRASH_MODE", mode);
         let out = cmd.output().expect("run exerciser");
@@ -248,13 +158,14 @@ fn kill_minus_nine_at_random_times() {
         .unwrap_or(0xdead_beef);
     eprintln!("kill -9 test seed {seed} (set PMGAS_CRASH_SEED to replay)");
     let mut rng = SplitMix(seed);
-    let t = Target::new("kill9");
+    let t = Target::new("crash", "kill9", FILE_BYTES);
     let rounds = 12;
     let mut completed_total = 0;
     for round in 0..rounds {
         let run_seed = rng.next_u64();
         t.wipe();
-        let mut child = exercise_cmd(&t, run_seed, 1_000_000)
+        let mut child = t
+            .exercise("crash-exercise", ID, run_seed, 1_000_000)
             .spawn()
             .expect("spawn exerciser");
         let stdout = child.stdout.take().unwrap();
@@ -293,9 +204,9 @@ fn kill_minus_nine_at_random_times() {
 
 #[test]
 fn a_recovered_pool_keeps_working() {
-    let t = Target::new("continue");
+    let t = Target::new("crash", "continue", FILE_BYTES);
     t.wipe();
-    let mut cmd = exercise_cmd(&t, 7, 30);
+    let mut cmd = t.exercise("crash-exercise", ID, 7, 30);
     cmd.env("PMGAS_CRASH_AT_PERSIST", "20")
         .env("PMGAS_CRASH_MODE", "torn");
     let out = cmd.output().unwrap();

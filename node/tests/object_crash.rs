@@ -12,14 +12,16 @@
 
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
 use pmgas_layout::{ClusterId, GlobalAddr, NodeId};
 use pmgas_node::art::SplitMix;
 use pmgas_node::{LocalPageIds, ObjectAllocator, OnBlank, Pool, PoolIdentity};
+
+#[path = "support/target.rs"]
+mod target;
+use target::Target;
 
 const PAGE: u64 = 64 << 10;
 const ID: PoolIdentity = PoolIdentity {
@@ -28,74 +30,6 @@ const ID: PoolIdentity = PoolIdentity {
     page_size_bytes: PAGE,
 };
 const FILE_BYTES: u64 = 16 << 20;
-
-struct Target {
-    path: PathBuf,
-    file: bool,
-}
-
-impl Target {
-    fn new(tag: &str) -> Self {
-        let device = if cfg!(feature = "rig") {
-            let dev = std::env::var("PMGAS_PM_DEVICE").unwrap_or_default();
-            assert!(
-                !dev.is_empty(),
-                "the rig provided no devdax device (PMGAS_PM_DEVICE is empty)"
-            );
-            Some(dev)
-        } else {
-            std::env::var("PMGAS_CRASH_PM")
-                .ok()
-                .filter(|d| !d.is_empty())
-        };
-        match device {
-            Some(dev) => Target {
-                path: dev.into(),
-                file: false,
-            },
-            None => Target {
-                path: format!("/dev/shm/pmgas-ocrash-{tag}-{}", std::process::id()).into(),
-                file: true,
-            },
-        }
-    }
-
-    fn wipe(&self) {
-        if self.file {
-            let _ = std::fs::remove_file(&self.path);
-        } else {
-            let region = pmgas_node::MappedRegion::open(&self.path, None).expect("map device");
-            pmgas_node::pmem::Pmem::new(region).zero("test wipe", 0, 4096);
-        }
-    }
-
-    fn cmd(&self, seed: u64, ops: u64) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pmgas-node"));
-        cmd.arg("object-exercise").arg("--pm").arg(&self.path);
-        cmd.args([
-            "--cluster-id",
-            &ID.cluster_id.0.to_string(),
-            "--node-id",
-            "1",
-            "--page-size",
-            &PAGE.to_string(),
-        ]);
-        cmd.args(["--seed", &seed.to_string(), "--ops", &ops.to_string()]);
-        if self.file {
-            cmd.args(["--size-bytes", &FILE_BYTES.to_string()]);
-        }
-        cmd.stdout(Stdio::piped()).stderr(Stdio::null());
-        cmd
-    }
-}
-
-impl Drop for Target {
-    fn drop(&mut self) {
-        if self.file {
-            let _ = std::fs::remove_file(&self.path);
-        }
-    }
-}
 
 /// Live objects according to the log lines.
 fn replay(log: &str) -> (HashSet<u64>, u64) {
@@ -202,12 +136,12 @@ fn ops_per_run() -> u64 {
 fn crash_every_step(mode: &str) -> u64 {
     let seed = 0x000b_1ec7;
     let ops = ops_per_run();
-    let t = Target::new(mode);
+    let t = Target::new("ocrash", mode, FILE_BYTES);
     let mut crashes = 0;
     let mut k = 1;
     loop {
         t.wipe();
-        let mut cmd = t.cmd(seed, ops);
+        let mut cmd = t.exercise("object-exercise", ID, seed, ops);
         cmd.env("PMGAS_CRASH_AT_PERSIST", k.to_string())
             .env("PMGAS_CRASH_MODE", mode);
         let out = cmd.output().expect("run exerciser");
@@ -251,12 +185,15 @@ fn object_kill_minus_nine_at_random_times() {
         .unwrap_or(0x0b1e_0009);
     eprintln!("object kill -9 seed {seed} (set PMGAS_CRASH_SEED to replay)");
     let mut rng = SplitMix(seed);
-    let t = Target::new("kill9");
+    let t = Target::new("ocrash", "kill9", FILE_BYTES);
     let (mut rounds, mut ops_total) = (0, 0);
     for round in 0..10 {
         t.wipe();
         let run_seed = rng.next_u64();
-        let mut child = t.cmd(run_seed, 1_000_000).spawn().expect("spawn");
+        let mut child = t
+            .exercise("object-exercise", ID, run_seed, 1_000_000)
+            .spawn()
+            .expect("spawn");
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         let reader = std::thread::spawn(move || {

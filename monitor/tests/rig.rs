@@ -1,14 +1,15 @@
 //! The whole two-phase page allocation on the rig: real ZooKeeper, the monitor and three
 //! data nodes as separate processes on four simulated hosts with their own rxe devices.
-//! `scripts/cluster.sh` runs 999 replicated allocations (2 backups, three primaries
-//! allocating at once) and checks the GAT in ZooKeeper against every node's ART.
+//! `scripts/cluster.sh` runs replicated allocations (2 backups, three primaries
+//! allocating at once) and checks the GAT in ZooKeeper against every node's ART: once
+//! with room for all 999, once with pools too small, so backups run out of space and
+//! transactions abort.
 //! Built only with the `rig` feature; without the rig it fails.
 
 use std::path::PathBuf;
 use std::process::Command;
 
-#[test]
-fn nine_hundred_ninety_nine_replicated_pages_gat_matches_every_art() {
+fn cluster(args: &[&str]) -> String {
     let hosts = std::env::var("PMGAS_HOSTS").unwrap_or_default();
     assert!(
         hosts.split_whitespace().count() >= 4,
@@ -24,19 +25,40 @@ fn nine_hundred_ninety_nine_replicated_pages_gat_matches_every_art() {
         .to_path_buf();
     let out = Command::new("bash")
         .arg(root.join("scripts/cluster.sh"))
-        .args(["--pages", "999", "--concurrency", "4"])
+        .args(args)
         .env("PMGAS_BIN", &bin_dir)
         .output()
         .expect("run scripts/cluster.sh");
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     eprintln!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "the cluster run failed");
+    assert!(out.status.success(), "the cluster run failed its check");
+    stdout
+}
+
+#[test]
+fn nine_hundred_ninety_nine_replicated_pages_gat_matches_every_art() {
+    let out = cluster(&["--pages", "999", "--concurrency", "4"]);
     assert!(
-        stdout.contains("999 mappings in the GAT"),
+        out.contains("999 mappings in the GAT"),
         "not every allocation was stored"
     );
     assert!(
-        stdout.contains(", 0 problems"),
+        out.contains(", 0 problems"),
         "the GAT and the ARTs disagree"
+    );
+}
+
+#[test]
+fn full_pools_abort_cleanly_and_leave_nothing_preallocated() {
+    // 4 MiB pools hold ~60 pages of 64 KiB each: 300 pages x 3 replicas cannot fit, so
+    // backups run out of space mid-way and those transactions abort.
+    let out = cluster(&["--pages", "300", "--concurrency", "4", "--pool-mib", "4"]);
+    assert!(
+        out.contains(", 0 problems"),
+        "an abort left the GAT and the ARTs inconsistent"
+    );
+    assert!(
+        !out.contains(" 0 failed,"),
+        "nothing failed although the pools were full"
     );
 }

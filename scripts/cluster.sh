@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # A local pmgas cluster on the rig: ZooKeeper, one monitor and three data nodes, each on
-# its own simulated host with its own rxe device, PM pools on tmpfs. Every node allocates
+# its own simulated host with its own rxe device, PM pools on tmpfs. Nodes find the
+# monitor through ZooKeeper (/pmgas/<cluster>/leader). Every node allocates
 # PAGES/3 replicated pages (2 backups) with CONCURRENCY in flight while serving the
 # others; then the cluster is stopped and the GAT (gat-dump) is checked against every
 # node's ART (art-dump): the same mappings, every replica ALLOCATED with its page id, no
@@ -64,7 +65,7 @@ i=0
 for h in $h1 $h2 $h3; do
   i=$((i + 1))
   "$bin/pmgas-node" serve --pm "/dev/shm/pmgas-$cluster-node$i" --size-bytes $pool_bytes --cluster-id 7 \
-    --node-id $i --page-size $page_size --monitor "$h4:7000" --bind "$h" \
+    --node-id $i --page-size $page_size --zk "$zk" --cluster "$cluster" --bind "$h" \
     --alloc-pages 0 >"$work/node$i.log" 2>&1 &
   pids+=($!)
 done
@@ -82,7 +83,7 @@ i=0
 for h in $h1 $h2 $h3; do
   i=$((i + 1))
   "$bin/pmgas-node" serve --pm "/dev/shm/pmgas-$cluster-node$i" --cluster-id 7 --node-id $i \
-    --page-size $page_size --monitor "$h4:7000" --bind "$h" --alloc-pages "$per_node" --backups 2 \
+    --page-size $page_size --zk "$zk" --cluster "$cluster" --bind "$h" --alloc-pages "$per_node" --backups 2 \
     --concurrency "$concurrency" --start-delay-ms 3000 >"$work/node$i.log" 2>&1 &
   pids+=($!)
 done
@@ -137,7 +138,7 @@ for k, e in art.items():
     if e["state"] == "ALLOCATED" and k not in claimed: errors.append(f"{k} ALLOCATED but not in the GAT")
 if fits and ok < pages * 0.99: errors.append(f"only {ok} of {pages} allocations succeeded")
 if not fits and failed == 0: errors.append("the pools are too small for every page, yet nothing failed")
-print(f"cluster check: {len(maps)} mappings in the GAT (epoch {head['epoch']}), {len(art)} non-FREE ART entries on 3 nodes, {ok} allocations ok, {failed} failed, {len(errors)} problems")
+print(f"cluster check: {len(maps)} mappings in the GAT (epoch {head['epoch']}, live nodes at dump time {head['nodes']}), {len(art)} non-FREE ART entries on 3 nodes, {ok} allocations ok, {failed} failed, {len(errors)} problems")
 for e in errors[:20]: print("  " + e)
 sys.exit(1 if errors else 0)
 PY

@@ -128,5 +128,7 @@ fn serve(
         cluster_id: pmgas_layout::ClusterId(cluster_id),
         page_size_bytes: page_size,
     };
+    rt.block_on(store.publish_leader(&listen.to_string()))
+        .map_err(|e| format!("cannot become the active monitor: {e}"))?;
     pmgas_monitor::server::serve(&config, &store, &rt)
 }

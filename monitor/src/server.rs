@@ -128,6 +128,12 @@ pub fn serve(
                             &mut inputs,
                         );
                         if let Some(reply) = reply {
+                            if let (Body::JoinAck { .. }, Some(node)) = (&reply.body, peer.node) {
+                                let info = format!("joined in epoch {}", epoch.0);
+                                if let Err(e) = rt.block_on(store.register_node(node.0, &info)) {
+                                    tracing::warn!(error = %e, "could not record the node in ZooKeeper");
+                                }
+                            }
                             let _ = peer.ep.respond(request_id, &reply.encode());
                         }
                     }
@@ -193,6 +199,9 @@ pub fn serve(
                     tracing::warn!(node = ?p.node, "node disconnected");
                     if let Some(n) = p.node {
                         by_node.remove(&n);
+                        if let Err(e) = rt.block_on(store.unregister_node(n.0)) {
+                            tracing::warn!(error = %e, "could not remove the node from ZooKeeper");
+                        }
                     }
                     for idx in by_node.values_mut() {
                         if *idx > i {

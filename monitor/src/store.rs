@@ -151,6 +151,77 @@ impl Store {
             })
     }
 
+    /// Announces this monitor as the active one: an ephemeral `leader` znode holding its
+    /// rdma_cm address, gone when the session ends. A second monitor is refused (standby
+    /// election arrives with the high-availability work).
+    pub async fn publish_leader(&self, addr: &str) -> Result<(), StoreError> {
+        let path = self.path("leader");
+        let options = zk::CreateMode::Ephemeral.with_acls(zk::Acls::anyone_all());
+        match self.client.create(&path, addr.as_bytes(), &options).await {
+            Ok(_) => Ok(()),
+            Err(zk::Error::NodeExists) => Err(StoreError::Fenced { path }),
+            Err(source) => Err(StoreError::Zk {
+                op: "create",
+                path,
+                source,
+            }),
+        }
+    }
+
+    /// The active monitor's rdma_cm address, if one is announced.
+    pub async fn leader(&self) -> Result<Option<String>, StoreError> {
+        let path = self.path("leader");
+        match self.client.get_data(&path).await {
+            Ok((data, _)) => Ok(Some(String::from_utf8_lossy(&data).into_owned())),
+            Err(zk::Error::NoNode) => Ok(None),
+            Err(source) => Err(StoreError::Zk {
+                op: "get",
+                path,
+                source,
+            }),
+        }
+    }
+
+    /// Records a joined node in `nodes/` (its znode holds `info`).
+    pub async fn register_node(&self, node: u32, info: &str) -> Result<(), StoreError> {
+        let path = self.path(&format!("nodes/node{node}"));
+        match self
+            .client
+            .create(&path, info.as_bytes(), &persistent())
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(zk::Error::NodeExists) => self
+                .client
+                .set_data(&path, info.as_bytes(), None)
+                .await
+                .map(|_| ())
+                .map_err(|source| StoreError::Zk {
+                    op: "set",
+                    path,
+                    source,
+                }),
+            Err(source) => Err(StoreError::Zk {
+                op: "create",
+                path,
+                source,
+            }),
+        }
+    }
+
+    /// Removes a node that left from `nodes/`.
+    pub async fn unregister_node(&self, node: u32) -> Result<(), StoreError> {
+        let path = self.path(&format!("nodes/node{node}"));
+        match self.client.delete(&path, None).await {
+            Ok(()) | Err(zk::Error::NoNode) => Ok(()),
+            Err(source) => Err(StoreError::Zk {
+                op: "delete",
+                path,
+                source,
+            }),
+        }
+    }
+
     pub async fn live_nodes(&self) -> Result<Vec<String>, StoreError> {
         let path = self.path("nodes");
         let mut nodes =

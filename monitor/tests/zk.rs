@@ -194,3 +194,35 @@ fn gat_dump_prints_json_lines() {
         "an unreachable ZooKeeper is an error"
     );
 }
+
+#[tokio::test]
+async fn one_active_monitor_is_announced_and_nodes_are_recorded() {
+    let s = store("leader").await;
+    assert_eq!(s.leader().await.unwrap(), None);
+    s.publish_leader("10.0.0.4:7000").await.unwrap();
+    assert_eq!(s.leader().await.unwrap().as_deref(), Some("10.0.0.4:7000"));
+    // A second monitor cannot announce itself while the first one's session lives.
+    let other = store("leader").await;
+    assert!(matches!(
+        other.publish_leader("10.0.0.5:7000").await,
+        Err(StoreError::Fenced { .. })
+    ));
+    s.register_node(2, "joined").await.unwrap();
+    s.register_node(1, "joined").await.unwrap();
+    s.register_node(1, "joined again").await.unwrap();
+    assert_eq!(other.live_nodes().await.unwrap(), vec!["node1", "node2"]);
+    s.unregister_node(2).await.unwrap();
+    s.unregister_node(2).await.unwrap();
+    assert_eq!(other.live_nodes().await.unwrap(), vec!["node1"]);
+    // The announcement is ephemeral: it goes with the monitor's session.
+    drop(s);
+    let mut gone = false;
+    for _ in 0..100 {
+        if other.leader().await.unwrap().is_none() {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(gone, "the leader znode outlived its monitor's session");
+}

@@ -78,9 +78,15 @@ enum Command {
         id: IdentityArgs,
         #[arg(long)]
         size_bytes: Option<u64>,
-        /// The monitor's rdma_cm address.
+        /// The monitor's rdma_cm address (or find it with --zk and --cluster).
+        #[arg(long, required_unless_present = "zk")]
+        monitor: Option<std::net::SocketAddr>,
+        /// ZooKeeper connect string: the active monitor's address is read from
+        /// /pmgas/<cluster>/leader.
+        #[arg(long, requires = "cluster")]
+        zk: Option<String>,
         #[arg(long)]
-        monitor: std::net::SocketAddr,
+        cluster: Option<String>,
         /// This node's address (picks its RDMA device).
         #[arg(long)]
         bind: std::net::IpAddr,
@@ -157,12 +163,26 @@ fn main() -> ExitCode {
             id,
             size_bytes,
             monitor,
+            zk,
+            cluster,
             bind,
             alloc_pages,
             backups,
             concurrency,
             start_delay_ms,
         } => {
+            let monitor = match (monitor, zk, cluster) {
+                (Some(m), _, _) => Ok(m),
+                (None, Some(zk), Some(cluster)) => find_monitor(&zk, &cluster),
+                _ => Err("give --monitor, or --zk and --cluster".to_string()),
+            };
+            let monitor = match monitor {
+                Ok(m) => m,
+                Err(e) => {
+                    eprintln!("pmgas-node: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
             let config = pmgas_node::server::NodeConfig {
                 node_id: id.identity().node_id,
                 bind,
@@ -359,5 +379,31 @@ fn serve(
             r.ok as f64 / secs.max(1e-9)
         );
         let _ = std::io::stdout().flush();
+    })
+}
+
+/// Reads the active monitor's rdma_cm address from ZooKeeper.
+fn find_monitor(zk: &str, cluster: &str) -> Result<std::net::SocketAddr, String> {
+    use std::time::Duration;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        let connect = zookeeper_client::Client::connector()
+            .with_session_timeout(Duration::from_secs(6))
+            .connect(zk);
+        let client = tokio::time::timeout(Duration::from_secs(20), connect)
+            .await
+            .map_err(|_| format!("ZooKeeper at {zk} did not answer within 20 s"))?
+            .map_err(|e| format!("ZooKeeper at {zk}: {e}"))?;
+        let path = format!("/pmgas/{cluster}/leader");
+        let (data, _) = client
+            .get_data(&path)
+            .await
+            .map_err(|e| format!("no active monitor ({path}: {e})"))?;
+        let text = String::from_utf8_lossy(&data).into_owned();
+        text.parse()
+            .map_err(|_| format!("{path} holds {text:?}, not an address"))
     })
 }

@@ -60,6 +60,12 @@ fn is_definite(e: &zk::Error) -> bool {
     )
 }
 
+/// Builds the error for a failed ZooKeeper operation `op` on `path`.
+fn zk_error(op: &'static str, path: impl Into<String>) -> impl FnOnce(zk::Error) -> StoreError {
+    let path = path.into();
+    move |source| StoreError::Zk { op, path, source }
+}
+
 fn persistent() -> zk::CreateOptions<'static> {
     zk::CreateMode::Persistent.with_acls(zk::Acls::anyone_all())
 }
@@ -106,22 +112,12 @@ impl Store {
                 .client
                 .mkdir(&dir, &persistent())
                 .await
-                .map_err(|source| StoreError::Zk {
-                    op: "mkdir",
-                    path: dir,
-                    source,
-                })?;
+                .map_err(zk_error("mkdir", dir))?;
         }
         let epoch = store.path("epoch");
         match store.client.create(&epoch, b"0", &persistent()).await {
             Ok(_) | Err(zk::Error::NodeExists) => {}
-            Err(source) => {
-                return Err(StoreError::Zk {
-                    op: "create",
-                    path: epoch,
-                    source,
-                });
-            }
+            Err(source) => return Err(zk_error("create", epoch)(source)),
         }
         Ok(store)
     }
@@ -136,11 +132,7 @@ impl Store {
             .client
             .get_data(&path)
             .await
-            .map_err(|source| StoreError::Zk {
-                op: "get",
-                path: path.clone(),
-                source,
-            })?;
+            .map_err(zk_error("get", path.clone()))?;
         let text = String::from_utf8_lossy(&data);
         text.trim()
             .parse()
@@ -160,11 +152,7 @@ impl Store {
         match self.client.create(&path, addr.as_bytes(), &options).await {
             Ok(_) => Ok(()),
             Err(zk::Error::NodeExists) => Err(StoreError::Fenced { path }),
-            Err(source) => Err(StoreError::Zk {
-                op: "create",
-                path,
-                source,
-            }),
+            Err(source) => Err(zk_error("create", path)(source)),
         }
     }
 
@@ -174,11 +162,7 @@ impl Store {
         match self.client.get_data(&path).await {
             Ok((data, _)) => Ok(Some(String::from_utf8_lossy(&data).into_owned())),
             Err(zk::Error::NoNode) => Ok(None),
-            Err(source) => Err(StoreError::Zk {
-                op: "get",
-                path,
-                source,
-            }),
+            Err(source) => Err(zk_error("get", path)(source)),
         }
     }
 
@@ -196,16 +180,8 @@ impl Store {
                 .set_data(&path, info.as_bytes(), None)
                 .await
                 .map(|_| ())
-                .map_err(|source| StoreError::Zk {
-                    op: "set",
-                    path,
-                    source,
-                }),
-            Err(source) => Err(StoreError::Zk {
-                op: "create",
-                path,
-                source,
-            }),
+                .map_err(zk_error("set", path)),
+            Err(source) => Err(zk_error("create", path)(source)),
         }
     }
 
@@ -214,27 +190,12 @@ impl Store {
         let path = self.path(&format!("nodes/node{node}"));
         match self.client.delete(&path, None).await {
             Ok(()) | Err(zk::Error::NoNode) => Ok(()),
-            Err(source) => Err(StoreError::Zk {
-                op: "delete",
-                path,
-                source,
-            }),
+            Err(source) => Err(zk_error("delete", path)(source)),
         }
     }
 
     pub async fn live_nodes(&self) -> Result<Vec<String>, StoreError> {
-        let path = self.path("nodes");
-        let mut nodes =
-            self.client
-                .list_children(&path)
-                .await
-                .map_err(|source| StoreError::Zk {
-                    op: "list",
-                    path,
-                    source,
-                })?;
-        nodes.sort();
-        Ok(nodes)
+        self.children(&self.path("nodes")).await
     }
 
     async fn children(&self, path: &str) -> Result<Vec<String>, StoreError> {
@@ -242,11 +203,7 @@ impl Store {
             .client
             .list_children(path)
             .await
-            .map_err(|source| StoreError::Zk {
-                op: "list",
-                path: path.into(),
-                source,
-            })?;
+            .map_err(zk_error("list", path))?;
         c.sort();
         Ok(c)
     }
@@ -269,11 +226,7 @@ impl Store {
         };
         let mut seen = std::collections::HashSet::new();
         for (path, result) in paths.iter().zip(results) {
-            let (data, _) = result.map_err(|source| StoreError::Zk {
-                op: "get",
-                path: path.clone(),
-                source,
-            })?;
+            let (data, _) = result.map_err(zk_error("get", path.clone()))?;
             let mappings = gat::decode_chunk(&data).map_err(|source| StoreError::Chunk {
                 path: path.clone(),
                 source,
@@ -317,11 +270,7 @@ impl<'a> GatWriter<'a> {
             .client
             .mkdir(&dir, &persistent())
             .await
-            .map_err(|source| StoreError::Zk {
-                op: "mkdir",
-                path: dir.clone(),
-                source,
-            })?;
+            .map_err(zk_error("mkdir", dir.clone()))?;
         let mut w = Self {
             store,
             dir,
@@ -361,13 +310,7 @@ impl<'a> GatWriter<'a> {
                 self.chunk_bytes = CHUNK_HEADER_BYTES;
                 self.version = None;
             }
-            Err(source) => {
-                return Err(StoreError::Zk {
-                    op: "get",
-                    path,
-                    source,
-                });
-            }
+            Err(source) => return Err(zk_error("get", path)(source)),
         }
         Ok(())
     }
@@ -427,13 +370,7 @@ impl<'a> GatWriter<'a> {
                 Err(zk::Error::BadVersion | zk::Error::NodeExists) => {
                     return Err(StoreError::Fenced { path });
                 }
-                Err(source) if is_definite(&source) => {
-                    return Err(StoreError::Zk {
-                        op: "write",
-                        path,
-                        source,
-                    });
-                }
+                Err(source) if is_definite(&source) => return Err(zk_error("write", path)(source)),
                 Err(source) => {
                     return Err(StoreError::Unknown {
                         op: "write",

@@ -179,15 +179,7 @@ pub fn serve(
             }
         }
         for i in dead.into_iter().rev() {
-            let p = peers.remove(i);
-            if let Some(n) = p.node {
-                by_node.remove(&n);
-            }
-            for idx in by_node.values_mut() {
-                if *idx > i {
-                    *idx -= 1;
-                }
-            }
+            remove_peer(&mut peers, &mut by_node, i, store, rt);
         }
         if last_tick.elapsed() >= Duration::from_millis(10) {
             last_tick = Instant::now();
@@ -195,19 +187,7 @@ pub fn serve(
             // Drop connections whose peer has gone (a node restarting rejoins on a new one).
             for i in (0..peers.len()).rev() {
                 if peers[i].ep.connection().peer_disconnected().unwrap_or(true) {
-                    let p = peers.remove(i);
-                    tracing::warn!(node = ?p.node, "node disconnected");
-                    if let Some(n) = p.node {
-                        by_node.remove(&n);
-                        if let Err(e) = rt.block_on(store.unregister_node(n.0)) {
-                            tracing::warn!(error = %e, "could not remove the node from ZooKeeper");
-                        }
-                    }
-                    for idx in by_node.values_mut() {
-                        if *idx > i {
-                            *idx -= 1;
-                        }
-                    }
+                    remove_peer(&mut peers, &mut by_node, i, store, rt);
                 }
             }
         }
@@ -310,6 +290,30 @@ pub fn serve(
                     }
                 }
             }
+        }
+    }
+}
+
+/// Forgets a node's connection (it failed or the peer left): out of the index, and out of
+/// the live-node list in ZooKeeper.
+fn remove_peer(
+    peers: &mut Vec<Peer>,
+    by_node: &mut BTreeMap<NodeId, usize>,
+    i: usize,
+    store: &Store,
+    rt: &tokio::runtime::Runtime,
+) {
+    let p = peers.remove(i);
+    tracing::warn!(node = ?p.node, "node disconnected");
+    if let Some(n) = p.node {
+        by_node.remove(&n);
+        if let Err(e) = rt.block_on(store.unregister_node(n.0)) {
+            tracing::warn!(error = %e, "could not remove the node from ZooKeeper");
+        }
+    }
+    for idx in by_node.values_mut() {
+        if *idx > i {
+            *idx -= 1;
         }
     }
 }

@@ -164,34 +164,9 @@ fn kill_minus_nine_at_random_times() {
     for round in 0..rounds {
         let run_seed = rng.next_u64();
         t.wipe();
-        let mut child = t
-            .exercise("crash-exercise", ID, run_seed, 1_000_000)
-            .spawn()
-            .expect("spawn exerciser");
-        let stdout = child.stdout.take().unwrap();
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let reader = std::thread::spawn(move || {
-            let mut last = None;
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if line == "READY" {
-                    let _ = ready_tx.send(());
-                }
-                if let Some(i) = line
-                    .strip_prefix("DONE ")
-                    .and_then(|r| r.split_whitespace().next())
-                {
-                    last = i.parse::<u64>().ok();
-                }
-            }
-            last
-        });
-        // Kill at a random time after the pool is open (opening a devdax pool in the
-        // emulated rig takes longer than the whole window would).
-        let _ = ready_rx.recv_timeout(Duration::from_secs(60));
-        std::thread::sleep(Duration::from_millis(5 + rng.below(60)));
-        child.kill().expect("kill -9");
-        child.wait().unwrap();
-        let done = reader.join().unwrap().map_or(0, |d| d + 1);
+        let cmd = t.exercise("crash-exercise", ID, run_seed, 1_000_000);
+        let log = target::kill_after_ready(cmd, Duration::from_millis(5 + rng.below(60)));
+        let done = last_done(log.as_bytes()).map_or(0, |d| d + 1);
         let reflected = check_recovered(&t, run_seed, done, &format!("kill -9 round {round}"));
         completed_total += reflected;
     }

@@ -11,7 +11,6 @@
 //! line); no page leaks; allocations after recovery never hand out a live object.
 
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -190,28 +189,9 @@ fn object_kill_minus_nine_at_random_times() {
     for round in 0..10 {
         t.wipe();
         let run_seed = rng.next_u64();
-        let mut child = t
-            .exercise("object-exercise", ID, run_seed, 1_000_000)
-            .spawn()
-            .expect("spawn");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        let reader = std::thread::spawn(move || {
-            let mut log = String::new();
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if line == "READY" {
-                    let _ = tx.send(());
-                }
-                log.push_str(&line);
-                log.push('\n');
-            }
-            log
-        });
-        let _ = rx.recv_timeout(Duration::from_secs(60));
-        std::thread::sleep(Duration::from_millis(5 + rng.below(60)));
-        child.kill().unwrap();
-        child.wait().unwrap();
-        let (live, done) = replay(&reader.join().unwrap());
+        let cmd = t.exercise("object-exercise", ID, run_seed, 1_000_000);
+        let log = target::kill_after_ready(cmd, Duration::from_millis(5 + rng.below(60)));
+        let (live, done) = replay(&log);
         check(
             &t,
             &live,

@@ -2,8 +2,10 @@
 //! binary (and failing without it), otherwise a tmpfs file (or `PMGAS_CRASH_PM`).
 #![allow(dead_code)] // each test binary that includes this uses a subset
 
+use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use pmgas_node::PoolIdentity;
 
@@ -86,6 +88,31 @@ impl Target {
                 .len() as u64
         }
     }
+}
+
+/// Runs an exerciser, waits for its `READY` line (the pool is open: opening a devdax pool
+/// in the emulated rig takes longer than any kill window), lets it work for `delay`,
+/// kills it with SIGKILL and returns everything it printed.
+pub fn kill_after_ready(mut cmd: Command, delay: Duration) -> String {
+    let mut child = cmd.spawn().expect("spawn exerciser");
+    let stdout = child.stdout.take().expect("exerciser stdout is piped");
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut log = String::new();
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if line == "READY" {
+                let _ = ready_tx.send(());
+            }
+            log.push_str(&line);
+            log.push('\n');
+        }
+        log
+    });
+    let _ = ready_rx.recv_timeout(Duration::from_secs(60));
+    std::thread::sleep(delay);
+    child.kill().expect("kill -9");
+    child.wait().expect("reap the exerciser");
+    reader.join().expect("stdout reader")
 }
 
 impl Drop for Target {

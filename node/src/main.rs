@@ -195,12 +195,8 @@ fn main() -> ExitCode {
             serve(&pm, id.identity(), size_bytes, &config)
         }
         Command::ArtDump { pm, json } => art_dump(&pm, json),
-        Command::CrashExercise(a) => {
-            crash_exercise(&a.pm, a.id.identity(), a.size_bytes, a.seed, a.ops)
-        }
-        Command::ObjectExercise(a) => {
-            object_exercise(&a.pm, a.id.identity(), a.size_bytes, a.seed, a.ops)
-        }
+        Command::CrashExercise(a) => crash_exercise(&a),
+        Command::ObjectExercise(a) => object_exercise(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -285,19 +281,19 @@ fn art_dump(pm: &std::path::Path, json: bool) -> Result<(), String> {
 }
 
 /// The crash-test workload: see `node/tests/crash.rs` for the driver and the model.
-fn crash_exercise(
-    pm: &std::path::Path,
-    id: PoolIdentity,
-    size: Option<u64>,
-    seed: u64,
-    ops: u64,
-) -> Result<(), String> {
-    let pool = Pool::open(pm, size, OnBlank::Format(id), Some(id)).map_err(|e| e.to_string())?;
+/// The pool an exerciser works on: formatted on first use, as a node's first start does.
+fn exercise_pool(a: &ExerciseArgs) -> Result<Pool, String> {
+    let id = a.id.identity();
+    Pool::open(&a.pm, a.size_bytes, OnBlank::Format(id), Some(id)).map_err(|e| e.to_string())
+}
+
+fn crash_exercise(a: &ExerciseArgs) -> Result<(), String> {
+    let pool = exercise_pool(a)?;
     let mut out = std::io::stdout().lock();
     writeln!(out, "READY").map_err(|e| e.to_string())?;
     let _ = out.flush();
-    let mut rng = pmgas_node::art::SplitMix(seed);
-    for i in 0..ops {
+    let mut rng = pmgas_node::art::SplitMix(a.seed);
+    for i in 0..a.ops {
         let (page, to, page_id) = pmgas_node::art::random_op(&pool.art(), &mut rng, i);
         pool.transition(page, to, page_id, Epoch(1))
             .map_err(|e| e.to_string())?;
@@ -309,25 +305,19 @@ fn crash_exercise(
 }
 
 /// The object crash-test workload: see `node/tests/object_crash.rs` for the checks.
-fn object_exercise(
-    pm: &std::path::Path,
-    id: PoolIdentity,
-    size: Option<u64>,
-    seed: u64,
-    ops: u64,
-) -> Result<(), String> {
+fn object_exercise(a: &ExerciseArgs) -> Result<(), String> {
     use pmgas_node::{LocalPageIds, ObjectAllocator};
-    let pool = Pool::open(pm, size, OnBlank::Format(id), Some(id)).map_err(|e| e.to_string())?;
+    let pool = exercise_pool(a)?;
     let alloc = ObjectAllocator::open(std::sync::Arc::new(pool), Box::new(LocalPageIds), true)
         .map_err(|e| e.to_string())?;
     let mut live: Vec<pmgas_layout::GlobalAddr> =
         alloc.allocated().into_iter().map(|(a, _)| a).collect();
     let mut tc = alloc.thread_cache();
-    let mut rng = pmgas_node::art::SplitMix(seed);
+    let mut rng = pmgas_node::art::SplitMix(a.seed);
     let mut out = std::io::stdout().lock();
     writeln!(out, "READY").map_err(|e| e.to_string())?;
     let _ = out.flush();
-    for i in 0..ops {
+    for i in 0..a.ops {
         if live.is_empty() || rng.below(10) < 6 {
             // Mostly small objects, sometimes up to 8 KiB.
             let size = if rng.below(4) == 0 {

@@ -45,6 +45,28 @@ struct Primary {
     wire_id: u64,
 }
 
+/// Sends (or resends: the wire id stays the same, so the monitor answers it once) a
+/// primary's AllocPage and tracks it under the message layer's request id.
+fn send_alloc(
+    ep: &mut Endpoint,
+    primaries: &mut HashMap<u64, Primary>,
+    p: Primary,
+    epoch: Epoch,
+    me: NodeId,
+    backups: u8,
+) -> Result<(), String> {
+    let body = Body::AllocPage {
+        primary_page: p.page,
+        backups_wanted: backups,
+    };
+    let msg = Message::new(epoch, me, p.wire_id, body);
+    let id = ep
+        .request(&msg.encode(), Duration::from_secs(30))
+        .map_err(|e| e.to_string())?;
+    primaries.insert(id, p);
+    Ok(())
+}
+
 /// Latency and outcome counts of this node's own allocations.
 #[derive(Debug, Default)]
 pub struct AllocReport {
@@ -135,28 +157,13 @@ pub fn serve(
                     break;
                 }
             };
-            let wire_id = next_wire_id;
+            let p = Primary {
+                page,
+                started: Instant::now(),
+                wire_id: next_wire_id,
+            };
             next_wire_id += 1;
-            let msg = Message::new(
-                epoch,
-                me,
-                wire_id,
-                Body::AllocPage {
-                    primary_page: page,
-                    backups_wanted: config.backups,
-                },
-            );
-            let id = ep
-                .request(&msg.encode(), Duration::from_secs(30))
-                .map_err(|e| e.to_string())?;
-            primaries.insert(
-                id,
-                Primary {
-                    page,
-                    started: Instant::now(),
-                    wire_id,
-                },
-            );
+            send_alloc(&mut ep, &mut primaries, p, epoch, me, config.backups)?;
             remaining -= 1;
         }
         let incoming = match ep.poll() {
@@ -259,19 +266,7 @@ pub fn serve(
             Incoming::TimedOut { request_id } => {
                 // Retry with the same wire request id: the monitor answers it once.
                 if let Some(p) = primaries.remove(&request_id) {
-                    let msg = Message::new(
-                        epoch,
-                        me,
-                        p.wire_id,
-                        Body::AllocPage {
-                            primary_page: p.page,
-                            backups_wanted: config.backups,
-                        },
-                    );
-                    let id = ep
-                        .request(&msg.encode(), Duration::from_secs(30))
-                        .map_err(|e| e.to_string())?;
-                    primaries.insert(id, p);
+                    send_alloc(&mut ep, &mut primaries, p, epoch, me, config.backups)?;
                 }
             }
         }

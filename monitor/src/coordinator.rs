@@ -174,6 +174,11 @@ impl Coordinator {
         self.nodes.insert(node, view);
     }
 
+    /// A node left: no new transaction chooses it (those in flight time out and abort).
+    pub fn remove_node(&mut self, node: NodeId) {
+        self.nodes.remove(&node);
+    }
+
     pub fn node(&self, node: NodeId) -> Option<NodeView> {
         self.nodes.get(&node).copied()
     }

@@ -17,11 +17,14 @@ use pmgas_verbs::msg::{Endpoint, Incoming, MsgConfig};
 use pmgas_verbs::{ConnectionConfig, Listener, ProtectionDomain};
 
 use crate::coordinator::{Action, Coordinator, Input, NodeView, Timeouts};
-use crate::store::{GatWriter, Store};
+use crate::store::{GatWriter, Store, StoreError};
 
 /// The monitor's own sender id on the wire.
 pub const MONITOR_SENDER: NodeId = NodeId(u32::MAX);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// Bound on one ZooKeeper request (requests issued while disconnected wait otherwise).
+const ZK_TIMEOUT: Duration = Duration::from_secs(2);
+const UNKNOWN_GIVE_UP: Duration = Duration::from_secs(30);
 
 pub struct ServerConfig {
     pub listen: SocketAddr,
@@ -75,6 +78,8 @@ pub fn serve(
     let mut last_tick = Instant::now();
     let mut last_accept = Instant::now() - Duration::from_secs(1);
     let mut idle = pmgas_verbs::spin::IdleBackoff::default();
+    // Set once a GAT write was fenced: finish what was started, then stop.
+    let mut deposed: Option<String> = None;
     loop {
         if last_accept.elapsed() >= Duration::from_millis(2) {
             last_accept = Instant::now();
@@ -126,13 +131,21 @@ pub fn serve(
                             &mut replies,
                             request_id,
                             &mut inputs,
+                            deposed.is_some(),
                         );
-                        if let Some(reply) = reply {
-                            if let (Body::JoinAck { .. }, Some(node)) = (&reply.body, peer.node) {
-                                let info = format!("joined in epoch {}", epoch.0);
-                                if let Err(e) = rt.block_on(store.register_node(node.0, &info)) {
-                                    tracing::warn!(error = %e, "could not record the node in ZooKeeper");
-                                }
+                        if let Some(mut reply) = reply {
+                            if let (Body::JoinAck { .. }, Some(node)) = (&reply.body, peer.node)
+                                && let Err(e) = record_join(store, rt, node, epoch)
+                            {
+                                // Not live until recorded: undo the join, refuse it.
+                                tracing::warn!(%node, error = %e, "join not recorded in ZooKeeper");
+                                peer.node = None;
+                                by_node.remove(&node);
+                                coord.remove_node(node);
+                                reply.body = Body::Error {
+                                    code: ErrorCode::Internal,
+                                    detail: format!("the join could not be recorded: {e}"),
+                                };
                             }
                             let _ = peer.ep.respond(request_id, &reply.encode());
                         }
@@ -179,7 +192,7 @@ pub fn serve(
             }
         }
         for i in dead.into_iter().rev() {
-            remove_peer(&mut peers, &mut by_node, i, store, rt);
+            remove_peer(&mut peers, &mut by_node, &mut coord, i, store, rt);
         }
         if last_tick.elapsed() >= Duration::from_millis(10) {
             last_tick = Instant::now();
@@ -187,13 +200,14 @@ pub fn serve(
             // Drop connections whose peer has gone (a node restarting rejoins on a new one).
             for i in (0..peers.len()).rev() {
                 if peers[i].ep.connection().peer_disconnected().unwrap_or(true) {
-                    remove_peer(&mut peers, &mut by_node, i, store, rt);
+                    remove_peer(&mut peers, &mut by_node, &mut coord, i, store, rt);
                 }
             }
         }
         // Spin while messages flow, nap when idle (ticks and accepts are time-based, so
         // they keep working through the naps).
-        if inputs.iter().all(|i| matches!(i, Input::Tick)) {
+        let idle_pass = inputs.iter().all(|i| matches!(i, Input::Tick));
+        if idle_pass {
             idle.idle();
         } else {
             idle.busy();
@@ -276,21 +290,100 @@ pub fn serve(
             if !batch.is_empty() {
                 let txn_ids: Vec<u64> = batch.iter().map(|(t, _)| *t).collect();
                 let maps: Vec<Mapping> = batch.into_iter().map(|(_, m)| m).collect();
-                match rt.block_on(writer.append(&maps)) {
-                    Ok(()) => pending.push(Input::Persisted { txn_ids }),
-                    Err(e) => {
-                        tracing::error!(error = %e, "GAT write failed");
-                        // An unknown outcome must be resolved before anything is aborted.
-                        let stored = rt.block_on(writer.resolve(&maps)).unwrap_or(false);
-                        pending.push(if stored {
-                            Input::Persisted { txn_ids }
-                        } else {
-                            Input::PersistFailed { txn_ids }
-                        });
+                pending.push(match persist(&mut writer, rt, &maps, deposed.is_some())? {
+                    Persisted::Stored => Input::Persisted { txn_ids },
+                    Persisted::NotStored => Input::PersistFailed { txn_ids },
+                    Persisted::Fenced(e) => {
+                        tracing::error!(error = %e, "deposed: another monitor writes the GAT now");
+                        deposed.get_or_insert(e);
+                        Input::PersistFailed { txn_ids }
                     }
-                }
+                });
             }
         }
+        if let Some(why) = &deposed
+            && coord.in_flight() == 0
+        {
+            return Err(format!(
+                "this monitor was deposed ({why}); every transaction it started has finished"
+            ));
+        }
+        if idle_pass && deposed.is_none() && writer.compaction_due() {
+            match rt.block_on(tokio::time::timeout(ZK_TIMEOUT, writer.compact())) {
+                Ok(Ok(n)) => tracing::debug!(deltas = n, "GAT deltas compacted"),
+                Ok(Err(e @ StoreError::Fenced { .. })) => {
+                    tracing::error!(error = %e, "deposed: another monitor writes the GAT now");
+                    deposed = Some(e.to_string());
+                }
+                // Deltas stay valid; compaction is retried when next idle.
+                Ok(Err(e)) => tracing::warn!(error = %e, "GAT compaction failed"),
+                Err(_) => tracing::warn!("GAT compaction timed out"),
+            }
+        }
+    }
+}
+
+enum Persisted {
+    Stored,
+    NotStored,
+    Fenced(String),
+}
+
+/// Writes one group commit to ZooKeeper. A definite failure means nothing was stored (the
+/// transactions may abort); an unknown outcome (timeout, lost connection) is resolved by
+/// reading back before anything is aborted, and if ZooKeeper stays unreachable for
+/// [`UNKNOWN_GIVE_UP`] the monitor stops: it can neither commit nor abort safely, and
+/// the nodes' PREALLOCATED pages wait for reconciliation.
+fn persist(
+    writer: &mut GatWriter<'_>,
+    rt: &tokio::runtime::Runtime,
+    maps: &[Mapping],
+    deposed: bool,
+) -> Result<Persisted, String> {
+    if deposed {
+        return Ok(Persisted::NotStored);
+    }
+    let error = match rt.block_on(tokio::time::timeout(ZK_TIMEOUT, writer.append(maps))) {
+        Ok(Ok(())) => return Ok(Persisted::Stored),
+        Ok(Err(e @ StoreError::Fenced { .. })) => return Ok(Persisted::Fenced(e.to_string())),
+        Ok(Err(e @ StoreError::Unknown { .. })) => e.to_string(),
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "GAT write failed");
+            return Ok(Persisted::NotStored);
+        }
+        Err(_) => format!("no answer from ZooKeeper within {ZK_TIMEOUT:?}"),
+    };
+    tracing::error!(%error, "GAT write outcome unknown; reading back");
+    let start = Instant::now();
+    while start.elapsed() < UNKNOWN_GIVE_UP {
+        match rt.block_on(tokio::time::timeout(ZK_TIMEOUT, writer.resolve(maps))) {
+            Ok(Ok(true)) => return Ok(Persisted::Stored),
+            Ok(Ok(false)) => return Ok(Persisted::NotStored),
+            Ok(Err(e @ StoreError::Fenced { .. })) => return Ok(Persisted::Fenced(e.to_string())),
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot read the GAT back yet"),
+            Err(_) => tracing::warn!("cannot read the GAT back yet: ZooKeeper does not answer"),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Err(format!(
+        "a GAT write's outcome stayed unknown for {UNKNOWN_GIVE_UP:?} ({error}); stopping"
+    ))
+}
+
+/// Records a joined node in the live-node list, atomically with the epoch check.
+fn record_join(
+    store: &Store,
+    rt: &tokio::runtime::Runtime,
+    node: NodeId,
+    epoch: Epoch,
+) -> Result<(), String> {
+    let info = format!("joined in epoch {}", epoch.0);
+    match rt.block_on(tokio::time::timeout(
+        ZK_TIMEOUT,
+        store.register_node(node.0, &info),
+    )) {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(_) => Err(format!("no answer from ZooKeeper within {ZK_TIMEOUT:?}")),
     }
 }
 
@@ -299,6 +392,7 @@ pub fn serve(
 fn remove_peer(
     peers: &mut Vec<Peer>,
     by_node: &mut BTreeMap<NodeId, usize>,
+    coord: &mut Coordinator,
     i: usize,
     store: &Store,
     rt: &tokio::runtime::Runtime,
@@ -307,7 +401,15 @@ fn remove_peer(
     tracing::warn!(node = ?p.node, "node disconnected");
     if let Some(n) = p.node {
         by_node.remove(&n);
-        if let Err(e) = rt.block_on(store.unregister_node(n.0)) {
+        // No new transaction picks it; those in flight time out and abort.
+        coord.remove_node(n);
+        let unregister = tokio::time::timeout(ZK_TIMEOUT, store.unregister_node(n.0));
+        if let Err(e) = rt.block_on(unregister).unwrap_or_else(|_| {
+            Err(StoreError::Corrupt {
+                path: "nodes".into(),
+                reason: "ZooKeeper did not answer".into(),
+            })
+        }) {
             tracing::warn!(error = %e, "could not remove the node from ZooKeeper");
         }
     }
@@ -352,6 +454,7 @@ fn handle_request(
     replies: &mut HashMap<(NodeId, u64), u64>,
     msg_id: u64,
     inputs: &mut Vec<Input>,
+    deposed: bool,
 ) -> Option<Message> {
     let error = |code, detail: String, rid| {
         Some(Message::new(
@@ -419,6 +522,11 @@ fn handle_request(
         _ if msg.header.epoch != epoch => error(
             ErrorCode::StaleEpoch,
             format!("epoch {} is not {}", msg.header.epoch.0, epoch.0),
+            rid,
+        ),
+        Body::AllocPage { .. } if deposed => error(
+            ErrorCode::NotLeader,
+            "this monitor was deposed; ask the active one".into(),
             rid,
         ),
         Body::AllocPage {

@@ -2,14 +2,9 @@
 //!
 //! - `epoch`: the config epoch, as decimal text;
 //! - `nodes/`: the live data servers (one child per node);
-//! - `gat/w<worker>/c<seq>`: the global address table, one znode series per monitor
-//!   worker, each znode one chunk of at most 64 KiB (`layout::gat`).
-//!
-//! A [`GatWriter`] appends a batch of mappings (a group commit) with one ZooKeeper write:
-//! it rewrites only its current chunk, with the chunk's version as the expected version,
-//! and starts a new chunk when the current one is full. So adding mappings never
-//! re-serialises older chunks, and a second writer on the same series (a deposed monitor)
-//! fails with [`StoreError::Fenced`] instead of overwriting.
+//! - `gat/w<worker>/`: the global address table, one znode series per monitor worker:
+//!   deltas `d<seq>` (one group commit each) and compacted chunks `c<seq>` of at most
+//!   64 KiB (`layout::gat` encodes both); see [`GatWriter`].
 //!
 //! A write whose outcome is unknown (connection lost in flight) is reported as
 //! [`StoreError::Unknown`]; [`GatWriter::resolve`] re-reads the chunk to learn whether the
@@ -74,6 +69,8 @@ fn persistent() -> zk::CreateOptions<'static> {
 pub struct Store {
     client: zk::Client,
     root: String,
+    /// Version of the epoch znode when this store last read it (-1: not read yet).
+    epoch_version: std::sync::atomic::AtomicI32,
 }
 
 /// The whole GAT as loaded from ZooKeeper.
@@ -106,7 +103,11 @@ impl Store {
                 source,
             })?;
         let root = format!("/pmgas/{cluster}");
-        let store = Self { client, root };
+        let store = Self {
+            client,
+            root,
+            epoch_version: std::sync::atomic::AtomicI32::new(-1),
+        };
         for dir in [store.path("gat"), store.path("nodes")] {
             store
                 .client
@@ -126,13 +127,17 @@ impl Store {
         format!("{}/{rel}", self.root)
     }
 
+    /// The config epoch. Also remembers the epoch znode's version, which
+    /// [`Self::register_node`] checks.
     pub async fn epoch(&self) -> Result<Epoch, StoreError> {
         let path = self.path("epoch");
-        let (data, _) = self
+        let (data, stat) = self
             .client
             .get_data(&path)
             .await
             .map_err(zk_error("get", path.clone()))?;
+        self.epoch_version
+            .store(stat.version, std::sync::atomic::Ordering::Release);
         let text = String::from_utf8_lossy(&data);
         text.trim()
             .parse()
@@ -166,23 +171,46 @@ impl Store {
         }
     }
 
-    /// Records a joined node in `nodes/` (its znode holds `info`).
+    /// Records a joined node in `nodes/` (its znode holds `info`), atomically with a check
+    /// that the config epoch is still the one this monitor read ([`Self::epoch`]): one
+    /// multi-op, so the live-node list never changes under an epoch this monitor did not
+    /// see. [`StoreError::Fenced`] if the epoch moved on (another monitor is in charge).
     pub async fn register_node(&self, node: u32, info: &str) -> Result<(), StoreError> {
         let path = self.path(&format!("nodes/node{node}"));
-        match self
-            .client
-            .create(&path, info.as_bytes(), &persistent())
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(zk::Error::NodeExists) => self
-                .client
-                .set_data(&path, info.as_bytes(), None)
-                .await
-                .map(|_| ())
-                .map_err(zk_error("set", path)),
-            Err(source) => Err(zk_error("create", path)(source)),
+        let epoch = self.path("epoch");
+        let fence = self
+            .epoch_version
+            .load(std::sync::atomic::Ordering::Acquire);
+        for replace in [false, true] {
+            let mut multi = self.client.new_multi_writer();
+            multi
+                .add_check_version(&epoch, fence)
+                .and_then(|()| {
+                    if replace {
+                        multi.add_set_data(&path, info.as_bytes(), None)
+                    } else {
+                        multi.add_create(&path, info.as_bytes(), &persistent())
+                    }
+                })
+                .map_err(zk_error("join", path.clone()))?;
+            match multi.commit().await {
+                Ok(_) => return Ok(()),
+                Err(zk::MultiWriteError::OperationFailed {
+                    index: 0,
+                    source: zk::Error::BadVersion,
+                }) => return Err(StoreError::Fenced { path: epoch }),
+                // Recorded by an earlier run that ended without removing it: overwrite.
+                Err(zk::MultiWriteError::OperationFailed {
+                    source: zk::Error::NodeExists,
+                    ..
+                }) if !replace => continue,
+                Err(e) => return Err(zk_error("join", path)(e.into())),
+            }
         }
+        Err(StoreError::Corrupt {
+            path,
+            reason: "created and deleted concurrently".into(),
+        })
     }
 
     /// Removes a node that left from `nodes/`.
@@ -208,8 +236,23 @@ impl Store {
         Ok(c)
     }
 
-    /// Reads every chunk of every worker's series, concurrently, and validates them.
+    /// Reads every chunk and delta of every worker's series, concurrently, and validates
+    /// them. A znode that vanishes between listing and reading (a compaction of a live
+    /// monitor raced this read) makes it read again.
     pub async fn load_gat(&self) -> Result<LoadedGat, StoreError> {
+        let mut attempts = 0;
+        loop {
+            match self.load_gat_once().await {
+                Err(StoreError::Zk {
+                    source: zk::Error::NoNode,
+                    ..
+                }) if attempts < 5 => attempts += 1,
+                other => return other,
+            }
+        }
+    }
+
+    async fn load_gat_once(&self) -> Result<LoadedGat, StoreError> {
         let gat = self.path("gat");
         let mut paths = vec![];
         for worker in self.children(&gat).await? {
@@ -251,19 +294,49 @@ impl Store {
     }
 }
 
-/// Appends mappings to one worker's chunk series.
+/// Deltas a writer lets accumulate before it folds them into a chunk, whatever their size.
+pub const COMPACT_AFTER_DELTAS: usize = 64;
+/// Hard limit: past this many deltas, [`GatWriter::append`] compacts before returning.
+const MAX_DELTAS: usize = 1024;
+
+/// One znode of a worker's series.
+#[derive(Debug, Clone)]
+struct Delta {
+    seq: u64,
+    mappings: Vec<Mapping>,
+    bytes: usize,
+}
+
+/// Appends mappings to one worker's series.
+///
+/// A group commit becomes one new *delta* znode `d<seq>` holding only the new mappings, so
+/// an allocation never re-serialises older ones and a write carries tens of bytes per
+/// mapping, not a whole chunk. Deltas are folded into full *chunks* `c<seq>` (≤ 64 KiB)
+/// by [`GatWriter::compact`], one atomic multi-op that creates the chunk and deletes the
+/// deltas it absorbed, so a reader sees every mapping exactly once, before or after.
+///
+/// Fencing: opening a writer bumps the version of the series' directory znode; every
+/// write is a multi-op that first checks that version. A writer whose series was opened
+/// again (by a new active monitor) gets [`StoreError::Fenced`] and has written nothing.
 pub struct GatWriter<'a> {
     store: &'a Store,
     dir: String,
-    seq: u32,
-    chunk: Vec<Mapping>,
-    chunk_bytes: usize,
-    /// Version of the current chunk's znode; `None` until it exists.
-    version: Option<i32>,
+    /// Version of `dir` this writer set when it opened.
+    fence: i32,
+    next_seq: u64,
+    deltas: Vec<Delta>,
+    /// Sequence number of the newest compacted chunk.
+    chunk_seq: Option<u64>,
+}
+
+fn parse_name(name: &str) -> Option<(char, u64)> {
+    let kind = name.chars().next()?;
+    let seq = name.get(1..)?.parse().ok()?;
+    matches!(kind, 'c' | 'd').then_some((kind, seq))
 }
 
 impl<'a> GatWriter<'a> {
-    /// Opens worker `worker`'s series, resuming in its last chunk.
+    /// Opens worker `worker`'s series, fencing off any earlier writer of it.
     pub async fn open(store: &'a Store, worker: u32) -> Result<Self, StoreError> {
         let dir = store.path(&format!("gat/w{worker:04}"));
         store
@@ -271,126 +344,206 @@ impl<'a> GatWriter<'a> {
             .mkdir(&dir, &persistent())
             .await
             .map_err(zk_error("mkdir", dir.clone()))?;
+        let stat = store
+            .client
+            .set_data(&dir, b"", None)
+            .await
+            .map_err(zk_error("set", dir.clone()))?;
         let mut w = Self {
             store,
             dir,
-            seq: 0,
-            chunk: vec![],
-            chunk_bytes: CHUNK_HEADER_BYTES,
-            version: None,
+            fence: stat.version,
+            next_seq: 0,
+            deltas: vec![],
+            chunk_seq: None,
         };
-        if let Some(last) = store.children(&w.dir).await?.last() {
-            w.seq = last
-                .strip_prefix('c')
-                .and_then(|s| s.parse().ok())
-                .ok_or_else(|| StoreError::Corrupt {
-                    path: format!("{}/{last}", w.dir),
-                    reason: "not a chunk name".into(),
-                })?;
-            w.reload().await?;
-        }
+        w.reload().await?;
         Ok(w)
     }
 
-    fn chunk_path(&self) -> String {
-        format!("{}/c{:010}", self.dir, self.seq)
+    fn name(&self, kind: char, seq: u64) -> String {
+        format!("{}/{kind}{seq:010}", self.dir)
     }
 
+    /// Re-reads the series' names and its deltas (after an unknown outcome, or at open).
     async fn reload(&mut self) -> Result<(), StoreError> {
-        let path = self.chunk_path();
-        match self.store.client.get_data(&path).await {
-            Ok((data, stat)) => {
-                self.chunk = gat::decode_chunk(&data)
-                    .map_err(|source| StoreError::Chunk { path, source })?;
-                self.chunk_bytes = data.len();
-                self.version = Some(stat.version);
+        self.deltas.clear();
+        self.chunk_seq = None;
+        let mut max = None;
+        for child in self.store.children(&self.dir).await? {
+            let (kind, seq) = parse_name(&child).ok_or_else(|| StoreError::Corrupt {
+                path: format!("{}/{child}", self.dir),
+                reason: "not a chunk or delta name".into(),
+            })?;
+            max = max.max(Some(seq));
+            if kind == 'c' {
+                self.chunk_seq = self.chunk_seq.max(Some(seq));
+                continue;
             }
-            Err(zk::Error::NoNode) => {
-                self.chunk.clear();
-                self.chunk_bytes = CHUNK_HEADER_BYTES;
-                self.version = None;
-            }
-            Err(source) => return Err(zk_error("get", path)(source)),
+            let path = self.name('d', seq);
+            let (data, _) = self
+                .store
+                .client
+                .get_data(&path)
+                .await
+                .map_err(zk_error("get", path.clone()))?;
+            let mappings =
+                gat::decode_chunk(&data).map_err(|source| StoreError::Chunk { path, source })?;
+            self.deltas.push(Delta {
+                seq,
+                mappings,
+                bytes: data.len(),
+            });
         }
+        self.next_seq = max.map_or(0, |m| m + 1);
         Ok(())
     }
 
-    /// Makes `batch` durable with as few ZooKeeper writes as fit: usually one.
+    /// Runs `ops` after the fence check as one multi-op; maps the outcome to our errors.
+    async fn fenced_multi(
+        &self,
+        what: &'static str,
+        path: &str,
+        ops: impl FnOnce(&mut zk::MultiWriter<'_>) -> Result<(), zk::Error>,
+    ) -> Result<(), StoreError> {
+        let mut multi = self.store.client.new_multi_writer();
+        let built = multi
+            .add_check_version(&self.dir, self.fence)
+            .and_then(|()| ops(&mut multi));
+        built.map_err(zk_error(what, path))?;
+        match multi.commit().await {
+            Ok(_) => Ok(()),
+            Err(zk::MultiWriteError::OperationFailed {
+                source: zk::Error::BadVersion | zk::Error::NodeExists,
+                ..
+            }) => Err(StoreError::Fenced { path: path.into() }),
+            Err(zk::MultiWriteError::OperationFailed { source, .. }) => {
+                Err(zk_error(what, path)(source))
+            }
+            Err(zk::MultiWriteError::RequestFailed { source }) if is_definite(&source) => {
+                Err(zk_error(what, path)(source))
+            }
+            Err(zk::MultiWriteError::RequestFailed { source }) => Err(StoreError::Unknown {
+                op: what,
+                path: path.into(),
+                source,
+            }),
+        }
+    }
+
+    /// Makes `batch` durable: one fenced write of one delta (more only for a batch over
+    /// a chunk's size). Compacts first if the deltas have piled up past their limit.
     pub async fn append(&mut self, batch: &[Mapping]) -> Result<(), StoreError> {
+        if self.deltas.len() >= MAX_DELTAS {
+            self.compact().await?;
+        }
         let mut rest = batch;
         while !rest.is_empty() {
-            if self.chunk_bytes >= CHUNK_MAX_BYTES - 8 - 8 * pmgas_layout::wire::MAX_REPLICAS
-                && !self.chunk.is_empty()
-            {
-                self.seq += 1;
-                self.chunk.clear();
-                self.chunk_bytes = CHUNK_HEADER_BYTES;
-                self.version = None;
-            }
-            // Take as many as fit in the current chunk.
-            let mut bytes = self.chunk_bytes;
+            let mut bytes = CHUNK_HEADER_BYTES;
             let mut n = 0;
             while n < rest.len() && bytes + rest[n].encoded_bytes() <= CHUNK_MAX_BYTES {
                 bytes += rest[n].encoded_bytes();
                 n += 1;
             }
-            if n == 0 {
-                // Not even one fits: close this chunk and retry in a fresh one.
-                self.chunk_bytes = CHUNK_MAX_BYTES;
-                continue;
-            }
-            let mut next = self.chunk.clone();
-            next.extend_from_slice(&rest[..n]);
-            let data = gat::encode_chunk(&next).map_err(|source| StoreError::Chunk {
-                path: self.chunk_path(),
+            let data = gat::encode_chunk(&rest[..n]).map_err(|source| StoreError::Chunk {
+                path: self.dir.clone(),
                 source,
             })?;
-            let path = self.chunk_path();
-            let result = match self.version {
-                None => self
-                    .store
-                    .client
-                    .create(&path, &data, &persistent())
-                    .await
-                    .map(|(stat, _)| stat.version),
-                Some(v) => self
-                    .store
-                    .client
-                    .set_data(&path, &data, Some(v))
-                    .await
-                    .map(|stat| stat.version),
-            };
-            match result {
-                Ok(version) => {
-                    self.version = Some(version);
-                    self.chunk = next;
-                    self.chunk_bytes = data.len();
-                    rest = &rest[n..];
-                }
-                Err(zk::Error::BadVersion | zk::Error::NodeExists) => {
-                    return Err(StoreError::Fenced { path });
-                }
-                Err(source) if is_definite(&source) => return Err(zk_error("write", path)(source)),
-                Err(source) => {
-                    return Err(StoreError::Unknown {
-                        op: "write",
-                        path,
-                        source,
-                    });
-                }
-            }
+            let seq = self.next_seq;
+            let path = self.name('d', seq);
+            self.fenced_multi("write", &path, |m| {
+                m.add_create(&path, &data, &persistent())
+            })
+            .await?;
+            self.next_seq += 1;
+            self.deltas.push(Delta {
+                seq,
+                mappings: rest[..n].to_vec(),
+                bytes: data.len(),
+            });
+            rest = &rest[n..];
         }
         Ok(())
     }
 
-    /// After [`StoreError::Unknown`]: re-reads the current chunk and reports whether every
-    /// mapping of `batch` is stored.
-    pub async fn resolve(&mut self, batch: &[Mapping]) -> Result<bool, StoreError> {
-        self.reload().await?;
-        Ok(batch.iter().all(|m| self.chunk.contains(m)))
+    /// Whether [`Self::compact`] has work worth a write: a chunk's worth of deltas, or
+    /// [`COMPACT_AFTER_DELTAS`] of them.
+    pub fn compaction_due(&self) -> bool {
+        let bytes: usize = self
+            .deltas
+            .iter()
+            .map(|d| d.bytes - CHUNK_HEADER_BYTES)
+            .sum();
+        self.deltas.len() >= COMPACT_AFTER_DELTAS
+            || (self.deltas.len() > 1 && bytes + CHUNK_HEADER_BYTES >= CHUNK_MAX_BYTES * 3 / 4)
     }
 
-    pub fn chunk_seq(&self) -> u32 {
-        self.seq
+    /// Folds the oldest deltas (as many as fit in one chunk) into a new chunk and deletes
+    /// them, atomically. Returns how many deltas it absorbed. After an unknown outcome it
+    /// re-reads the series, so a retry starts from what ZooKeeper really holds.
+    pub async fn compact(&mut self) -> Result<usize, StoreError> {
+        let mut mappings: Vec<Mapping> = vec![];
+        let mut bytes = CHUNK_HEADER_BYTES;
+        let mut n = 0;
+        for d in &self.deltas {
+            let add = d.bytes - CHUNK_HEADER_BYTES;
+            if bytes + add > CHUNK_MAX_BYTES {
+                break;
+            }
+            bytes += add;
+            mappings.extend_from_slice(&d.mappings);
+            n += 1;
+        }
+        if n < 2 {
+            return Ok(0);
+        }
+        let data = gat::encode_chunk(&mappings).map_err(|source| StoreError::Chunk {
+            path: self.dir.clone(),
+            source,
+        })?;
+        let seq = self.next_seq;
+        let path = self.name('c', seq);
+        let absorbed: Vec<String> = self.deltas[..n]
+            .iter()
+            .map(|d| self.name('d', d.seq))
+            .collect();
+        let result = self
+            .fenced_multi("compact", &path, |m| {
+                m.add_create(&path, &data, &persistent())?;
+                absorbed.iter().try_for_each(|d| m.add_delete(d, None))
+            })
+            .await;
+        match result {
+            Ok(()) => {
+                self.next_seq += 1;
+                self.chunk_seq = Some(seq);
+                self.deltas.drain(..n);
+                Ok(n)
+            }
+            Err(e @ StoreError::Fenced { .. }) => Err(e),
+            Err(e) => {
+                self.reload().await?;
+                Err(e)
+            }
+        }
+    }
+
+    /// After [`StoreError::Unknown`]: re-reads the series and reports whether every
+    /// mapping of `batch` is stored in it.
+    pub async fn resolve(&mut self, batch: &[Mapping]) -> Result<bool, StoreError> {
+        self.reload().await?;
+        Ok(batch
+            .iter()
+            .all(|m| self.deltas.iter().any(|d| d.mappings.contains(m))))
+    }
+
+    /// Sequence number of the newest compacted chunk, if any.
+    pub fn chunk_seq(&self) -> Option<u64> {
+        self.chunk_seq
+    }
+
+    /// Deltas not yet compacted.
+    pub fn pending_deltas(&self) -> usize {
+        self.deltas.len()
     }
 }

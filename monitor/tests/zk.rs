@@ -77,25 +77,35 @@ async fn group_commits_span_chunks_and_reload_exactly() {
     let mut id = 1;
     // 5000 mappings in group commits of 1..=64, alternating workers.
     let mut round = 0;
+    let mut compactions = 0;
     while all.len() < 5000 {
         let n = 1 + (round * 37) % 64;
         let batch: Vec<Mapping> = (0..n)
             .map(|k| mapping(id + k as u32, &[1, 2 + (k as u32 % 3), 9]))
             .collect();
         id += n as u32;
-        if round % 2 == 0 {
-            w0.append(&batch).await.unwrap()
-        } else {
-            w1.append(&batch).await.unwrap()
+        let w = if round % 2 == 0 { &mut w0 } else { &mut w1 };
+        w.append(&batch).await.unwrap();
+        if w.compaction_due() {
+            assert!(w.compact().await.unwrap() >= 2);
+            compactions += 1;
         }
         all.extend(batch);
         round += 1;
+        if round == 40 {
+            // Midway, a reader sees exactly what was appended so far.
+            assert_eq!(s.load_gat().await.unwrap().mappings.len(), all.len());
+        }
     }
-    assert!(
-        w0.chunk_seq() + w1.chunk_seq() >= 2,
-        "5000 mappings of 3 replicas need several chunks"
-    );
+    assert!(w0.chunk_seq().is_some() && w1.chunk_seq().is_some());
+    assert!(w0.pending_deltas() < 64 && w1.pending_deltas() < 64);
     let loaded = s.load_gat().await.unwrap();
+    assert!(compactions >= 2, "5000 mappings of 3 replicas fill chunks");
+    assert_eq!(
+        loaded.chunks,
+        compactions + w0.pending_deltas() + w1.pending_deltas(),
+        "each compaction replaces its deltas by one chunk"
+    );
     assert_eq!(loaded.mappings.len(), all.len());
     assert_eq!(loaded.max_page_id, id - 1);
     let want: HashSet<_> = all.iter().cloned().collect();
@@ -118,8 +128,14 @@ async fn a_second_writer_on_one_series_is_fenced() {
     let s = store("fence").await;
     let mut a = GatWriter::open(&s, 0).await.unwrap();
     a.append(&[mapping(1, &[1, 2])]).await.unwrap();
+    a.append(&[mapping(4, &[1, 2])]).await.unwrap();
+    // Opening the series again (a new active monitor) fences `a` off.
     let mut b = GatWriter::open(&s, 0).await.unwrap();
     b.append(&[mapping(2, &[1, 3])]).await.unwrap();
+    assert!(matches!(
+        a.compact().await.unwrap_err(),
+        StoreError::Fenced { .. }
+    ));
     // `a` still believes the old version: its write must not overwrite `b`'s.
     let err = a.append(&[mapping(3, &[2, 3])]).await.unwrap_err();
     assert!(matches!(err, StoreError::Fenced { .. }), "{err}");
@@ -131,7 +147,18 @@ async fn a_second_writer_on_one_series_is_fenced() {
         .iter()
         .map(|m| m.page_id.0)
         .collect();
-    assert_eq!(ids, vec![1, 2]);
+    assert_eq!(ids, vec![1, 2, 4]);
+    // `b` can fold what `a` wrote; nothing is lost or doubled.
+    assert_eq!(b.compact().await.unwrap(), 3);
+    let ids: Vec<u32> = s
+        .load_gat()
+        .await
+        .unwrap()
+        .mappings
+        .iter()
+        .map(|m| m.page_id.0)
+        .collect();
+    assert_eq!(ids, vec![1, 2, 4]);
     assert!(
         !a.resolve(&[mapping(3, &[2, 3])]).await.unwrap(),
         "the fenced batch did not land"
@@ -144,12 +171,12 @@ async fn a_damaged_chunk_is_reported_not_skipped() {
     let mut w = GatWriter::open(&s, 0).await.unwrap();
     w.append(&[mapping(1, &[1])]).await.unwrap();
     s.client()
-        .set_data("/pmgas/damaged/gat/w0000/c0000000000", b"garbage", None)
+        .set_data("/pmgas/damaged/gat/w0000/d0000000000", b"garbage", None)
         .await
         .unwrap();
     let err = s.load_gat().await.unwrap_err();
     assert!(matches!(err, StoreError::Chunk { .. }), "{err}");
-    assert!(err.to_string().contains("c0000000000"), "{err}");
+    assert!(err.to_string().contains("d0000000000"), "{err}");
 }
 
 #[test]
@@ -207,6 +234,7 @@ async fn one_active_monitor_is_announced_and_nodes_are_recorded() {
         other.publish_leader("10.0.0.5:7000").await,
         Err(StoreError::Fenced { .. })
     ));
+    s.epoch().await.unwrap();
     s.register_node(2, "joined").await.unwrap();
     s.register_node(1, "joined").await.unwrap();
     s.register_node(1, "joined again").await.unwrap();
@@ -214,6 +242,21 @@ async fn one_active_monitor_is_announced_and_nodes_are_recorded() {
     s.unregister_node(2).await.unwrap();
     s.unregister_node(2).await.unwrap();
     assert_eq!(other.live_nodes().await.unwrap(), vec!["node1"]);
+    // Once the epoch moves on under it (another monitor bumped it), a join is refused
+    // and not recorded: the live list and the epoch change together or not at all.
+    other
+        .client()
+        .set_data("/pmgas/leader/epoch", b"1", None)
+        .await
+        .unwrap();
+    assert!(matches!(
+        s.register_node(3, "joined").await,
+        Err(StoreError::Fenced { .. })
+    ));
+    assert_eq!(other.live_nodes().await.unwrap(), vec!["node1"]);
+    assert_eq!(s.epoch().await.unwrap().0, 1);
+    s.register_node(3, "joined").await.unwrap();
+    assert_eq!(other.live_nodes().await.unwrap(), vec!["node1", "node3"]);
     // The announcement is ephemeral: it goes with the monitor's session.
     drop(s);
     let mut gone = false;

@@ -2,9 +2,9 @@
 //! `page_id → [replica…]` (primary first), each chunk one znode of at most
 //! [`CHUNK_MAX_BYTES`], checksummed so that a torn or foreign znode is detected.
 //!
-//! A monitor worker appends mappings to its current chunk and rewrites only that chunk
-//! (a znode is written whole); a full chunk is closed and a new one started, so adding a
-//! mapping never re-serialises more than one chunk. FORMAT.md describes the bytes.
+//! A monitor worker writes each group commit as a small delta znode in this encoding and
+//! later folds deltas into full chunks (the monitor's `GatWriter`), so adding a mapping
+//! never re-serialises older ones. FORMAT.md describes the bytes and the znode series.
 
 use std::collections::HashSet;
 

@@ -1,18 +1,19 @@
 //! pmgas data server: a node's PM pool (devdax, or a tmpfs file in development), its
 //! allocation-record table (ART) and the persistence primitive that every PM update goes
-//! through, and the crash-consistent object allocator inside ALLOCATED pages. The client
-//! API arrives with the monitor.
+//! through, and the crash-consistent object allocator inside ALLOCATED pages.
+//! [`Client`] is the application's handle: replicated pages, objects, mapping lookups.
 #![deny(unsafe_code)]
 
 pub mod art;
+pub mod client;
 pub mod objects;
 pub mod participant;
 #[allow(unsafe_code)] // the one module that touches the mapping and issues flushes
 pub mod pmem;
 pub mod pool;
-pub mod server;
 
 pub use art::{ArtError, ArtState, ReconcileReport};
+pub use client::{Client, ClientConfig, ClientError, GlobalPage};
 pub use objects::{LocalPageIds, ObjectAllocator, ObjectError, PageSource, ThreadCache};
 pub use pmgas_verbs::{MappedRegion, RegionKind};
 pub use pool::{OnBlank, Pool, PoolError, PoolIdentity};

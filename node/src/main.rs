@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use pmgas_layout::{ClusterId, Epoch, NodeId, PageState};
-use pmgas_node::{OnBlank, Pool, PoolIdentity};
+use pmgas_node::{Client, ClientConfig, ClientError, OnBlank, Pool, PoolIdentity};
 
 #[derive(Parser)]
 #[command(name = "pmgas-node", version, about = "pmgas data server")]
@@ -70,7 +70,8 @@ enum Command {
     },
     /// Runs a data node: opens (or formats) the pool, joins the monitor over rdma_cm and
     /// serves the two-phase page allocation; with --alloc-pages, also allocates that many
-    /// replicated pages as a primary and prints `ALLOC DONE …` with their latencies.
+    /// replicated pages as a primary from --concurrency threads through the client API and
+    /// prints `ALLOC DONE …` with their latencies.
     Serve {
         #[arg(long)]
         pm: PathBuf,
@@ -99,6 +100,10 @@ enum Command {
         /// Serve only for this long after joining before allocating.
         #[arg(long, default_value_t = 0)]
         start_delay_ms: u64,
+        /// After the pages, allocate this many objects through the client API (new slabs
+        /// on replicated pages), check them, free half, print `OBJECTS DONE …`.
+        #[arg(long, default_value_t = 0)]
+        alloc_objects: u64,
     },
     /// Crash-test workload (internal): formats a blank pool, then performs a seeded random
     /// sequence of ART transitions, printing `DONE i` after each is durable.
@@ -170,6 +175,7 @@ fn main() -> ExitCode {
             backups,
             concurrency,
             start_delay_ms,
+            alloc_objects,
         } => {
             let monitor = match (monitor, zk, cluster) {
                 (Some(m), _, _) => Ok(m),
@@ -183,16 +189,15 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            let config = pmgas_node::server::NodeConfig {
-                node_id: id.identity().node_id,
-                bind,
-                monitor,
-                alloc_pages,
+            let load = Load {
+                pages: alloc_pages,
                 backups,
-                concurrency: concurrency.max(1),
+                threads: concurrency.max(1),
                 start_delay: std::time::Duration::from_millis(start_delay_ms),
+                objects: alloc_objects,
             };
-            serve(&pm, id.identity(), size_bytes, &config)
+            let config = ClientConfig::new(id.identity().node_id, bind, monitor);
+            serve(&pm, id.identity(), size_bytes, config, &load)
         }
         Command::ArtDump { pm, json } => art_dump(&pm, json),
         Command::CrashExercise(a) => crash_exercise(&a),
@@ -343,33 +348,134 @@ fn object_exercise(a: &ExerciseArgs) -> Result<(), String> {
     Ok(())
 }
 
+/// What `serve` allocates itself (the load generator of the tests, the local cluster and
+/// the benchmark).
+struct Load {
+    pages: u64,
+    backups: u8,
+    threads: usize,
+    start_delay: std::time::Duration,
+    objects: u64,
+}
+
 fn serve(
     pm: &std::path::Path,
     id: PoolIdentity,
     size: Option<u64>,
-    config: &pmgas_node::server::NodeConfig,
+    config: ClientConfig,
+    load: &Load,
 ) -> Result<(), String> {
+    use std::sync::atomic::{AtomicU64, Ordering};
     let pool = Pool::open(pm, size, OnBlank::Format(id), Some(id)).map_err(|e| e.to_string())?;
-    pmgas_node::server::serve(config, &pool, |r| {
-        let mut l = r.latencies_us.clone();
+    let client = Client::connect(config, std::sync::Arc::new(pool)).map_err(|e| e.to_string())?;
+    println!("NODE READY {} epoch={}", client.node_id(), client.epoch().0);
+    let _ = std::io::stdout().flush();
+    if load.pages > 0 {
+        std::thread::sleep(load.start_delay);
+        let next = AtomicU64::new(0);
+        let start = std::time::Instant::now();
+        let results: Vec<(Vec<u64>, std::collections::BTreeMap<String, u64>)> =
+            std::thread::scope(|s| {
+                let workers: Vec<_> = (0..load.threads)
+                    .map(|_| {
+                        s.spawn(|| {
+                            let mut lat = vec![];
+                            let mut failures = std::collections::BTreeMap::new();
+                            while next.fetch_add(1, Ordering::Relaxed) < load.pages {
+                                let t = std::time::Instant::now();
+                                match client.alloc_page(load.backups) {
+                                    Ok(_) => lat.push(t.elapsed().as_micros() as u64),
+                                    Err(e) => {
+                                        let kind = match e {
+                                            ClientError::Refused { code, .. } => {
+                                                format!("{code:?}")
+                                            }
+                                            ClientError::NoLocalSpace => "NoLocalSpace".into(),
+                                            ClientError::Stopped(_) => "Stopped".into(),
+                                            _ => "Other".into(),
+                                        };
+                                        *failures.entry(kind).or_insert(0) += 1;
+                                    }
+                                }
+                            }
+                            (lat, failures)
+                        })
+                    })
+                    .collect();
+                workers.into_iter().filter_map(|w| w.join().ok()).collect()
+            });
+        let secs = start.elapsed().as_secs_f64();
+        let mut l: Vec<u64> = results.iter().flat_map(|r| r.0.iter().copied()).collect();
+        let mut failures = std::collections::BTreeMap::new();
+        for (_, f) in &results {
+            for (k, v) in f {
+                *failures.entry(k.clone()).or_insert(0u64) += v;
+            }
+        }
         l.sort_unstable();
         let q = |f: f64| {
             l.get(((l.len() as f64 * f) as usize).min(l.len().saturating_sub(1)))
                 .copied()
                 .unwrap_or(0)
         };
-        let secs = r.elapsed.as_secs_f64();
         println!(
             "ALLOC DONE ok={} failed={} {:?} p50_us={} p99_us={} elapsed_s={secs:.3} per_s={:.1}",
-            r.ok,
-            r.failed,
-            r.failures,
+            l.len(),
+            failures.values().sum::<u64>(),
+            failures,
             q(0.5),
             q(0.99),
-            r.ok as f64 / secs.max(1e-9)
+            l.len() as f64 / secs.max(1e-9)
         );
         let _ = std::io::stdout().flush();
-    })
+    }
+    if load.objects > 0 {
+        objects_round_trip(&client, load.objects)?;
+    }
+    client.wait()
+}
+
+/// Allocates `n` objects of assorted sizes, checks each one's slab page is mapped to this
+/// node (through the mapping cache), writes and reads back a tag in each, frees half.
+fn objects_round_trip(client: &Client, n: u64) -> Result<(), String> {
+    let pool = client.objects().pool().clone();
+    let mut live = vec![];
+    for i in 0..n {
+        let size = [8u64, 100, 1000, 4000][i as usize % 4];
+        let addr = client.alloc(size).map_err(|e| e.to_string())?;
+        let m = client.lookup(addr.page()).map_err(|e| e.to_string())?;
+        if m.replicas[0].node != client.node_id() {
+            return Err(format!(
+                "object {addr:?} on a page whose primary is {:?}",
+                m.replicas[0]
+            ));
+        }
+        let (page, off) = client.objects().page_of(addr).map_err(|e| e.to_string())?;
+        pool.store_in_page(page, off, &addr.raw().to_le_bytes())
+            .map_err(|e| e.to_string())?;
+        live.push((addr, page, off));
+    }
+    for (k, (addr, page, off)) in live.iter().enumerate() {
+        let mut b = [0u8; 8];
+        pool.read_in_page(*page, *off, &mut b)
+            .map_err(|e| e.to_string())?;
+        if u64::from_le_bytes(b) != addr.raw() {
+            return Err(format!("object {addr:?} lost its tag"));
+        }
+        if k % 2 == 0 {
+            client.free(*addr).map_err(|e| e.to_string())?;
+        }
+    }
+    let stats = client.objects().stats();
+    println!(
+        "OBJECTS DONE allocated={n} freed={} live={} slabs={} remote_lookups={}",
+        n.div_ceil(2),
+        stats.allocated_objects,
+        stats.slabs,
+        client.remote_lookups()
+    );
+    let _ = std::io::stdout().flush();
+    Ok(())
 }
 
 /// Reads the active monitor's rdma_cm address from ZooKeeper.

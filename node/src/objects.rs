@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use crossbeam_queue::SegQueue;
-use pmgas_layout::{Epoch, GlobalAddr, PageId, PageIndex, PageState};
+use pmgas_layout::{ArtRecord, Epoch, GlobalAddr, PageId, PageIndex, PageState};
 
 use crate::pool::{Pool, PoolError};
 
@@ -48,23 +48,28 @@ pub enum ObjectError {
     DoubleFree { addr: u64 },
     #[error("no space for a new slab: {0}")]
     NoSpace(PoolError),
+    #[error("no page for a new slab: {0}")]
+    PageSource(String),
     #[error(transparent)]
     Pool(#[from] PoolError),
 }
 
 /// Where object pages come from: turns a prepared (PREALLOCATED) page into an ALLOCATED
 /// one with a global page id. Standalone nodes number pages themselves; cluster nodes
-/// run the monitor's two-phase allocation.
+/// run the monitor's two-phase allocation ([`crate::Client`]).
 pub trait PageSource: Send + Sync {
-    fn page_id_for(&self, page: PageIndex) -> (PageId, Epoch);
+    /// Commits `page` (the next ART transition of it must be this commit) and returns its
+    /// new record. On an error the page is FREE again, or PREALLOCATED if the outcome is
+    /// unknown (reconciliation settles it); either way it is not a slab.
+    fn commit(&self, pool: &Pool, page: PageIndex) -> Result<ArtRecord, ObjectError>;
 }
 
 /// Standalone (development) numbering: page id = page index + 1, epoch 0.
 pub struct LocalPageIds;
 
 impl PageSource for LocalPageIds {
-    fn page_id_for(&self, page: PageIndex) -> (PageId, Epoch) {
-        (PageId(page.0 + 1), Epoch(0))
+    fn commit(&self, pool: &Pool, page: PageIndex) -> Result<ArtRecord, ObjectError> {
+        Ok(pool.transition(page, PageState::Allocated, PageId(page.0 + 1), Epoch(0))?)
     }
 }
 
@@ -384,16 +389,15 @@ impl ObjectAllocator {
         // names an ART sequence number the page does not have yet, so it is not valid.
         pmem.store("P6 slab header body", base + 8, &bytes[8..]);
         pmem.store("P7 slab publish", base, &bytes[..8]);
-        let (page_id, epoch) = self.source.page_id_for(page);
-        let rec = self
-            .pool
-            .transition(page, PageState::Allocated, page_id, epoch)?;
-        assert_eq!(
-            rec.seq, header.art_seq,
-            "slab header and ART commit disagree"
-        );
+        let rec = self.source.commit(&self.pool, page)?;
+        if rec.seq != header.art_seq || rec.state != PageState::Allocated {
+            return Err(ObjectError::PageSource(format!(
+                "page {} committed as {rec:?}, not as the slab header expects",
+                page.0
+            )));
+        }
         let slab = self
-            .load_slab(page, page_id, rec.seq)
+            .load_slab(page, rec.page_id, rec.seq)
             .ok_or(ObjectError::NotAnObject {
                 addr: 0,
                 reason: "a new slab does not validate",

@@ -161,7 +161,9 @@ impl Participant {
             .ok_or(ErrorCode::Malformed)?;
         let rec = table.record(page).ok_or(ErrorCode::UnknownPage)?;
         match rec.state {
-            PageState::Preallocated => {
+            // Only the page this transaction prepared: a stray or forged Commit must not
+            // claim a page pre-allocated for something else (a primary's, another txn's).
+            PageState::Preallocated if self.txns.get(&txn_id) == Some(&page) => {
                 table.set_state(page, PageState::Allocated, page_id, epoch)?
             }
             PageState::Allocated if rec.page_id == page_id => {}
@@ -276,6 +278,22 @@ mod tests {
             p.commit(&mut table, 12, PageId(1), Epoch(4), &wrong),
             Err(ErrorCode::Malformed)
         );
+        // A Commit naming a PREALLOCATED page that its transaction did not prepare (here:
+        // a primary's own page) is refused and leaves the page alone.
+        let primary_page = primary_prepare(&mut table).unwrap();
+        let forged = [Replica {
+            node: NodeId(2),
+            page: primary_page,
+        }];
+        assert_eq!(
+            p.commit(&mut table, 13, PageId(5), Epoch(4), &forged),
+            Err(ErrorCode::UnknownPage)
+        );
+        assert_eq!(
+            pool.record(primary_page).unwrap().state,
+            PageState::Preallocated
+        );
+        primary_finish(&mut table, primary_page, Epoch(4), Err(ErrorCode::Internal)).unwrap();
         drop(p);
         drop(pool);
         // What the handlers did is on PM.

@@ -1,0 +1,756 @@
+//! The application's handle on a pmgas data node: [`Client`].
+//!
+//! A `Client` runs the node's RDMA service on a thread of its own: it registers the whole
+//! pool for one-sided access, connects to the monitor over rdma_cm, joins, and from then
+//! on serves the monitor's Prepare / Commit / Abort requests (this node as a backup)
+//! while carrying out the application's requests:
+//!
+//! - [`Client::alloc_page`]: a replicated page whose primary is this node — pre-allocated
+//!   here (durably), then the monitor's two-phase allocation; the page is ALLOCATED here
+//!   only after every backup committed and the mapping is durable in ZooKeeper;
+//! - [`Client::alloc`] / [`Client::free`]: objects of any size inside this node's pages
+//!   (the crash-consistent slab allocator of [`crate::objects`]), new slabs on new
+//!   replicated pages;
+//! - [`Client::lookup`]: where a page's replicas live, from the mapping-table cache (a hit
+//!   costs a hash lookup) or, on a miss, from the monitor over RDMA.
+//!
+//! Every method may be called from any number of threads; calls wait for their answer.
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use pmgas_layout::{ClusterId, NodeId};
+//! use pmgas_node::{Client, ClientConfig, OnBlank, Pool, PoolIdentity};
+//!
+//! let id = PoolIdentity { cluster_id: ClusterId(7), node_id: NodeId(1), page_size_bytes: 2 << 20 };
+//! let pool = Pool::open("/dev/dax0.0".as_ref(), None, OnBlank::Format(id), Some(id)).unwrap();
+//! let client = Client::connect(
+//!     ClientConfig::new(NodeId(1), "10.0.0.1".parse().unwrap(), "10.0.0.4:7000".parse().unwrap()),
+//!     Arc::new(pool),
+//! ).unwrap();
+//! let page = client.alloc_page(2).unwrap();          // this node + 2 backups
+//! println!("page {} at {:#x} on {:?}", page.page_id.0, page.addr(2 << 20).raw(), page.replicas);
+//! let obj = client.alloc(100).unwrap();              // 100 bytes somewhere on this node
+//! let where_ = client.lookup(obj.page()).unwrap();   // cached: no round trip
+//! assert_eq!(where_.replicas[0].node, NodeId(1));
+//! client.free(obj).unwrap();
+//! ```
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use pmgas_layout::gat::Mapping;
+use pmgas_layout::wire::{Body, ErrorCode, Join, Message, Replica};
+use pmgas_layout::{ArtRecord, Epoch, GlobalAddr, NodeId, PageId, PageIndex};
+use pmgas_verbs::msg::{Endpoint, Incoming, MsgConfig};
+use pmgas_verbs::{Access, ConnectionConfig, Connector, MemoryRegion, ProtectionDomain};
+
+use crate::objects::{ObjectAllocator, ObjectError, PageSource};
+use crate::participant::{Participant, primary_finish, primary_prepare};
+use crate::pool::Pool;
+
+/// How a [`Client`] reaches its cluster.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    pub node_id: NodeId,
+    /// This node's address: picks its RDMA device.
+    pub bind: IpAddr,
+    /// The active monitor's rdma_cm address.
+    pub monitor: SocketAddr,
+    /// Backups of the pages that [`Client::alloc`] takes for new slabs.
+    pub object_backups: u8,
+    /// How long one monitor request may go unanswered before it is resent.
+    pub request_timeout: Duration,
+}
+
+impl ClientConfig {
+    pub fn new(node_id: NodeId, bind: IpAddr, monitor: SocketAddr) -> Self {
+        Self {
+            node_id,
+            bind,
+            monitor,
+            object_backups: 2,
+            request_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A replicated page allocated through [`Client::alloc_page`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GlobalPage {
+    pub page_id: PageId,
+    /// Where it is in this node's pool.
+    pub page: PageIndex,
+    /// Every replica, this node (the primary) first.
+    pub replicas: Vec<Replica>,
+    pub epoch: Epoch,
+}
+
+impl GlobalPage {
+    /// The global address of the page's first byte (`page_id << 32`).
+    pub fn addr(&self, page_size_bytes: u64) -> GlobalAddr {
+        GlobalAddr::new(self.page_id, 0, page_size_bytes).expect("offset 0 is in every page")
+    }
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The monitor answered with an error the application can act on: `NotEnoughNodes`
+    /// (fewer live nodes than replicas asked for), `NoSpace` (a backup is full),
+    /// `StaleEpoch`, `NotLeader`, `UnknownPage` (lookup of an unmapped page), …
+    #[error("the monitor refused: {code:?}: {detail}")]
+    Refused { code: ErrorCode, detail: String },
+    /// This node has no FREE page left (nothing was sent).
+    #[error("no free page left on this node")]
+    NoLocalSpace,
+    #[error("objects: {0}")]
+    Object(String),
+    /// The node's connection to the monitor is gone. An allocation in flight then has an
+    /// unknown outcome: its page stays PREALLOCATED here until reconciliation with the GAT
+    /// settles it (never freed on a guess, never handed out twice).
+    #[error("the node's service stopped: {0}")]
+    Stopped(String),
+    #[error("node {node}: the local pool refused: {reason}")]
+    Local { node: NodeId, reason: String },
+}
+
+impl From<ObjectError> for ClientError {
+    fn from(e: ObjectError) -> Self {
+        Self::Object(e.to_string())
+    }
+}
+
+type Reply<T> = SyncSender<Result<T, ClientError>>;
+
+enum Command {
+    AllocPage {
+        backups: u8,
+        /// A page the caller already pre-allocated (a new slab), or `None`.
+        prepared: Option<PageIndex>,
+        reply: Reply<GlobalPage>,
+    },
+    Lookup {
+        page_id: PageId,
+        reply: Reply<Mapping>,
+    },
+}
+
+/// What the service thread and the handles share.
+struct Shared {
+    me: NodeId,
+    commands: Mutex<Sender<Command>>,
+    epoch: AtomicU64,
+    stopped: AtomicBool,
+    /// The mapping-table cache: page id -> (epoch it was learned in, replicas).
+    cache: RwLock<HashMap<PageId, (Epoch, Vec<Replica>)>>,
+    lookups_remote: AtomicU64,
+}
+
+impl Shared {
+    fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, ClientError> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        let sent = self
+            .commands
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send(make(tx));
+        if sent.is_err() {
+            return Err(ClientError::Stopped("the service thread ended".into()));
+        }
+        rx.recv()
+            .unwrap_or_else(|_| Err(ClientError::Stopped("the service thread ended".into())))
+    }
+
+    fn remember(&self, page_id: PageId, epoch: Epoch, replicas: &[Replica]) {
+        self.cache
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(page_id, (epoch, replicas.to_vec()));
+    }
+}
+
+/// New slabs of [`Client::alloc`] come from the two-phase allocation.
+struct ClusterPages {
+    shared: Arc<Shared>,
+    backups: u8,
+}
+
+impl PageSource for ClusterPages {
+    fn commit(&self, pool: &Pool, page: PageIndex) -> Result<ArtRecord, ObjectError> {
+        let result = self.shared.call(|reply| Command::AllocPage {
+            backups: self.backups,
+            prepared: Some(page),
+            reply,
+        });
+        match result {
+            Ok(_) => Ok(pool.record(page)?),
+            Err(e) => Err(ObjectError::PageSource(e.to_string())),
+        }
+    }
+}
+
+/// The application's handle on this node; see the module documentation.
+pub struct Client {
+    shared: Arc<Shared>,
+    objects: ObjectAllocator,
+    service: Option<JoinHandle<Result<(), String>>>,
+}
+
+impl Client {
+    /// Starts the node's service: registers `pool` for RDMA, connects to the monitor and
+    /// joins. Returns once joined, or with the monitor's refusal (wrong cluster, page
+    /// size, duplicate node id) or the connection error.
+    pub fn connect(config: ClientConfig, pool: Arc<Pool>) -> Result<Self, ClientError> {
+        let (commands, rx) = mpsc::channel();
+        let shared = Arc::new(Shared {
+            me: config.node_id,
+            commands: Mutex::new(commands),
+            epoch: AtomicU64::new(0),
+            stopped: AtomicBool::new(false),
+            cache: RwLock::new(HashMap::new()),
+            lookups_remote: AtomicU64::new(0),
+        });
+        let (ready_tx, ready_rx) = mpsc::sync_channel(1);
+        let service = {
+            let shared = Arc::clone(&shared);
+            let pool = Arc::clone(&pool);
+            let config = config.clone();
+            std::thread::Builder::new()
+                .name(format!("pmgas-node{}", config.node_id.0))
+                .spawn(move || {
+                    let result = run(&config, &pool, &shared, rx, ready_tx);
+                    shared.stopped.store(true, Ordering::Release);
+                    if let Err(e) = &result {
+                        tracing::error!(error = %e, "node service stopped");
+                    }
+                    result
+                })
+                .map_err(|e| ClientError::Stopped(e.to_string()))?
+        };
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                let _ = service.join();
+                return Err(e);
+            }
+            Err(_) => {
+                let why = match service.join() {
+                    Ok(Err(e)) => e,
+                    _ => "the service thread ended during the join".into(),
+                };
+                return Err(ClientError::Stopped(why));
+            }
+        }
+        let source = ClusterPages {
+            shared: Arc::clone(&shared),
+            backups: config.object_backups,
+        };
+        // PREALLOCATED pages are left alone: reconciliation with the GAT settles them.
+        let objects = ObjectAllocator::open(pool, Box::new(source), false)?;
+        Ok(Self {
+            shared,
+            objects,
+            service: Some(service),
+        })
+    }
+
+    pub fn node_id(&self) -> NodeId {
+        self.shared.me
+    }
+
+    /// The config epoch this node joined in.
+    pub fn epoch(&self) -> Epoch {
+        Epoch(self.shared.epoch.load(Ordering::Acquire))
+    }
+
+    /// Allocates a page with this node as primary and `backups` replicas on other nodes
+    /// (never two on one node). Fails cleanly, with nothing left allocated, when there are
+    /// fewer other live nodes than `backups`, when a backup or this node is full, or when
+    /// the mapping cannot be made durable.
+    pub fn alloc_page(&self, backups: u8) -> Result<GlobalPage, ClientError> {
+        self.shared.call(|reply| Command::AllocPage {
+            backups,
+            prepared: None,
+            reply,
+        })
+    }
+
+    /// Allocates an object of `size` bytes (8 B up to a page less its slab header) on
+    /// this node; takes a new replicated page when no slab of its size class has room.
+    pub fn alloc(&self, size: u64) -> Result<GlobalAddr, ClientError> {
+        Ok(self.objects.thread_cache().alloc(size)?)
+    }
+
+    /// Frees an object returned by [`Self::alloc`]. Anything else is refused unchanged.
+    pub fn free(&self, addr: GlobalAddr) -> Result<(), ClientError> {
+        Ok(self.objects.free(addr)?)
+    }
+
+    /// Where page `page_id` lives: a hit in the mapping cache costs a hash lookup; a miss
+    /// (or an entry from an older epoch) asks the monitor over RDMA and caches the answer.
+    pub fn lookup(&self, page_id: PageId) -> Result<Mapping, ClientError> {
+        let epoch = self.epoch();
+        if let Some((e, replicas)) = self
+            .shared
+            .cache
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&page_id)
+            && *e == epoch
+        {
+            return Ok(Mapping {
+                page_id,
+                replicas: replicas.clone(),
+            });
+        }
+        self.shared.lookups_remote.fetch_add(1, Ordering::Relaxed);
+        let m = self
+            .shared
+            .call(|reply| Command::Lookup { page_id, reply })?;
+        self.shared.remember(page_id, epoch, &m.replicas);
+        Ok(m)
+    }
+
+    /// Lookups that went to the monitor (cache misses) so far.
+    pub fn remote_lookups(&self) -> u64 {
+        self.shared.lookups_remote.load(Ordering::Relaxed)
+    }
+
+    /// The object allocator (statistics, the list of live objects).
+    pub fn objects(&self) -> &ObjectAllocator {
+        &self.objects
+    }
+
+    /// Whether the service is still running (false once the monitor connection is gone).
+    pub fn is_running(&self) -> bool {
+        !self.shared.stopped.load(Ordering::Acquire)
+    }
+
+    /// Waits until the service stops (the monitor connection ended) and returns why.
+    pub fn wait(mut self) -> Result<(), String> {
+        match self.service.take().map(JoinHandle::join) {
+            Some(Ok(r)) => r,
+            Some(Err(_)) => Err("the node service panicked".into()),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Registers the pool's whole mapping (header, ART and pages) for one-sided access.
+#[allow(unsafe_code)]
+fn register_pool(pd: &ProtectionDomain, pool: &Pool) -> Result<MemoryRegion, String> {
+    let region = pool.region();
+    // SAFETY: the mapping belongs to `pool`, which the caller keeps alive (and mapped)
+    // for as long as the returned region: `run` holds an Arc of the pool and drops the
+    // region before returning.
+    unsafe { pd.register_raw(region.as_ptr(), region.len(), Access::ALL_REMOTE) }
+        .map_err(|e| e.to_string())
+}
+
+/// An allocation this node asked the monitor for, as primary.
+struct Pending {
+    page: PageIndex,
+    backups: u8,
+    wire_id: u64,
+    reply: Reply<GlobalPage>,
+    sent_at: Instant,
+}
+
+enum Outstanding {
+    Alloc(Pending),
+    Lookup(PageId, Reply<Mapping>),
+}
+
+struct Service<'a> {
+    ep: Endpoint,
+    me: NodeId,
+    epoch: Epoch,
+    pool: &'a Pool,
+    shared: &'a Shared,
+    timeout: Duration,
+    participant: Participant,
+    /// Message-layer request id -> what it was for.
+    outstanding: HashMap<u64, Outstanding>,
+    next_wire_id: u64,
+}
+
+fn join(
+    ep: &mut Endpoint,
+    config: &ClientConfig,
+    pool: &Pool,
+    mr: &MemoryRegion,
+) -> Result<Epoch, ClientError> {
+    let me = config.node_id;
+    let header = *pool.header();
+    let ip = match config.bind {
+        IpAddr::V4(v4) => v4.octets(),
+        IpAddr::V6(_) => [0; 4],
+    };
+    let join = Join {
+        cluster_id: header.cluster_id,
+        page_size_bytes: header.page_size_bytes,
+        page_count: header.page_count,
+        free_pages: pool.art().free_count(),
+        region_addr: mr.addr(),
+        region_len: mr.len() as u64,
+        rkey: mr.rkey(),
+        cm_ip: ip,
+        cm_port: 0,
+    };
+    let stopped = |e: String| ClientError::Stopped(e);
+    let reply = ep
+        .call(
+            &Message::new(Epoch(0), me, 1, Body::Join(join)).encode(),
+            Duration::from_secs(10),
+        )
+        .map_err(|e| stopped(format!("join: {e}")))?;
+    let reply = Message::decode(&reply).map_err(|e| stopped(format!("join answer: {e}")))?;
+    match reply.body {
+        Body::JoinAck { live_nodes } => {
+            tracing::info!(%me, live_nodes, epoch = reply.header.epoch.0, "joined");
+            Ok(reply.header.epoch)
+        }
+        Body::Error { code, detail } => Err(ClientError::Refused { code, detail }),
+        other => Err(stopped(format!(
+            "unexpected answer to Join: {}",
+            other.name()
+        ))),
+    }
+}
+
+fn run(
+    config: &ClientConfig,
+    pool: &Pool,
+    shared: &Shared,
+    commands: Receiver<Command>,
+    ready: SyncSender<Result<(), ClientError>>,
+) -> Result<(), String> {
+    let setup = || -> Result<_, ClientError> {
+        let stopped = |e: pmgas_verbs::Error| ClientError::Stopped(e.to_string());
+        let route = Connector::new(Some(config.bind), config.monitor)
+            .resolve()
+            .map_err(stopped)?;
+        let pd = ProtectionDomain::new(route.context()).map_err(stopped)?;
+        let mr = register_pool(&pd, pool).map_err(ClientError::Stopped)?;
+        let conn = route
+            .connect(&pd, &ConnectionConfig::default(), &[])
+            .map_err(stopped)?;
+        let mut ep = Endpoint::new(conn, MsgConfig::default()).map_err(stopped)?;
+        let epoch = join(&mut ep, config, pool, &mr)?;
+        Ok((pd, mr, ep, epoch))
+    };
+    let (_pd, _mr, ep, epoch) = match setup() {
+        Ok(s) => s,
+        Err(e) => {
+            let why = e.to_string();
+            let _ = ready.send(Err(e));
+            return Err(why);
+        }
+    };
+    shared.epoch.store(epoch.0, Ordering::Release);
+    let mut service = Service {
+        ep,
+        me: config.node_id,
+        epoch,
+        pool,
+        shared,
+        timeout: config.request_timeout,
+        participant: Participant::new(config.node_id),
+        outstanding: HashMap::new(),
+        next_wire_id: 2,
+    };
+    let _ = ready.send(Ok(()));
+    let result = service.serve(&commands);
+    // Everyone still waiting learns that the service is gone; allocations in flight keep
+    // their PREALLOCATED pages for reconciliation (their outcome is unknown).
+    let why = match &result {
+        Ok(()) => "the node service stopped".to_string(),
+        Err(e) => e.clone(),
+    };
+    for (_, o) in service.outstanding.drain() {
+        let err = Err(ClientError::Stopped(format!("{why}; outcome unknown")));
+        match o {
+            Outstanding::Alloc(p) => drop(p.reply.send(err)),
+            Outstanding::Lookup(_, r) => drop(r.send(Err(ClientError::Stopped(why.clone())))),
+        }
+    }
+    while let Ok(c) = commands.try_recv() {
+        let err = ClientError::Stopped(why.clone());
+        match c {
+            Command::AllocPage {
+                reply, prepared, ..
+            } => {
+                if let Some(page) = prepared {
+                    // Never sent: nobody else knows this page; give it back.
+                    let mut table = pool;
+                    let _ = primary_finish(&mut table, page, epoch, Err(ErrorCode::Internal));
+                }
+                drop(reply.send(Err(err)))
+            }
+            Command::Lookup { reply, .. } => drop(reply.send(Err(err))),
+        }
+    }
+    result
+}
+
+impl Service<'_> {
+    fn serve(&mut self, commands: &Receiver<Command>) -> Result<(), String> {
+        // Spin while messages flow, nap when idle: several nodes and the monitor may share
+        // few cores (the rig has two).
+        let mut idle = pmgas_verbs::spin::IdleBackoff::default();
+        loop {
+            let mut busy = false;
+            while self.ep.outstanding() < self.ep.request_limit() {
+                match commands.try_recv() {
+                    Ok(c) => {
+                        busy = true;
+                        self.command(c)?;
+                    }
+                    Err(mpsc::TryRecvError::Empty) => break,
+                    // Every handle is gone: nothing more will be asked; keep serving as a
+                    // backup until the monitor connection ends.
+                    Err(mpsc::TryRecvError::Disconnected) => break,
+                }
+            }
+            match self.ep.poll() {
+                Ok(Some(incoming)) => {
+                    busy = true;
+                    self.incoming(incoming)?;
+                }
+                Ok(None) => {}
+                Err(e) => return Err(format!("monitor connection lost: {e}")),
+            }
+            if busy {
+                idle.busy();
+            } else if idle.idle() && self.ep.connection().peer_disconnected().unwrap_or(true) {
+                return Err("the monitor disconnected".into());
+            }
+        }
+    }
+
+    fn command(&mut self, c: Command) -> Result<(), String> {
+        match c {
+            Command::AllocPage {
+                backups,
+                prepared,
+                reply,
+            } => {
+                let page = match prepared {
+                    Some(p) => p,
+                    None => {
+                        let mut table = self.pool;
+                        match primary_prepare(&mut table) {
+                            Ok(p) => p,
+                            Err(ErrorCode::NoSpace) => {
+                                let _ = reply.send(Err(ClientError::NoLocalSpace));
+                                return Ok(());
+                            }
+                            Err(code) => {
+                                let _ = reply.send(Err(ClientError::Local {
+                                    node: self.me,
+                                    reason: format!("{code:?}"),
+                                }));
+                                return Ok(());
+                            }
+                        }
+                    }
+                };
+                let p = Pending {
+                    page,
+                    backups,
+                    wire_id: self.next_wire_id,
+                    reply,
+                    sent_at: Instant::now(),
+                };
+                self.next_wire_id += 1;
+                self.send_alloc(p)
+            }
+            Command::Lookup { page_id, reply } => {
+                let wire_id = self.next_wire_id;
+                self.next_wire_id += 1;
+                let msg = Message::new(
+                    self.epoch,
+                    self.me,
+                    wire_id,
+                    Body::MappingLookup { page_id },
+                );
+                match self.ep.request(&msg.encode(), self.timeout) {
+                    Ok(id) => {
+                        self.outstanding
+                            .insert(id, Outstanding::Lookup(page_id, reply));
+                    }
+                    Err(e) => drop(reply.send(Err(ClientError::Stopped(e.to_string())))),
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Sends (or resends: the wire id stays the same, so the monitor answers it once) a
+    /// primary's AllocPage and tracks it under the message layer's request id.
+    fn send_alloc(&mut self, p: Pending) -> Result<(), String> {
+        let body = Body::AllocPage {
+            primary_page: p.page,
+            backups_wanted: p.backups,
+        };
+        let msg = Message::new(self.epoch, self.me, p.wire_id, body);
+        let id = self
+            .ep
+            .request(&msg.encode(), self.timeout)
+            .map_err(|e| format!("sending AllocPage: {e}"))?;
+        self.outstanding.insert(id, Outstanding::Alloc(p));
+        Ok(())
+    }
+
+    fn incoming(&mut self, incoming: Incoming) -> Result<(), String> {
+        match incoming {
+            Incoming::Request {
+                request_id,
+                payload,
+            } => {
+                let body = self.monitor_request(&payload);
+                let _ = self.ep.respond(
+                    request_id,
+                    &Message::new(self.epoch, self.me, 0, body).encode(),
+                );
+            }
+            Incoming::Response {
+                request_id,
+                payload,
+            } => match self.outstanding.remove(&request_id) {
+                Some(Outstanding::Alloc(p)) => self.alloc_answer(p, &payload),
+                Some(Outstanding::Lookup(page_id, reply)) => {
+                    let answer = match Message::decode(&payload).map(|m| m.body) {
+                        Ok(Body::Mapping {
+                            page_id: got,
+                            replicas,
+                        }) if got == page_id => Ok(Mapping { page_id, replicas }),
+                        Ok(Body::Error { code, detail }) => {
+                            Err(ClientError::Refused { code, detail })
+                        }
+                        other => Err(ClientError::Refused {
+                            code: ErrorCode::Malformed,
+                            detail: format!("unexpected answer to a lookup: {other:?}"),
+                        }),
+                    };
+                    let _ = reply.send(answer);
+                }
+                None => {}
+            },
+            Incoming::TimedOut { request_id } => match self.outstanding.remove(&request_id) {
+                // Retry with the same wire request id: the monitor answers it once.
+                Some(Outstanding::Alloc(p)) => self.send_alloc(p)?,
+                Some(Outstanding::Lookup(page_id, reply)) => {
+                    let _ = reply.send(Err(ClientError::Stopped(format!(
+                        "no answer to the lookup of page {} within {:?}",
+                        page_id.0, self.timeout
+                    ))));
+                }
+                None => {}
+            },
+        }
+        Ok(())
+    }
+
+    /// The monitor's answer to one of our AllocPage requests: commit or free the primary
+    /// page, durably, then tell the caller.
+    fn alloc_answer(&mut self, p: Pending, payload: &[u8]) {
+        let mut table = self.pool;
+        let answer = Message::decode(payload).map(|m| m.body);
+        let result = match answer {
+            Ok(Body::Commit {
+                page_id, replicas, ..
+            }) => primary_finish(&mut table, p.page, self.epoch, Ok((page_id, &replicas)))
+                .map(|()| GlobalPage {
+                    page_id,
+                    page: p.page,
+                    replicas,
+                    epoch: self.epoch,
+                })
+                .map_err(|code| ClientError::Local {
+                    node: self.me,
+                    reason: format!("committing the primary page: {code:?}"),
+                }),
+            Ok(Body::Error { code, detail }) => {
+                let freed = primary_finish(&mut table, p.page, self.epoch, Err(code));
+                if let Err(e) = freed {
+                    tracing::error!(page = p.page.0, ?e, "could not free an aborted page");
+                }
+                Err(ClientError::Refused { code, detail })
+            }
+            other => {
+                // Not an answer we understand: the outcome is unknown, so the page stays
+                // PREALLOCATED for reconciliation rather than being freed on a guess.
+                tracing::error!(?other, page = p.page.0, "unexpected answer to AllocPage");
+                Err(ClientError::Refused {
+                    code: ErrorCode::Malformed,
+                    detail: format!("unexpected answer to AllocPage: {other:?}"),
+                })
+            }
+        };
+        if let Ok(g) = &result {
+            self.shared.remember(g.page_id, g.epoch, &g.replicas);
+            tracing::debug!(
+                page_id = g.page_id.0,
+                us = p.sent_at.elapsed().as_micros() as u64,
+                "allocated"
+            );
+        }
+        let _ = p.reply.send(result);
+    }
+
+    /// Handles one request from the monitor (this node as a backup). Malformed or
+    /// stale-epoch requests are refused without touching the pool.
+    fn monitor_request(&mut self, payload: &[u8]) -> Body {
+        let mut table = self.pool;
+        let m = match Message::decode(payload) {
+            Err(e) => {
+                return Body::Error {
+                    code: ErrorCode::Malformed,
+                    detail: e.to_string(),
+                };
+            }
+            Ok(m) => m,
+        };
+        if m.header.epoch != self.epoch {
+            return Body::Error {
+                code: ErrorCode::StaleEpoch,
+                detail: format!("epoch {} is not {}", m.header.epoch.0, self.epoch.0),
+            };
+        }
+        let failed = |code, what: String| Body::Error { code, detail: what };
+        match m.body {
+            Body::Prepare { txn_id } => match self.participant.prepare(&mut table, txn_id) {
+                Ok(page) => Body::Prepared { txn_id, page },
+                Err(code) => failed(code, format!("prepare {txn_id}")),
+            },
+            Body::Commit {
+                txn_id,
+                page_id,
+                replicas,
+            } => match self
+                .participant
+                .commit(&mut table, txn_id, page_id, self.epoch, &replicas)
+            {
+                Ok(()) => {
+                    self.shared.remember(page_id, self.epoch, &replicas);
+                    Body::CommitAck { txn_id, page_id }
+                }
+                Err(code) => failed(code, format!("commit {txn_id}")),
+            },
+            Body::Abort { txn_id } => match self.participant.abort(&mut table, txn_id) {
+                Ok(()) => Body::AbortAck { txn_id },
+                Err(code) => failed(code, format!("abort {txn_id}")),
+            },
+            other => failed(
+                ErrorCode::Malformed,
+                format!("{} is not a request to a node", other.name()),
+            ),
+        }
+    }
+}

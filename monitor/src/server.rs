@@ -309,7 +309,7 @@ pub fn serve(
             ));
         }
         if idle_pass && deposed.is_none() && writer.compaction_due() {
-            match rt.block_on(tokio::time::timeout(ZK_TIMEOUT, writer.compact())) {
+            match bounded(rt, writer.compact()) {
                 Ok(Ok(n)) => tracing::debug!(deltas = n, "GAT deltas compacted"),
                 Ok(Err(e @ StoreError::Fenced { .. })) => {
                     tracing::error!(error = %e, "deposed: another monitor writes the GAT now");
@@ -321,6 +321,14 @@ pub fn serve(
             }
         }
     }
+}
+
+/// Runs one ZooKeeper call on the runtime, bounded by [`ZK_TIMEOUT`].
+fn bounded<T>(
+    rt: &tokio::runtime::Runtime,
+    call: impl std::future::Future<Output = T>,
+) -> Result<T, tokio::time::error::Elapsed> {
+    rt.block_on(async { tokio::time::timeout(ZK_TIMEOUT, call).await })
 }
 
 enum Persisted {
@@ -343,7 +351,7 @@ fn persist(
     if deposed {
         return Ok(Persisted::NotStored);
     }
-    let error = match rt.block_on(tokio::time::timeout(ZK_TIMEOUT, writer.append(maps))) {
+    let error = match bounded(rt, writer.append(maps)) {
         Ok(Ok(())) => return Ok(Persisted::Stored),
         Ok(Err(e @ StoreError::Fenced { .. })) => return Ok(Persisted::Fenced(e.to_string())),
         Ok(Err(e @ StoreError::Unknown { .. })) => e.to_string(),
@@ -356,7 +364,7 @@ fn persist(
     tracing::error!(%error, "GAT write outcome unknown; reading back");
     let start = Instant::now();
     while start.elapsed() < UNKNOWN_GIVE_UP {
-        match rt.block_on(tokio::time::timeout(ZK_TIMEOUT, writer.resolve(maps))) {
+        match bounded(rt, writer.resolve(maps)) {
             Ok(Ok(true)) => return Ok(Persisted::Stored),
             Ok(Ok(false)) => return Ok(Persisted::NotStored),
             Ok(Err(e @ StoreError::Fenced { .. })) => return Ok(Persisted::Fenced(e.to_string())),
@@ -378,10 +386,7 @@ fn record_join(
     epoch: Epoch,
 ) -> Result<(), String> {
     let info = format!("joined in epoch {}", epoch.0);
-    match rt.block_on(tokio::time::timeout(
-        ZK_TIMEOUT,
-        store.register_node(node.0, &info),
-    )) {
+    match bounded(rt, store.register_node(node.0, &info)) {
         Ok(r) => r.map_err(|e| e.to_string()),
         Err(_) => Err(format!("no answer from ZooKeeper within {ZK_TIMEOUT:?}")),
     }
@@ -403,8 +408,7 @@ fn remove_peer(
         by_node.remove(&n);
         // No new transaction picks it; those in flight time out and abort.
         coord.remove_node(n);
-        let unregister = tokio::time::timeout(ZK_TIMEOUT, store.unregister_node(n.0));
-        if let Err(e) = rt.block_on(unregister).unwrap_or_else(|_| {
+        if let Err(e) = bounded(rt, store.unregister_node(n.0)).unwrap_or_else(|_| {
             Err(StoreError::Corrupt {
                 path: "nodes".into(),
                 reason: "ZooKeeper did not answer".into(),

@@ -11,27 +11,44 @@
 # backup out of space aborts the transaction); then the check also requires failures,
 # and still that every PREALLOCATED page went back to FREE and the GAT matches the ARTs.
 #
+# Fault cases (each must still end with GAT == ARTs and nothing PREALLOCATED):
+#   --freeze-node3 S   node 3 stops (SIGSTOP) for S seconds mid-run: an unreachable
+#                      backup; transactions that need it time out and abort, and it frees
+#                      what it prepared for them once it runs again;
+#   --depose-after S   after S seconds a new writer fences the GAT series: the monitor's
+#                      next ZooKeeper write fails, those transactions abort, the monitor
+#                      answers NotLeader, drains and stops.
+# --objects N: node 1 then allocates N objects through the client API (slabs on new
+# replicated pages), checks and frees half of them.
+#
 # Usage (outside the rig it re-runs itself inside):
-#   scripts/cluster.sh [--pages N] [--concurrency C] [--pool-mib M]
+#   scripts/cluster.sh [--pages N] [--concurrency C] [--pool-mib M] [--objects N]
+#                      [--freeze-node3 S] [--depose-after S]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 pages=999
 concurrency=4
 pool_mib=96
+objects=0
+freeze=0
+depose=0
+args=("$@")
 while (($#)); do
   case $1 in
     --pages) pages=$2; shift 2 ;;
     --concurrency) concurrency=$2; shift 2 ;;
     --pool-mib) pool_mib=$2; shift 2 ;;
-    *) echo "usage: $0 [--pages N] [--concurrency C] [--pool-mib M]" >&2; exit 2 ;;
+    --objects) objects=$2; shift 2 ;;
+    --freeze-node3) freeze=$2; shift 2 ;;
+    --depose-after) depose=$2; shift 2 ;;
+    *) echo "usage: $0 [--pages N] [--concurrency C] [--pool-mib M] [--objects N] [--freeze-node3 S] [--depose-after S]" >&2; exit 2 ;;
   esac
 done
 
 if [[ ${PMGAS_RIG:-} != 1 ]]; then
   cargo build --release --bins --quiet
-  exec bash scripts/rig.sh --hosts 4 -- bash "$root/scripts/cluster.sh" --pages "$pages" \
-    --concurrency "$concurrency" --pool-mib "$pool_mib"
+  exec bash scripts/rig.sh --hosts 4 -- bash "$root/scripts/cluster.sh" "${args[@]}"
 fi
 
 bin=${PMGAS_BIN:-$root/target/release}
@@ -82,18 +99,45 @@ sleep 0.5
 i=0
 for h in $h1 $h2 $h3; do
   i=$((i + 1))
+  extra=()
+  ((i == 1 && objects > 0)) && extra=(--alloc-objects "$objects")
   "$bin/pmgas-node" serve --pm "/dev/shm/pmgas-$cluster-node$i" --cluster-id 7 --node-id $i \
     --page-size $page_size --zk "$zk" --cluster "$cluster" --bind "$h" --alloc-pages "$per_node" --backups 2 \
-    --concurrency "$concurrency" --start-delay-ms 3000 >"$work/node$i.log" 2>&1 &
+    --concurrency "$concurrency" --start-delay-ms 3000 "${extra[@]}" >"$work/node$i.log" 2>&1 &
   pids+=($!)
 done
+if ((freeze > 0)); then
+  sleep 3.5
+  echo "cluster: freezing node 3 for $freeze s"
+  kill -STOP "${pids[3]}"
+  sleep "$freeze"
+  kill -CONT "${pids[3]}"
+fi
+if ((depose > 0)); then
+  sleep "$depose"
+  echo "cluster: fencing the monitor's GAT series: $("$bin/pmgas-monitor" fence-gat --zk "$zk" --cluster "$cluster")"
+fi
+done_re="ALLOC DONE"
+((objects > 0)) && done_re="OBJECTS DONE"
 for i in 1 2 3; do
-  for _ in $(seq 1 3000); do grep -q "ALLOC DONE\|pmgas-node:" "$work/node$i.log" && break; sleep 0.1; done
+  want="ALLOC DONE"
+  ((i == 1)) && want=$done_re
+  for _ in $(seq 1 3000); do grep -q "$want\|pmgas-node:" "$work/node$i.log" && break; sleep 0.1; done
 done
 for i in 1 2 3; do
   grep -q "ALLOC DONE" "$work/node$i.log" || { echo "node $i did not finish:"; cat "$work/node$i.log"; tail -20 "$work/monitor.log"; exit 1; }
   echo "node$i: $(grep 'ALLOC DONE' "$work/node$i.log")"
 done
+if ((objects > 0)); then
+  grep -q "OBJECTS DONE" "$work/node1.log" || { echo "node 1 did not finish its objects:"; tail -20 "$work/node1.log"; exit 1; }
+  echo "node1: $(grep 'OBJECTS DONE' "$work/node1.log")"
+fi
+if ((depose > 0)); then
+  # The deposed monitor must drain and stop by itself.
+  for _ in $(seq 1 300); do kill -0 "${pids[0]}" 2>/dev/null || break; sleep 0.1; done
+  if kill -0 "${pids[0]}" 2>/dev/null; then echo "cluster: the deposed monitor did not stop"; tail -20 "$work/monitor.log"; exit 1; fi
+  echo "cluster: monitor stopped: $(grep -o 'deposed.*' "$work/monitor.log" | tail -1)"
+fi
 # Stop everything but ZooKeeper, then compare the GAT with every ART.
 for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
 wait "${pids[@]}" 2>/dev/null || true
@@ -103,9 +147,11 @@ for i in 1 2 3; do
   "$bin/pmgas-node" art-dump --pm "/dev/shm/pmgas-$cluster-node$i" --json >"$work/art$i.jsonl"
 done
 check_ok=0
-python3 - "$work" "$pages" "$pool_mib" <<'PY' || check_ok=1
+expect_failures=0
+((freeze > 0 || depose > 0)) && expect_failures=1
+python3 - "$work" "$pages" "$pool_mib" "$expect_failures" <<'PY' || check_ok=1
 import json, sys
-work, pages, pool_mib = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+work, pages, pool_mib, expect_failures = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
 gat = [json.loads(l) for l in open(f"{work}/gat.jsonl")]
 head, maps = gat[0], gat[1:]
 done = [l for i in (1, 2, 3) for l in open(f"{work}/node{i}.log") if "ALLOC DONE" in l]
@@ -116,7 +162,9 @@ fits = pages * 3 <= 3 * (pool_mib << 20) // 65536 * 0.95
 errors = []
 ids = [m["page_id"] for m in maps]
 if len(ids) != len(set(ids)): errors.append("page id stored twice")
-if len(maps) != ok: errors.append(f"{len(maps)} mappings stored but {ok} allocations succeeded")
+slabs = [int(l.split("slabs=")[1].split()[0]) for l in open(f"{work}/node1.log") if "OBJECTS DONE" in l]
+slabs = slabs[0] if slabs else 0
+if len(maps) != ok + slabs: errors.append(f"{len(maps)} mappings stored but {ok} allocations (+{slabs} slabs) succeeded")
 art = {}
 for i in (1, 2, 3):
     for l in list(open(f"{work}/art{i}.jsonl"))[1:]:
@@ -136,8 +184,8 @@ for m in maps:
 for k, e in art.items():
     if e["state"] == "PREALLOCATED": errors.append(f"{k} left PREALLOCATED")
     if e["state"] == "ALLOCATED" and k not in claimed: errors.append(f"{k} ALLOCATED but not in the GAT")
-if fits and ok < pages * 0.99: errors.append(f"only {ok} of {pages} allocations succeeded")
-if not fits and failed == 0: errors.append("the pools are too small for every page, yet nothing failed")
+if fits and not expect_failures and ok < pages * 0.99: errors.append(f"only {ok} of {pages} allocations succeeded")
+if (expect_failures or not fits) and failed == 0: errors.append("a fault was injected or the pools are too small, yet nothing failed")
 print(f"cluster check: {len(maps)} mappings in the GAT (epoch {head['epoch']}, live nodes at dump time {head['nodes']}), {len(art)} non-FREE ART entries on 3 nodes, {ok} allocations ok, {failed} failed, {len(errors)} problems")
 for e in errors[:20]: print("  " + e)
 sys.exit(1 if errors else 0)

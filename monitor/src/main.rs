@@ -44,6 +44,17 @@ enum Command {
         #[arg(long)]
         listen: std::net::SocketAddr,
     },
+    /// Opens a GAT writer series as a new active monitor would, fencing off its current
+    /// writer (internal: the deposed-monitor and ZooKeeper-write-failure tests).
+    #[command(hide = true)]
+    FenceGat {
+        #[arg(long)]
+        zk: String,
+        #[arg(long)]
+        cluster: String,
+        #[arg(long, default_value_t = 0)]
+        worker: u32,
+    },
 }
 
 fn main() -> ExitCode {
@@ -53,6 +64,11 @@ fn main() -> ExitCode {
         .init();
     let result = match Cli::parse().command {
         Command::GatDump { zk, cluster, json } => gat_dump(&zk, &cluster, json),
+        Command::FenceGat {
+            zk,
+            cluster,
+            worker,
+        } => fence_gat(&zk, &cluster, worker),
         Command::Serve {
             zk,
             cluster,
@@ -68,6 +84,28 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn fence_gat(zk: &str, cluster: &str, worker: u32) -> Result<(), String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        let connect = Store::connect(zk, cluster, Duration::from_secs(6));
+        let store = tokio::time::timeout(Duration::from_secs(20), connect)
+            .await
+            .map_err(|_| format!("ZooKeeper at {zk} did not answer within 20 s"))?
+            .map_err(|e| e.to_string())?;
+        let w = pmgas_monitor::GatWriter::open(&store, worker)
+            .await
+            .map_err(|e| e.to_string())?;
+        println!(
+            "FENCED worker {worker} ({} deltas pending)",
+            w.pending_deltas()
+        );
+        Ok(())
+    })
 }
 
 fn gat_dump(zk: &str, cluster: &str, json: bool) -> Result<(), String> {

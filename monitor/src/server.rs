@@ -80,6 +80,7 @@ pub fn serve(
     let mut idle = pmgas_verbs::spin::IdleBackoff::default();
     // Set once a GAT write was fenced: finish what was started, then stop.
     let mut deposed: Option<String> = None;
+    let mut last_request = Instant::now();
     loop {
         if last_accept.elapsed() >= Duration::from_millis(2) {
             last_accept = Instant::now();
@@ -119,6 +120,7 @@ pub fn serve(
                         request_id,
                         payload,
                     } => {
+                        last_request = Instant::now();
                         let reply = handle_request(
                             &payload,
                             peer,
@@ -301,8 +303,11 @@ pub fn serve(
                 });
             }
         }
+        // Deposed: stop once nothing is in flight and the nodes have stopped asking (they
+        // were told NotLeader), so no request is left with an unknown outcome.
         if let Some(why) = &deposed
             && coord.in_flight() == 0
+            && last_request.elapsed() >= Duration::from_secs(1)
         {
             return Err(format!(
                 "this monitor was deposed ({why}); every transaction it started has finished"

@@ -316,6 +316,15 @@ impl Client {
         Ok(m)
     }
 
+    /// Drops a page's entry from the mapping cache (the next lookup asks the monitor).
+    pub fn invalidate(&self, page_id: PageId) {
+        self.shared
+            .cache
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&page_id);
+    }
+
     /// Lookups that went to the monitor (cache misses) so far.
     pub fn remote_lookups(&self) -> u64 {
         self.shared.lookups_remote.load(Ordering::Relaxed)

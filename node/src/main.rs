@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use pmgas_layout::wire::ErrorCode;
 use pmgas_layout::{ClusterId, Epoch, NodeId, PageState};
 use pmgas_node::{Client, ClientConfig, ClientError, OnBlank, Pool, PoolIdentity};
 
@@ -386,6 +387,15 @@ fn serve(
                                 match client.alloc_page(load.backups) {
                                     Ok(_) => lat.push(t.elapsed().as_micros() as u64),
                                     Err(e) => {
+                                        // Stop asking a deposed monitor (a real client
+                                        // would look up the new one in ZooKeeper).
+                                        let deposed = matches!(
+                                            e,
+                                            ClientError::Refused {
+                                                code: ErrorCode::NotLeader,
+                                                ..
+                                            } | ClientError::Stopped(_)
+                                        );
                                         let kind = match e {
                                             ClientError::Refused { code, .. } => {
                                                 format!("{code:?}")
@@ -395,6 +405,9 @@ fn serve(
                                             _ => "Other".into(),
                                         };
                                         *failures.entry(kind).or_insert(0) += 1;
+                                        if deposed {
+                                            break;
+                                        }
                                     }
                                 }
                             }
@@ -465,6 +478,25 @@ fn objects_round_trip(client: &Client, n: u64) -> Result<(), String> {
         if k % 2 == 0 {
             client.free(*addr).map_err(|e| e.to_string())?;
         }
+    }
+    // The mapping cache: a miss asks the monitor and gets the same answer; a page nobody
+    // allocated is an error, not a guess.
+    if let Some((addr, _, _)) = live.first() {
+        let cached = client.lookup(addr.page()).map_err(|e| e.to_string())?;
+        client.invalidate(addr.page());
+        let fetched = client.lookup(addr.page()).map_err(|e| e.to_string())?;
+        if fetched != cached {
+            return Err(format!(
+                "the monitor says {fetched:?}, the cache said {cached:?}"
+            ));
+        }
+    }
+    match client.lookup(pmgas_layout::PageId(u32::MAX - 1)) {
+        Err(ClientError::Refused {
+            code: ErrorCode::UnknownPage,
+            ..
+        }) => {}
+        other => return Err(format!("lookup of an unmapped page gave {other:?}")),
     }
     let stats = client.objects().stats();
     println!(

@@ -79,16 +79,20 @@ start() {
         done
       fi
     } >"$s/zoo.cfg"
-    # Own process group, so that a caller's job control never takes the server down.
-    setsid java -Xmx512m -cp "$classpath" -Dzookeeper.jmx.log4j.disable=true \
-      org.apache.zookeeper.server.quorum.QuorumPeerMain "$s/zoo.cfg" >"$s/server.log" 2>&1 </dev/null &
-    echo $! >"$s/pid"
+    launch "$s"
     connect+=("127.0.0.1:$client")
   done
-  local deadline=$((SECONDS + 60))
+  local deadline=$((SECONDS + 60)) relaunched=0
   for i in $(seq 1 "$n"); do
     local client=$((port + i - 1))
     until [[ -n $(srvr "$client") ]]; do
+      # The JVM has been seen to abort while starting under TCG emulation: start it again
+      # (twice at most) rather than fail the caller.
+      if ! kill -0 "$(cat "$dir/server$i/pid")" 2>/dev/null && ((relaunched < 2)); then
+        relaunched=$((relaunched + 1))
+        echo "zookeeper.sh: server $i died while starting; starting it again" >&2
+        launch "$dir/server$i"
+      fi
       if ((SECONDS > deadline)); then
         echo "zookeeper.sh: server $i (port $client) did not come up; see $dir/server$i/server.log" >&2
         tail -5 "$dir/server$i/server.log" >&2 || true
@@ -104,6 +108,13 @@ start() {
       >/dev/null 2>&1 </dev/null &
   fi
   (IFS=,; echo "${connect[*]}")
+}
+
+launch() { # server dir
+  # Own process group, so that a caller's job control never takes the server down.
+  setsid java -Xmx512m -cp "$classpath" -Dzookeeper.jmx.log4j.disable=true \
+    org.apache.zookeeper.server.quorum.QuorumPeerMain "$1/zoo.cfg" >>"$1/server.log" 2>&1 </dev/null &
+  echo $! >"$1/pid"
 }
 
 status() {

@@ -1,6 +1,7 @@
 //! `pmgas-bench`: the latency harness.
 #![deny(unsafe_code)]
 
+mod alloc_page;
 #[allow(unsafe_code)] // RDTSC; the block carries its SAFETY argument
 mod clock;
 #[allow(unsafe_code)] // FFI to libpmemobj and malloc; each block carries its SAFETY argument
@@ -28,6 +29,9 @@ enum Command {
     Verbs(verbs_lat::VerbsArgs),
     /// The object allocator against libpmemobj and malloc: throughput, latency, scaling.
     Objects(objects::ObjectsArgs),
+    /// Replicated page allocation through the client API at several concurrency levels,
+    /// side by side with a plain ZooKeeper create of the same payload on the same server.
+    AllocPage(alloc_page::AllocPageArgs),
     /// Lists RDMA devices, their ports and RoCE v2 GIDs; with --gid-for, prints just the
     /// GID index for that address (the value perftest's -x wants).
     Devices {
@@ -56,6 +60,7 @@ fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Command::Verbs(args) => verbs_lat::run(&args),
         Command::Objects(args) => objects::run(&args),
+        Command::AllocPage(args) => alloc_page::run(&args),
         Command::Devices { device, gid_for } => devices(device.as_deref(), gid_for),
         Command::VerbsPeer { bind, region, cpu } => peer_proc::serve(bind, &region, cpu),
     };

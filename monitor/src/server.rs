@@ -77,7 +77,7 @@ pub fn serve(
     let mut by_node: BTreeMap<NodeId, usize> = BTreeMap::new();
     let mut last_tick = Instant::now();
     let mut last_accept = Instant::now() - Duration::from_secs(1);
-    let mut idle = pmgas_verbs::spin::IdleBackoff::default();
+    let mut spin = pmgas_verbs::spin::SpinThenSleep::default();
     // Set once a GAT write was fenced: finish what was started, then stop.
     let mut deposed: Option<String> = None;
     let mut last_request = Instant::now();
@@ -206,13 +206,14 @@ pub fn serve(
                 }
             }
         }
-        // Spin while messages flow, nap when idle (ticks and accepts are time-based, so
-        // they keep working through the naps).
+        // Spin briefly while messages flow, then sleep until a completion, an rdma_cm
+        // event (a connect request, a disconnect) or the next tick.
         let idle_pass = inputs.iter().all(|i| matches!(i, Input::Tick));
-        if idle_pass {
-            idle.idle();
-        } else {
-            idle.busy();
+        if !idle_pass {
+            spin.busy();
+        } else if spin.should_sleep() {
+            spin.busy();
+            sleep(&listener, &mut peers, last_tick)?;
         }
         // Run the coordinator to a fixed point, group-committing its Persist actions.
         let mut pending = inputs;
@@ -326,6 +327,23 @@ pub fn serve(
             }
         }
     }
+}
+
+/// Sleeps until a node's message, an rdma_cm event or the next 10 ms tick.
+fn sleep(listener: &Listener, peers: &mut [Peer], last_tick: Instant) -> Result<(), String> {
+    let mut fds = vec![listener.event_fd()];
+    for p in peers.iter_mut() {
+        match p.ep.arm() {
+            Ok(true) => {}
+            // Something is ready, or the connection failed (the loop's poll reports it).
+            Ok(false) | Err(_) => return Ok(()),
+        }
+        fds.push(p.ep.connection().cq_event_fd());
+        fds.push(p.ep.connection().cm_event_fd());
+    }
+    let timeout = Duration::from_millis(10).saturating_sub(last_tick.elapsed());
+    pmgas_verbs::wait::wait_readable(&fds, timeout).map_err(|e| e.to_string())?;
+    Ok(())
 }
 
 /// Runs one ZooKeeper call on the runtime, bounded by [`ZK_TIMEOUT`].

@@ -149,6 +149,8 @@ struct Shared {
     /// The mapping-table cache: page id -> (epoch it was learned in, replicas).
     cache: RwLock<HashMap<PageId, (Epoch, Vec<Replica>)>>,
     lookups_remote: AtomicU64,
+    /// Wakes the service thread when a command is queued.
+    notifier: pmgas_verbs::wait::Notifier,
 }
 
 impl Shared {
@@ -162,6 +164,7 @@ impl Shared {
         if sent.is_err() {
             return Err(ClientError::Stopped("the service thread ended".into()));
         }
+        self.notifier.notify();
         rx.recv()
             .unwrap_or_else(|_| Err(ClientError::Stopped("the service thread ended".into())))
     }
@@ -214,6 +217,8 @@ impl Client {
             stopped: AtomicBool::new(false),
             cache: RwLock::new(HashMap::new()),
             lookups_remote: AtomicU64::new(0),
+            notifier: pmgas_verbs::wait::Notifier::new()
+                .map_err(|e| ClientError::Stopped(e.to_string()))?,
         });
         let (ready_tx, ready_rx) = mpsc::sync_channel(1);
         let service = {
@@ -509,9 +514,9 @@ fn run(
 
 impl Service<'_> {
     fn serve(&mut self, commands: &Receiver<Command>) -> Result<(), String> {
-        // Spin while messages flow, nap when idle: several nodes and the monitor may share
-        // few cores (the rig has two).
-        let mut idle = pmgas_verbs::spin::IdleBackoff::default();
+        // Spin briefly while messages flow, then sleep until the CQ, rdma_cm or a caller
+        // wakes us: several nodes and the monitor may share few cores (the rig has two).
+        let mut spin = pmgas_verbs::spin::SpinThenSleep::default();
         loop {
             let mut busy = false;
             while self.ep.outstanding() < self.ep.request_limit() {
@@ -535,11 +540,39 @@ impl Service<'_> {
                 Err(e) => return Err(format!("monitor connection lost: {e}")),
             }
             if busy {
-                idle.busy();
-            } else if idle.idle() && self.ep.connection().peer_disconnected().unwrap_or(true) {
-                return Err("the monitor disconnected".into());
+                spin.busy();
+            } else if spin.should_sleep() {
+                spin.busy();
+                self.sleep()?;
+                if self.ep.connection().peer_disconnected().unwrap_or(true) {
+                    return Err("the monitor disconnected".into());
+                }
             }
         }
+    }
+
+    /// Sleeps until a completion, an rdma_cm event, a caller's command or the next request
+    /// deadline (at most a second).
+    fn sleep(&mut self) -> Result<(), String> {
+        let notifier = &self.shared.notifier;
+        if !self
+            .ep
+            .arm()
+            .map_err(|e| format!("monitor connection lost: {e}"))?
+        {
+            return Ok(());
+        }
+        let now = Instant::now();
+        let timeout = self
+            .ep
+            .next_deadline()
+            .map_or(Duration::from_secs(1), |d| d.saturating_duration_since(now))
+            .min(Duration::from_secs(1));
+        let conn = self.ep.connection();
+        let fds = [conn.cq_event_fd(), conn.cm_event_fd(), notifier.fd()];
+        pmgas_verbs::wait::wait_readable(&fds, timeout).map_err(|e| e.to_string())?;
+        notifier.drain();
+        Ok(())
     }
 
     fn command(&mut self, c: Command) -> Result<(), String> {

@@ -424,6 +424,11 @@ impl Listener {
         &self.context
     }
 
+    /// Readable when a connect request (or another rdma_cm event) is waiting.
+    pub fn event_fd(&self) -> i32 {
+        self.id.channel.fd()
+    }
+
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
     }
@@ -609,6 +614,16 @@ impl Connection {
     pub fn qp_num(&self) -> u32 {
         // SAFETY: the QP is valid while the connection lives.
         unsafe { (*self.qp.as_ptr()).qp_num }
+    }
+
+    /// Readable when the CQ (once armed) has a completion: see [`crate::wait`].
+    pub fn cq_event_fd(&self) -> i32 {
+        self.cq.event_fd()
+    }
+
+    /// Readable when an rdma_cm event (such as the peer's disconnect) is waiting.
+    pub fn cm_event_fd(&self) -> i32 {
+        self.id.channel.fd()
     }
 
     /// Checks, without blocking, whether the peer has disconnected.

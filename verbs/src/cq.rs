@@ -61,8 +61,13 @@ pub fn opcode_name(opcode: u32) -> &'static str {
 }
 
 /// A completion queue; owned by one connection and polled by one thread at a time.
+///
+/// It has a completion channel, so that an idle control-plane loop can sleep in `poll(2)`
+/// on [`Self::event_fd`] after [`Self::arm`] instead of spinning (the datapath never arms
+/// it and pays nothing for it).
 pub struct CompletionQueue {
     ptr: NonNull<sys::ibv_cq>,
+    channel: NonNull<sys::ibv_comp_channel>,
     _context: Context,
     depth: u32,
 }
@@ -73,27 +78,74 @@ unsafe impl Send for CompletionQueue {}
 
 impl CompletionQueue {
     pub fn new(context: &Context, depth: u32) -> Result<Self> {
-        // SAFETY: the context is valid; no completion channel, vector 0.
+        // SAFETY: the context is valid.
+        let channel = unsafe { sys::ibv_create_comp_channel(context.as_ptr()) };
+        let channel = NonNull::new(channel).ok_or_else(|| {
+            Error::last_os("ibv_create_comp_channel", format!("on {}", context.name()))
+        })?;
+        // SAFETY: the channel is valid; its fd is ours to make non-blocking.
+        let fd = unsafe { (*channel.as_ptr()).fd };
+        // SAFETY: fcntl on a valid fd.
+        unsafe {
+            libc::fcntl(
+                fd,
+                libc::F_SETFL,
+                libc::fcntl(fd, libc::F_GETFL) | libc::O_NONBLOCK,
+            )
+        };
+        // SAFETY: the context and channel are valid; vector 0.
         let ptr = unsafe {
             sys::ibv_create_cq(
                 context.as_ptr(),
                 depth as i32,
                 std::ptr::null_mut(),
-                std::ptr::null_mut(),
+                channel.as_ptr(),
                 0,
             )
         };
-        let ptr = NonNull::new(ptr).ok_or_else(|| {
-            Error::last_os(
+        let Some(ptr) = NonNull::new(ptr) else {
+            let err = Error::last_os(
                 "ibv_create_cq",
                 format!("{} entries on {}", depth, context.name()),
-            )
-        })?;
+            );
+            // SAFETY: the channel is valid and has no CQ.
+            unsafe { sys::ibv_destroy_comp_channel(channel.as_ptr()) };
+            return Err(err);
+        };
         Ok(Self {
             ptr,
+            channel,
             _context: context.clone(),
             depth,
         })
+    }
+
+    /// The file descriptor that becomes readable when an armed CQ gets a completion.
+    pub fn event_fd(&self) -> i32 {
+        // SAFETY: the channel is valid until drop.
+        unsafe { (*self.channel.as_ptr()).fd }
+    }
+
+    /// Acknowledges any delivered events, then asks for an event on the next completion.
+    /// Completions that arrived before arming raise no event: poll the CQ once more after
+    /// arming, before sleeping on [`Self::event_fd`].
+    pub fn arm(&mut self) -> Result<()> {
+        loop {
+            let mut cq: *mut sys::ibv_cq = std::ptr::null_mut();
+            let mut ctx: *mut std::ffi::c_void = std::ptr::null_mut();
+            // SAFETY: valid channel; the fd is non-blocking, so this returns -1 when empty.
+            if unsafe { sys::ibv_get_cq_event(self.channel.as_ptr(), &mut cq, &mut ctx) } != 0 {
+                break;
+            }
+            // SAFETY: one event was taken from this CQ.
+            unsafe { sys::ibv_ack_cq_events(self.as_ptr(), 1) };
+        }
+        // SAFETY: valid CQ; 0 = any completion.
+        let ret = unsafe { sys::ibv_req_notify_cq(self.as_ptr(), 0) };
+        if ret != 0 {
+            return Err(Error::from_ret("ibv_req_notify_cq", "", ret));
+        }
+        Ok(())
     }
 
     pub(crate) fn as_ptr(&self) -> *mut sys::ibv_cq {
@@ -138,5 +190,7 @@ impl Drop for CompletionQueue {
         if ret != 0 {
             tracing::warn!(ret, "ibv_destroy_cq failed");
         }
+        // SAFETY: its only CQ is gone (events are acknowledged as they are taken).
+        unsafe { sys::ibv_destroy_comp_channel(self.channel.as_ptr()) };
     }
 }

@@ -17,6 +17,7 @@ pub mod peer;
 pub mod qp;
 pub mod region;
 pub mod spin;
+pub mod wait;
 
 pub use cm::{ConnectRequest, Connection, ConnectionConfig, Connector, Listener, ResolvedRoute};
 pub use cq::WorkCompletion;

@@ -348,6 +348,24 @@ impl Endpoint {
         Some(Incoming::TimedOut { request_id })
     }
 
+    /// Prepares to sleep on [`Connection::cq_event_fd`]: arms the CQ, then looks once
+    /// more. Returns `false` if something is ready now (poll instead of sleeping).
+    pub fn arm(&mut self) -> Result<bool> {
+        if !self.deferred.is_empty() {
+            return Ok(false);
+        }
+        self.conn.cq.arm()?;
+        if self.progress()? || !self.deferred.is_empty() {
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    /// The earliest deadline of an outstanding request: a sleeper must wake by then.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.pending.values().min().copied()
+    }
+
     /// Returns the next message or timeout, without blocking.
     pub fn poll(&mut self) -> Result<Option<Incoming>> {
         if let Some(m) = self.deferred.pop_front() {

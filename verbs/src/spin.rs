@@ -87,6 +87,30 @@ impl IdleBackoff {
     }
 }
 
+/// Empty polls a control-plane loop makes before it sleeps in [`crate::wait`].
+pub const SPINS_BEFORE_SLEEP: u32 = 256;
+
+/// Counts a loop's empty passes: it spins [`SPINS_BEFORE_SLEEP`] times while work may be
+/// about to arrive, then says to sleep until a descriptor wakes it. Counting reads no clock.
+#[derive(Default)]
+pub struct SpinThenSleep {
+    empty: u32,
+}
+
+impl SpinThenSleep {
+    #[inline]
+    pub fn busy(&mut self) {
+        self.empty = 0;
+    }
+
+    /// Call on an empty pass; true when the loop should arm and sleep now.
+    #[inline]
+    pub fn should_sleep(&mut self) -> bool {
+        self.empty = self.empty.saturating_add(1);
+        self.empty >= SPINS_BEFORE_SLEEP
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

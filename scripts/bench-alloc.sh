@@ -4,6 +4,8 @@
 # host 1 and measures replicated page allocations at each concurrency level, next to a
 # plain ZooKeeper create of the same payload on the same server, from the same machine.
 #
+# PMGAS_MAX_BATCH=1 turns the monitor's group commit off (one ZooKeeper write per mapping).
+#
 # Usage (outside the rig it re-runs itself inside):
 #   scripts/bench-alloc.sh [--concurrency 1,4,16] [--count N] [--backups B] [--json]
 set -euo pipefail
@@ -34,8 +36,8 @@ wait_for() { # file pattern
 }
 
 zk=$(bash "$root/scripts/zookeeper.sh" start --port 2181 --dir "$work/zk")
-"$bin/pmgas-monitor" serve --zk "$zk" --cluster "$cluster" --cluster-id 7 --page-size 65536 \
-  --listen "$h4:7000" >"$work/monitor.log" 2>&1 &
+RUST_LOG=${RUST_LOG:-pmgas_monitor=info} "$bin/pmgas-monitor" serve --zk "$zk" --cluster "$cluster" --cluster-id 7 --page-size 65536 \
+  --listen "$h4:7000" --max-batch "${PMGAS_MAX_BATCH:-18446744073709551615}" >"$work/monitor.log" 2>&1 &
 pids+=($!)
 wait_for "$work/monitor.log" "MONITOR READY"
 i=1
@@ -50,3 +52,5 @@ done
 echo "bench-alloc: ZooKeeper $zk (in this machine), monitor on $h4, backups on $h2 $h3, primary on $h1"
 "$bin/pmgas-bench" alloc-page --zk "$zk" --cluster "$cluster" --bind "$h1" --node-id 1 \
   --pm "/dev/shm/pmgas-$cluster-node1" "${bench_args[@]}"
+echo "bench-alloc: the monitor's group commits during the run:"
+grep "group commits" "$work/monitor.log" | sed 's/^.*group commits/  /' || true

@@ -43,6 +43,9 @@ enum Command {
         /// rdma_cm address to accept nodes on (an address of an RDMA device).
         #[arg(long)]
         listen: std::net::SocketAddr,
+        /// Most mappings per ZooKeeper write; 1 turns group commit off (to measure it).
+        #[arg(long, default_value_t = usize::MAX)]
+        max_batch: usize,
     },
     /// Opens a GAT writer series as a new active monitor would, fencing off its current
     /// writer (internal: the deposed-monitor and ZooKeeper-write-failure tests).
@@ -75,7 +78,8 @@ fn main() -> ExitCode {
             cluster_id,
             page_size,
             listen,
-        } => serve(&zk, &cluster, cluster_id, page_size, listen),
+            max_batch,
+        } => serve(&zk, &cluster, cluster_id, page_size, listen, max_batch),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -143,6 +147,7 @@ fn serve(
     cluster_id: u64,
     page_size: u64,
     listen: std::net::SocketAddr,
+    max_batch: usize,
 ) -> Result<(), String> {
     // A worker thread keeps the ZooKeeper session alive (pings) while the RDMA loop,
     // which never yields, runs on this thread.
@@ -165,6 +170,7 @@ fn serve(
         listen,
         cluster_id: pmgas_layout::ClusterId(cluster_id),
         page_size_bytes: page_size,
+        max_batch,
     };
     rt.block_on(store.publish_leader(&listen.to_string()))
         .map_err(|e| format!("cannot become the active monitor: {e}"))?;

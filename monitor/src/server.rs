@@ -30,6 +30,8 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     pub cluster_id: ClusterId,
     pub page_size_bytes: u64,
+    /// Most mappings in one ZooKeeper write (`usize::MAX`: all that are ready).
+    pub max_batch: usize,
 }
 
 /// What an outstanding monitor → node request was for.
@@ -81,7 +83,9 @@ pub fn serve(
     // Set once a GAT write was fenced: finish what was started, then stop.
     let mut deposed: Option<String> = None;
     let mut last_request = Instant::now();
+    let mut stats = CommitStats::default();
     loop {
+        stats.report_every(Duration::from_secs(1));
         if last_accept.elapsed() >= Duration::from_millis(2) {
             last_accept = Instant::now();
             if let Some(req) = listener
@@ -290,10 +294,17 @@ pub fn serve(
                     }
                 }
             }
-            if !batch.is_empty() {
+            // Group commit: one ZooKeeper write for everything this pass produced (or
+            // groups of at most `max_batch`, to measure what grouping saves).
+            while !batch.is_empty() {
+                let rest = batch.split_off(batch.len().min(config.max_batch.max(1)));
+                let batch = std::mem::replace(&mut batch, rest);
                 let txn_ids: Vec<u64> = batch.iter().map(|(t, _)| *t).collect();
                 let maps: Vec<Mapping> = batch.into_iter().map(|(_, m)| m).collect();
-                pending.push(match persist(&mut writer, rt, &maps, deposed.is_some())? {
+                let write_start = Instant::now();
+                let outcome = persist(&mut writer, rt, &maps, deposed.is_some())?;
+                stats.record(maps.len(), write_start.elapsed());
+                pending.push(match outcome {
                     Persisted::Stored => Input::Persisted { txn_ids },
                     Persisted::NotStored => Input::PersistFailed { txn_ids },
                     Persisted::Fenced(e) => {
@@ -352,6 +363,46 @@ fn bounded<T>(
     call: impl std::future::Future<Output = T>,
 ) -> Result<T, tokio::time::error::Elapsed> {
     rt.block_on(async { tokio::time::timeout(ZK_TIMEOUT, call).await })
+}
+
+/// Group-commit statistics, logged every few seconds while allocations flow.
+#[derive(Default)]
+struct CommitStats {
+    writes: u64,
+    mappings: u64,
+    write_time: Duration,
+    since: Option<Instant>,
+}
+
+impl CommitStats {
+    fn record(&mut self, mappings: usize, took: Duration) {
+        self.since.get_or_insert_with(Instant::now);
+        self.writes += 1;
+        self.mappings += mappings as u64;
+        self.write_time += took;
+    }
+
+    fn report_every(&mut self, every: Duration) {
+        let Some(since) = self.since else { return };
+        if since.elapsed() < every {
+            return;
+        }
+        tracing::info!(
+            writes = self.writes,
+            mappings = self.mappings,
+            per_write = format!("{:.2}", self.mappings as f64 / self.writes as f64),
+            mean_write_ms = format!(
+                "{:.2}",
+                self.write_time.as_secs_f64() * 1e3 / self.writes as f64
+            ),
+            busy_in_zookeeper = format!(
+                "{:.0}%",
+                100.0 * self.write_time.as_secs_f64() / since.elapsed().as_secs_f64()
+            ),
+            "group commits"
+        );
+        *self = Self::default();
+    }
 }
 
 enum Persisted {

@@ -87,27 +87,49 @@ impl IdleBackoff {
     }
 }
 
-/// Empty polls a control-plane loop makes before it sleeps in [`crate::wait`].
-pub const SPINS_BEFORE_SLEEP: u32 = 256;
+/// How long a control-plane loop spins on empty polls before it sleeps in
+/// [`crate::wait`] (`PMGAS_SPIN_US` overrides; 0 sleeps at once).
+pub const DEFAULT_SPIN_US: u64 = 50;
 
-/// Counts a loop's empty passes: it spins [`SPINS_BEFORE_SLEEP`] times while work may be
-/// about to arrive, then says to sleep until a descriptor wakes it. Counting reads no clock.
-#[derive(Default)]
+fn spin_budget() -> Duration {
+    static BUDGET: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    *BUDGET.get_or_init(|| {
+        let us = std::env::var("PMGAS_SPIN_US")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(DEFAULT_SPIN_US);
+        Duration::from_micros(us)
+    })
+}
+
+/// Tracks a loop's empty passes: it spins for the spin budget while work may be about to
+/// arrive, then says to sleep until a descriptor wakes it. Reads the clock once per
+/// [`CLOCK_EVERY`] empty passes.
 pub struct SpinThenSleep {
-    empty: u32,
+    deadline: SpinDeadline,
+    budget: Duration,
+}
+
+impl Default for SpinThenSleep {
+    fn default() -> Self {
+        let budget = spin_budget();
+        Self {
+            deadline: SpinDeadline::new(budget),
+            budget,
+        }
+    }
 }
 
 impl SpinThenSleep {
     #[inline]
     pub fn busy(&mut self) {
-        self.empty = 0;
+        self.deadline = SpinDeadline::new(self.budget);
     }
 
     /// Call on an empty pass; true when the loop should arm and sleep now.
     #[inline]
     pub fn should_sleep(&mut self) -> bool {
-        self.empty = self.empty.saturating_add(1);
-        self.empty >= SPINS_BEFORE_SLEEP
+        self.budget.is_zero() || self.deadline.expired()
     }
 }
 

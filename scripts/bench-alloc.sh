@@ -50,7 +50,21 @@ for h in $h2 $h3; do
   wait_for "$work/node$i.log" "NODE READY"
 done
 echo "bench-alloc: ZooKeeper $zk (in this machine), monitor on $h4, backups on $h2 $h3, primary on $h1"
+cpu() { awk '/^cpu /{print $2+$3, $4, $5+$6, $7+$8}' /proc/stat; } # user sys idle+iowait irq+softirq
+procs() { for p in "${pids[@]}" $(cat "$work"/zk/server*/pid 2>/dev/null); do awk '{printf "%s ", $14+$15}' "/proc/$p/stat" 2>/dev/null; done; }
+before=$(cpu) pbefore=$(procs)
 "$bin/pmgas-bench" alloc-page --zk "$zk" --cluster "$cluster" --bind "$h1" --node-id 1 \
   --pm "/dev/shm/pmgas-$cluster-node1" "${bench_args[@]}"
+after=$(cpu) pafter=$(procs)
+python3 - "$before" "$after" "$pbefore" "$pafter" <<'PY'
+import sys
+b, a = [list(map(int, x.split())) for x in sys.argv[1:3]]
+d = [y - x for x, y in zip(b, a)]
+t = sum(d) or 1
+print("bench-alloc: guest CPU during the run: user %.0f%%, system %.0f%%, idle %.0f%%, irq %.0f%%" % tuple(100 * x / t for x in d))
+pb, pa = [list(map(int, x.split())) for x in sys.argv[3:5]]
+names = ["monitor", "node2", "node3", "zookeeper"]
+print("bench-alloc: CPU ticks per process:", ", ".join(f"{n} {y - x}" for n, x, y in zip(names, pb, pa)))
+PY
 echo "bench-alloc: the monitor's group commits during the run:"
 grep "group commits" "$work/monitor.log" | sed 's/^.*group commits/  /' || true

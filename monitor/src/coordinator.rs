@@ -170,6 +170,11 @@ impl Coordinator {
         self.epoch
     }
 
+    /// The page id the next allocation gets.
+    pub fn next_page_id(&self) -> u32 {
+        self.next_page_id
+    }
+
     pub fn set_node(&mut self, node: NodeId, view: NodeView) {
         self.nodes.insert(node, view);
     }

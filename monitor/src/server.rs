@@ -8,12 +8,14 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use pmgas_layout::gat::Mapping;
 use pmgas_layout::wire::{Body, ErrorCode, Message};
 use pmgas_layout::{ClusterId, Epoch, NodeId, PageId};
 use pmgas_verbs::msg::{Endpoint, Incoming, MsgConfig};
+use pmgas_verbs::wait::Notifier;
 use pmgas_verbs::{ConnectionConfig, Listener, ProtectionDomain};
 
 use crate::coordinator::{Action, Coordinator, Input, NodeView, Timeouts};
@@ -56,12 +58,52 @@ pub fn serve(
 ) -> Result<(), String> {
     let gat = rt.block_on(store.load_gat()).map_err(|e| e.to_string())?;
     let epoch = rt.block_on(store.epoch()).map_err(|e| e.to_string())?;
-    let mut mappings: HashMap<PageId, Mapping> =
+    let mappings: HashMap<PageId, Mapping> =
         gat.mappings.into_iter().map(|m| (m.page_id, m)).collect();
-    let mut coord = Coordinator::new(epoch, gat.max_page_id, Timeouts::default());
-    let mut writer = rt
+    let coord = Coordinator::new(epoch, gat.max_page_id, Timeouts::default());
+    let writer = rt
         .block_on(GatWriter::open(store, 0))
         .map_err(|e| e.to_string())?;
+    let (to_persister, batches) = mpsc::channel::<Batch>();
+    let (persisted_tx, persisted) = mpsc::channel::<PersistReport>();
+    let wake = Notifier::new().map_err(|e| e.to_string())?;
+    std::thread::scope(|scope| {
+        let wake = &wake;
+        let max_batch = config.max_batch;
+        std::thread::Builder::new()
+            .name("pmgas-gat-writer".into())
+            .spawn_scoped(scope, move || {
+                persister(writer, rt, &batches, &persisted_tx, wake, max_batch)
+            })
+            .map_err(|e| e.to_string())?;
+        // Dropping `to_persister` (when the loop ends) stops the writer thread.
+        run_loop(
+            config,
+            store,
+            rt,
+            epoch,
+            coord,
+            mappings,
+            to_persister,
+            &persisted,
+            wake,
+        )
+    })
+}
+
+/// The RDMA loop; ZooKeeper writes of the GAT run on the writer thread meanwhile.
+#[allow(clippy::too_many_arguments)]
+fn run_loop(
+    config: &ServerConfig,
+    store: &Store,
+    rt: &tokio::runtime::Runtime,
+    epoch: Epoch,
+    mut coord: Coordinator,
+    mut mappings: HashMap<PageId, Mapping>,
+    to_persister: mpsc::Sender<Batch>,
+    persisted: &mpsc::Receiver<PersistReport>,
+    wake: &Notifier,
+) -> Result<(), String> {
     let listener = Listener::bind(config.listen, 64).map_err(|e| e.to_string())?;
     let pd = ProtectionDomain::new(listener.context()).map_err(|e| e.to_string())?;
     println!(
@@ -70,7 +112,7 @@ pub fn serve(
         listener.context().name(),
         epoch.0,
         mappings.len(),
-        gat.max_page_id
+        coord.next_page_id() - 1
     );
     let start = Instant::now();
     let mut peers: Vec<Peer> = vec![];
@@ -83,9 +125,7 @@ pub fn serve(
     // Set once a GAT write was fenced: finish what was started, then stop.
     let mut deposed: Option<String> = None;
     let mut last_request = Instant::now();
-    let mut stats = CommitStats::default();
     loop {
-        stats.report_every(Duration::from_secs(1));
         if last_accept.elapsed() >= Duration::from_millis(2) {
             last_accept = Instant::now();
             if let Some(req) = listener
@@ -107,6 +147,18 @@ pub fn serve(
         }
         let now_ns = start.elapsed().as_nanos() as u64;
         let mut inputs: Vec<Input> = vec![];
+        while let Ok(report) = persisted.try_recv() {
+            let (txn_ids, outcome) = report?;
+            inputs.push(match outcome {
+                Persisted::Stored => Input::Persisted { txn_ids },
+                Persisted::NotStored => Input::PersistFailed { txn_ids },
+                Persisted::Fenced(e) => {
+                    tracing::error!(error = %e, "deposed: another monitor writes the GAT now");
+                    deposed.get_or_insert(e);
+                    Input::PersistFailed { txn_ids }
+                }
+            });
+        }
         let mut dead = vec![];
         for (i, peer) in peers.iter_mut().enumerate() {
             loop {
@@ -217,7 +269,8 @@ pub fn serve(
             spin.busy();
         } else if spin.should_sleep() {
             spin.busy();
-            sleep(&listener, &mut peers, last_tick)?;
+            sleep(&listener, &mut peers, last_tick, wake)?;
+            wake.drain();
         }
         // Run the coordinator to a fixed point, group-committing its Persist actions.
         let mut pending = inputs;
@@ -294,25 +347,14 @@ pub fn serve(
                     }
                 }
             }
-            // Group commit: one ZooKeeper write for everything this pass produced (or
-            // groups of at most `max_batch`, to measure what grouping saves).
-            while !batch.is_empty() {
-                let rest = batch.split_off(batch.len().min(config.max_batch.max(1)));
-                let batch = std::mem::replace(&mut batch, rest);
+            // Group commit: everything this pass produced goes to the writer thread in
+            // one batch; it merges batches that queue while a write is in flight.
+            if !batch.is_empty() {
                 let txn_ids: Vec<u64> = batch.iter().map(|(t, _)| *t).collect();
                 let maps: Vec<Mapping> = batch.into_iter().map(|(_, m)| m).collect();
-                let write_start = Instant::now();
-                let outcome = persist(&mut writer, rt, &maps, deposed.is_some())?;
-                stats.record(maps.len(), write_start.elapsed());
-                pending.push(match outcome {
-                    Persisted::Stored => Input::Persisted { txn_ids },
-                    Persisted::NotStored => Input::PersistFailed { txn_ids },
-                    Persisted::Fenced(e) => {
-                        tracing::error!(error = %e, "deposed: another monitor writes the GAT now");
-                        deposed.get_or_insert(e);
-                        Input::PersistFailed { txn_ids }
-                    }
-                });
+                to_persister
+                    .send((txn_ids, maps))
+                    .map_err(|_| "the GAT writer thread ended".to_string())?;
             }
         }
         // Deposed: stop once nothing is in flight and the nodes have stopped asking (they
@@ -325,24 +367,108 @@ pub fn serve(
                 "this monitor was deposed ({why}); every transaction it started has finished"
             ));
         }
-        if idle_pass && deposed.is_none() && writer.compaction_due() {
-            match bounded(rt, writer.compact()) {
-                Ok(Ok(n)) => tracing::debug!(deltas = n, "GAT deltas compacted"),
-                Ok(Err(e @ StoreError::Fenced { .. })) => {
-                    tracing::error!(error = %e, "deposed: another monitor writes the GAT now");
-                    deposed = Some(e.to_string());
+    }
+}
+
+/// A group commit: transaction ids and their mappings.
+type Batch = (Vec<u64>, Vec<Mapping>);
+/// The writer thread's answer for one write, or why it had to stop.
+type PersistReport = Result<(Vec<u64>, Persisted), String>;
+
+/// The GAT writer thread: takes batches from the RDMA loop, merges those that queued while
+/// the previous write was in flight (up to `max_batch` mappings), writes them with one
+/// ZooKeeper request, reports, and wakes the loop. Compacts deltas when it has nothing to
+/// write.
+fn persister(
+    mut writer: GatWriter<'_>,
+    rt: &tokio::runtime::Runtime,
+    batches: &mpsc::Receiver<Batch>,
+    reports: &mpsc::Sender<PersistReport>,
+    wake: &Notifier,
+    max_batch: usize,
+) {
+    let max_batch = max_batch.max(1);
+    let mut fenced = false;
+    let mut stats = CommitStats::default();
+    let mut queued: std::collections::VecDeque<Batch> = Default::default();
+    loop {
+        stats.report_every(Duration::from_secs(1));
+        if queued.is_empty() {
+            match batches.recv_timeout(Duration::from_millis(100)) {
+                Ok(b) => queued.push_back(b),
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    compact(&mut writer, rt, &mut fenced, reports, wake);
+                    continue;
                 }
-                // Deltas stay valid; compaction is retried when next idle.
-                Ok(Err(e)) => tracing::warn!(error = %e, "GAT compaction failed"),
-                Err(_) => tracing::warn!("GAT compaction timed out"),
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
             }
+        }
+        queued.extend(batches.try_iter());
+        let (mut txn_ids, mut maps) = (vec![], vec![]);
+        while let Some((t, m)) = queued.pop_front() {
+            if !maps.is_empty() && maps.len() + m.len() > max_batch {
+                queued.push_front((t, m));
+                break;
+            }
+            txn_ids.extend(t);
+            maps.extend(m);
+        }
+        // Only with group commit off can one pass's batch exceed max_batch: split it.
+        if maps.len() > max_batch {
+            let rest_maps = maps.split_off(max_batch);
+            let rest_txns = txn_ids.split_off(max_batch);
+            queued.push_front((rest_txns, rest_maps));
+        }
+        let started = Instant::now();
+        let report = persist(&mut writer, rt, &maps, fenced).map(|outcome| {
+            fenced |= matches!(outcome, Persisted::Fenced(_));
+            (txn_ids, outcome)
+        });
+        stats.record(maps.len(), started.elapsed());
+        let fatal = report.is_err();
+        if reports.send(report).is_err() || fatal {
+            wake.notify();
+            return;
+        }
+        wake.notify();
+        if queued.is_empty() && writer.compaction_due() {
+            compact(&mut writer, rt, &mut fenced, reports, wake);
         }
     }
 }
 
+fn compact(
+    writer: &mut GatWriter<'_>,
+    rt: &tokio::runtime::Runtime,
+    fenced: &mut bool,
+    reports: &mpsc::Sender<PersistReport>,
+    wake: &Notifier,
+) {
+    if *fenced || !writer.compaction_due() {
+        return;
+    }
+    match bounded(rt, writer.compact()) {
+        Ok(Ok(n)) => tracing::debug!(deltas = n, "GAT deltas compacted"),
+        Ok(Err(e @ StoreError::Fenced { .. })) => {
+            *fenced = true;
+            // Reported as a failed empty write, so the loop learns it was deposed.
+            let _ = reports.send(Ok((vec![], Persisted::Fenced(e.to_string()))));
+            wake.notify();
+        }
+        // Deltas stay valid; compaction is retried later.
+        Ok(Err(e)) => tracing::warn!(error = %e, "GAT compaction failed"),
+        Err(_) => tracing::warn!("GAT compaction timed out"),
+    }
+}
+
 /// Sleeps until a node's message, an rdma_cm event or the next 10 ms tick.
-fn sleep(listener: &Listener, peers: &mut [Peer], last_tick: Instant) -> Result<(), String> {
-    let mut fds = vec![listener.event_fd()];
+fn sleep(
+    listener: &Listener,
+    peers: &mut [Peer],
+    last_tick: Instant,
+    wake: &Notifier,
+) -> Result<(), String> {
+    let mut fds = vec![listener.event_fd(), wake.fd()];
     for p in peers.iter_mut() {
         match p.ep.arm() {
             Ok(true) => {}

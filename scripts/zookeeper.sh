@@ -112,7 +112,8 @@ start() {
 
 launch() { # server dir
   # Own process group, so that a caller's job control never takes the server down.
-  setsid java -Xmx512m -cp "$classpath" -Dzookeeper.jmx.log4j.disable=true \
+  # shellcheck disable=SC2086 # word splitting of the options is intended
+  setsid java -Xmx512m ${PMGAS_ZK_JAVA_OPTS:-} -cp "$classpath" -Dzookeeper.jmx.log4j.disable=true \
     org.apache.zookeeper.server.quorum.QuorumPeerMain "$1/zoo.cfg" >>"$1/server.log" 2>&1 </dev/null &
   echo $! >"$1/pid"
 }

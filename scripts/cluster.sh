@@ -23,7 +23,7 @@
 #
 # Usage (outside the rig it re-runs itself inside):
 #   scripts/cluster.sh [--pages N] [--concurrency C] [--pool-mib M] [--objects N]
-#                      [--freeze-node3 S] [--depose-after S]
+#                      [--freeze-node3 S] [--depose-after S] [--print-gat]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -33,6 +33,7 @@ pool_mib=96
 objects=0
 freeze=0
 depose=0
+print_gat=0
 args=("$@")
 while (($#)); do
   case $1 in
@@ -42,6 +43,7 @@ while (($#)); do
     --objects) objects=$2; shift 2 ;;
     --freeze-node3) freeze=$2; shift 2 ;;
     --depose-after) depose=$2; shift 2 ;;
+    --print-gat) print_gat=1; shift ;;
     *) echo "usage: $0 [--pages N] [--concurrency C] [--pool-mib M] [--objects N] [--freeze-node3 S] [--depose-after S]" >&2; exit 2 ;;
   esac
 done
@@ -143,6 +145,10 @@ for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
 wait "${pids[@]}" 2>/dev/null || true
 pids=()
 "$bin/pmgas-monitor" gat-dump --zk "$zk" --cluster "$cluster" --json >"$work/gat.jsonl"
+if ((print_gat)); then
+  echo "cluster: the GAT in ZooKeeper (gat-dump, first lines):"
+  "$bin/pmgas-monitor" gat-dump --zk "$zk" --cluster "$cluster" | head -8 | sed 's/^/  /'
+fi
 for i in 1 2 3; do
   "$bin/pmgas-node" art-dump --pm "/dev/shm/pmgas-$cluster-node$i" --json >"$work/art$i.jsonl"
 done

@@ -5,8 +5,11 @@
 #  2. runs the object-allocator benchmark against libpmemobj and malloc on tmpfs pools,
 #     and times the allocator's rebuild of a full 1 GiB pool;
 #  3. runs a local cluster on the rig (ZooKeeper, a monitor, three data nodes on their
-#     own simulated hosts) that allocates 999 replicated pages and checks the GAT
-#     against every node's ART (scripts/cluster.sh).
+#     own simulated hosts) that allocates 999 replicated pages and 2000 objects through
+#     the client API, prints the start of the GAT and checks it against every node's ART
+#     (scripts/cluster.sh);
+#  4. runs the allocation benchmark: replicated pages at concurrency 1, 4 and 16 next
+#     to a plain ZooKeeper create on the same server (scripts/bench-alloc.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bench-vs-perftest.sh "$@"
@@ -14,4 +17,6 @@ echo
 cargo build --release -p pmgas-bench --quiet
 ./target/release/pmgas-bench objects --rebuild
 echo
-bash scripts/cluster.sh --pages 999 --concurrency 4
+bash scripts/cluster.sh --pages 999 --concurrency 4 --objects 2000 --print-gat
+echo
+bash scripts/bench-alloc.sh --backups 2 --concurrency 1,4,16

@@ -1,6 +1,7 @@
-//! pmgas global monitor. So far: the two-phase page allocation as a pure state machine
-//! ([`coordinator`]) and the GAT's persistence in ZooKeeper ([`store`]). The RDMA shell,
-//! node join and leadership arrive with their issue.
+//! pmgas global monitor: the two-phase page allocation as a pure state machine
+//! ([`coordinator`]), the GAT's persistence in ZooKeeper ([`store`]: fenced delta writes,
+//! compaction into chunks, atomic node registration) and the RDMA shell that joins nodes
+//! and drives allocations ([`server`]). Standbys and recovery arrive with their issue.
 #![forbid(unsafe_code)]
 
 pub mod coordinator;

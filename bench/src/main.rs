@@ -7,6 +7,7 @@ mod clock;
 #[allow(unsafe_code)] // FFI to libpmemobj and malloc; each block carries its SAFETY argument
 mod objects;
 mod peer_proc;
+mod recovery;
 mod report;
 #[allow(unsafe_code)] // posting work requests; each block carries its SAFETY argument
 mod verbs_lat;
@@ -32,6 +33,8 @@ enum Command {
     /// Replicated page allocation through the client API at several concurrency levels,
     /// side by side with a plain ZooKeeper create of the same payload on the same server.
     AllocPage(alloc_page::AllocPageArgs),
+    /// How long a starting monitor takes to reload GATs of several sizes from ZooKeeper.
+    Recovery(recovery::RecoveryArgs),
     /// Lists RDMA devices, their ports and RoCE v2 GIDs; with --gid-for, prints just the
     /// GID index for that address (the value perftest's -x wants).
     Devices {
@@ -61,6 +64,7 @@ fn main() -> ExitCode {
         Command::Verbs(args) => verbs_lat::run(&args),
         Command::Objects(args) => objects::run(&args),
         Command::AllocPage(args) => alloc_page::run(&args),
+        Command::Recovery(args) => recovery::run(&args),
         Command::Devices { device, gid_for } => devices(device.as_deref(), gid_for),
         Command::VerbsPeer { bind, region, cpu } => peer_proc::serve(bind, &region, cpu),
     };

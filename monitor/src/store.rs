@@ -449,18 +449,24 @@ impl<'a> GatWriter<'a> {
                 path: self.dir.clone(),
                 source,
             })?;
+            // A batch that nearly fills a chunk is written as one: nothing to fold later.
+            let full = data.len() >= CHUNK_MAX_BYTES * 3 / 4;
             let seq = self.next_seq;
-            let path = self.name('d', seq);
+            let path = self.name(if full { 'c' } else { 'd' }, seq);
             self.fenced_multi("write", &path, |m| {
                 m.add_create(&path, &data, &persistent())
             })
             .await?;
             self.next_seq += 1;
-            self.deltas.push(Delta {
-                seq,
-                mappings: rest[..n].to_vec(),
-                bytes: data.len(),
-            });
+            if full {
+                self.chunk_seq = Some(seq);
+            } else {
+                self.deltas.push(Delta {
+                    seq,
+                    mappings: rest[..n].to_vec(),
+                    bytes: data.len(),
+                });
+            }
             rest = &rest[n..];
         }
         Ok(())
@@ -532,9 +538,26 @@ impl<'a> GatWriter<'a> {
     /// mapping of `batch` is stored in it.
     pub async fn resolve(&mut self, batch: &[Mapping]) -> Result<bool, StoreError> {
         self.reload().await?;
-        Ok(batch
+        if batch
             .iter()
-            .all(|m| self.deltas.iter().any(|d| d.mappings.contains(m))))
+            .all(|m| self.deltas.iter().any(|d| d.mappings.contains(m)))
+        {
+            return Ok(true);
+        }
+        // A batch written whole as a chunk: read the newest chunk.
+        let Some(seq) = self.chunk_seq else {
+            return Ok(false);
+        };
+        let path = self.name('c', seq);
+        let (data, _) = self
+            .store
+            .client
+            .get_data(&path)
+            .await
+            .map_err(zk_error("get", path.clone()))?;
+        let chunk =
+            gat::decode_chunk(&data).map_err(|source| StoreError::Chunk { path, source })?;
+        Ok(batch.iter().all(|m| chunk.contains(m)))
     }
 
     /// Sequence number of the newest compacted chunk, if any.

@@ -365,6 +365,21 @@ impl<'a> GatWriter<'a> {
         format!("{}/{kind}{seq:010}", self.dir)
     }
 
+    /// Reads and decodes one znode of the series: its mappings and its size.
+    async fn read(&self, path: &str) -> Result<(Vec<Mapping>, usize), StoreError> {
+        let (data, _) = self
+            .store
+            .client
+            .get_data(path)
+            .await
+            .map_err(zk_error("get", path))?;
+        let mappings = gat::decode_chunk(&data).map_err(|source| StoreError::Chunk {
+            path: path.into(),
+            source,
+        })?;
+        Ok((mappings, data.len()))
+    }
+
     /// Re-reads the series' names and its deltas (after an unknown outcome, or at open).
     async fn reload(&mut self) -> Result<(), StoreError> {
         self.deltas.clear();
@@ -380,19 +395,11 @@ impl<'a> GatWriter<'a> {
                 self.chunk_seq = self.chunk_seq.max(Some(seq));
                 continue;
             }
-            let path = self.name('d', seq);
-            let (data, _) = self
-                .store
-                .client
-                .get_data(&path)
-                .await
-                .map_err(zk_error("get", path.clone()))?;
-            let mappings =
-                gat::decode_chunk(&data).map_err(|source| StoreError::Chunk { path, source })?;
+            let (mappings, bytes) = self.read(&self.name('d', seq)).await?;
             self.deltas.push(Delta {
                 seq,
                 mappings,
-                bytes: data.len(),
+                bytes,
             });
         }
         self.next_seq = max.map_or(0, |m| m + 1);
@@ -548,15 +555,7 @@ impl<'a> GatWriter<'a> {
         let Some(seq) = self.chunk_seq else {
             return Ok(false);
         };
-        let path = self.name('c', seq);
-        let (data, _) = self
-            .store
-            .client
-            .get_data(&path)
-            .await
-            .map_err(zk_error("get", path.clone()))?;
-        let chunk =
-            gat::decode_chunk(&data).map_err(|source| StoreError::Chunk { path, source })?;
+        let (chunk, _) = self.read(&self.name('c', seq)).await?;
         Ok(batch.iter().all(|m| chunk.contains(m)))
     }
 

@@ -54,33 +54,30 @@ impl Drop for Proc {
     }
 }
 
-fn zookeeper(port: u16) -> String {
-    let dir = format!("/tmp/pmgas-zk-proto-{}", std::process::id());
-    let out = Command::new("bash")
-        .arg(root().join("scripts/zookeeper.sh"))
-        .args(["start", "--port", &port.to_string(), "--dir", &dir])
-        .args(["--stop-with", &std::process::id().to_string()])
-        .output()
-        .expect("run zookeeper.sh");
+/// Runs a command to completion; its stdout, or a failed test naming what failed.
+fn output_of(cmd: &mut Command, what: &str) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
     assert!(
         out.status.success(),
-        "ZooKeeper did not start: {}",
+        "{what} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn zookeeper(port: u16) -> String {
+    let dir = format!("/tmp/pmgas-zk-proto-{}", std::process::id());
+    let mut cmd = Command::new("bash");
+    cmd.arg(root().join("scripts/zookeeper.sh"))
+        .args(["start", "--port", &port.to_string(), "--dir", &dir])
+        .args(["--stop-with", &std::process::id().to_string()]);
+    output_of(&mut cmd, "starting ZooKeeper").trim().to_owned()
 }
 
 fn gat_dump(zk: &str, cluster: &str) -> Vec<serde_json::Value> {
-    let out = Command::new(bin("pmgas-monitor"))
-        .args(["gat-dump", "--zk", zk, "--cluster", cluster, "--json"])
-        .output()
-        .expect("gat-dump");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
+    let mut cmd = Command::new(bin("pmgas-monitor"));
+    cmd.args(["gat-dump", "--zk", zk, "--cluster", cluster, "--json"]);
+    output_of(&mut cmd, "gat-dump")
         .lines()
         .map(|l| serde_json::from_str(l).expect("json line"))
         .collect()
@@ -400,16 +397,9 @@ fn a_node_refuses_bad_monitor_requests_without_touching_its_pool() {
 
     drop(node);
     drop(ep);
-    let out = Command::new(bin("pmgas-node"))
-        .args(["art-dump", "--pm", &pm, "--json"])
-        .output()
-        .expect("art-dump");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
+    let mut cmd = Command::new(bin("pmgas-node"));
+    cmd.args(["art-dump", "--pm", &pm, "--json"]);
+    let text = output_of(&mut cmd, "art-dump");
     let entries: Vec<&str> = text.lines().skip(1).collect();
     assert!(
         entries.is_empty(),

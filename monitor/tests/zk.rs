@@ -61,6 +61,11 @@ fn mapping(id: u32, nodes: &[u32]) -> Mapping {
     }
 }
 
+async fn page_ids(s: &Store) -> Vec<u32> {
+    let gat = s.load_gat().await.unwrap();
+    gat.mappings.iter().map(|m| m.page_id.0).collect()
+}
+
 async fn store(cluster: &str) -> Store {
     Store::connect(zk(), cluster, Duration::from_secs(4))
         .await
@@ -139,26 +144,10 @@ async fn a_second_writer_on_one_series_is_fenced() {
     // `a` still believes the old version: its write must not overwrite `b`'s.
     let err = a.append(&[mapping(3, &[2, 3])]).await.unwrap_err();
     assert!(matches!(err, StoreError::Fenced { .. }), "{err}");
-    let ids: Vec<u32> = s
-        .load_gat()
-        .await
-        .unwrap()
-        .mappings
-        .iter()
-        .map(|m| m.page_id.0)
-        .collect();
-    assert_eq!(ids, vec![1, 2, 4]);
+    assert_eq!(page_ids(&s).await, vec![1, 2, 4]);
     // `b` can fold what `a` wrote; nothing is lost or doubled.
     assert_eq!(b.compact().await.unwrap(), 3);
-    let ids: Vec<u32> = s
-        .load_gat()
-        .await
-        .unwrap()
-        .mappings
-        .iter()
-        .map(|m| m.page_id.0)
-        .collect();
-    assert_eq!(ids, vec![1, 2, 4]);
+    assert_eq!(page_ids(&s).await, vec![1, 2, 4]);
     assert!(
         !a.resolve(&[mapping(3, &[2, 3])]).await.unwrap(),
         "the fenced batch did not land"

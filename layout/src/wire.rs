@@ -16,8 +16,10 @@ pub const HEADER_BYTES: usize = 32;
 pub const MAX_REPLICAS: usize = 8;
 /// Longest error detail text.
 pub const MAX_DETAIL_BYTES: usize = 256;
-/// Largest encoded message.
-pub const MAX_MESSAGE_BYTES: usize = HEADER_BYTES + 16 + MAX_REPLICAS * 8 + MAX_DETAIL_BYTES;
+/// Most (page, page id) entries in one [`Body::Reconcile`].
+pub const MAX_RECONCILE_ENTRIES: usize = 256;
+/// Largest encoded message (a full Reconcile).
+pub const MAX_MESSAGE_BYTES: usize = HEADER_BYTES + 8 + MAX_RECONCILE_ENTRIES * 8;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[non_exhaustive]
@@ -150,6 +152,22 @@ pub enum Body {
         code: ErrorCode,
         detail: String,
     },
+    /// Monitor -> a joining node: these of its pages are committed in the GAT (page index,
+    /// page id), in as many messages as needed; `last` ends the list, and the node then
+    /// reconciles its ART with it (PREALLOCATED pages listed become ALLOCATED, the others
+    /// FREE; ALLOCATED pages not listed are reported, never freed).
+    Reconcile {
+        last: bool,
+        entries: Vec<(PageIndex, PageId)>,
+    },
+    /// Node -> monitor, for each Reconcile; the counts are those of the reconciliation
+    /// (zero until `last`).
+    Reconciled {
+        committed: u32,
+        freed: u32,
+        unknown_allocated: u32,
+        conflicting: u32,
+    },
 }
 
 impl Body {
@@ -167,6 +185,8 @@ impl Body {
             Self::MappingLookup { .. } => 10,
             Self::Mapping { .. } => 11,
             Self::Error { .. } => 12,
+            Self::Reconcile { .. } => 13,
+            Self::Reconciled { .. } => 14,
         }
     }
 
@@ -184,6 +204,8 @@ impl Body {
             Self::MappingLookup { .. } => "MappingLookup",
             Self::Mapping { .. } => "Mapping",
             Self::Error { .. } => "Error",
+            Self::Reconcile { .. } => "Reconcile",
+            Self::Reconciled { .. } => "Reconciled",
         }
     }
 }
@@ -385,6 +407,27 @@ impl Message {
                 w.zeros(4);
                 w.0.extend_from_slice(&detail.as_bytes()[..end]);
             }
+            Body::Reconcile { last, entries } => {
+                assert!(entries.len() <= MAX_RECONCILE_ENTRIES, "reconcile entries");
+                w.u32(entries.len() as u32);
+                w.u8(*last as u8);
+                w.zeros(3);
+                for (page, id) in entries {
+                    w.u32(page.0);
+                    w.u32(id.0);
+                }
+            }
+            Body::Reconciled {
+                committed,
+                freed,
+                unknown_allocated,
+                conflicting,
+            } => {
+                w.u32(*committed);
+                w.u32(*freed);
+                w.u32(*unknown_allocated);
+                w.u32(*conflicting);
+            }
         }
         let body_len = (w.0.len() - HEADER_BYTES) as u32;
         w.0[4..8].copy_from_slice(&body_len.to_le_bytes());
@@ -515,6 +558,35 @@ impl Message {
                     .to_owned();
                 Body::Error { code, detail }
             }
+            13 => {
+                let count = r.u32()? as usize;
+                let last = match r.u8()? {
+                    0 => false,
+                    1 => true,
+                    other => return corrupt(format!("reconcile flag {other}")),
+                };
+                r.zeros(3)?;
+                if count > MAX_RECONCILE_ENTRIES {
+                    return corrupt(format!("{count} reconcile entries"));
+                }
+                let mut entries = Vec::with_capacity(count);
+                let mut seen = std::collections::HashSet::new();
+                for _ in 0..count {
+                    let page = PageIndex(r.u32()?);
+                    let id = PageId(r.u32()?);
+                    if id.0 == 0 || !seen.insert(page) {
+                        return corrupt(format!("reconcile entry {page:?} -> {id:?}"));
+                    }
+                    entries.push((page, id));
+                }
+                Body::Reconcile { last, entries }
+            }
+            14 => Body::Reconciled {
+                committed: r.u32()?,
+                freed: r.u32()?,
+                unknown_allocated: r.u32()?,
+                conflicting: r.u32()?,
+            },
             other => return corrupt(format!("unknown message kind {other}")),
         };
         r.finish()?;
@@ -594,6 +666,16 @@ mod tests {
                 code: ErrorCode::StaleEpoch,
                 detail: "epoch 4 < 5".into(),
             }),
+            msg(Body::Reconcile {
+                last: true,
+                entries: vec![(PageIndex(3), PageId(70)), (PageIndex(9), PageId(71))],
+            }),
+            msg(Body::Reconciled {
+                committed: 2,
+                freed: 1,
+                unknown_allocated: 0,
+                conflicting: 0,
+            }),
         ]
     }
 
@@ -664,7 +746,7 @@ mod tests {
 
     /// Frozen encodings of every message kind (format version 1). A change here is a wire
     /// format change: bump `WIRE_VERSION` and keep decoding the old one, or do not make it.
-    const GOLDEN: [&str; 12] = [
+    const GOLDEN: [&str; 14] = [
         "5047010138000000050000000000000002000000000000004433221100000000bc0a0000000000000000200000000000ff010000f401000000000000007f00000000004000000000341200000a000002bc1b000000000000",
         "50470102080000000500000000000000020000000000000044332211000000000300000000000000",
         "50470103080000000500000000000000020000000000000044332211000000001100000002000000",
@@ -677,6 +759,8 @@ mod tests {
         "5047010a080000000500000000000000020000000000000044332211000000000700000000000000",
         "5047010b4800000005000000000000000200000000000000443322110000000007000000080000000100000000000000020000000a0000000300000014000000040000001e00000005000000280000000600000032000000070000003c0000000800000046000000",
         "5047010c1300000005000000000000000200000000000000443322110000000002000b000000000065706f63682034203c2035",
+        "5047010d18000000050000000000000002000000000000004433221100000000020000000100000003000000460000000900000047000000",
+        "5047010e1000000005000000000000000200000000000000443322110000000002000000010000000000000000000000",
     ];
 
     #[test]

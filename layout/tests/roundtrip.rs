@@ -4,7 +4,9 @@
 use pmgas_layout::PageId;
 use pmgas_layout::ids::{ClusterId, Epoch, NodeId, PageIndex};
 use pmgas_layout::pool::{ArtRecord, PageState, PoolHeader};
-use pmgas_layout::wire::{Body, ErrorCode, Join, MAX_REPLICAS, Message, Replica};
+use pmgas_layout::wire::{
+    Body, ErrorCode, Join, MAX_RECONCILE_ENTRIES, MAX_REPLICAS, Message, Replica,
+};
 use proptest::prelude::*;
 
 fn replicas() -> impl Strategy<Value = Vec<Replica>> {
@@ -78,6 +80,23 @@ fn body() -> impl Strategy<Value = Body> {
             replicas: r
         }),
         (error_code(), "\\PC{0,60}").prop_map(|(code, detail)| Body::Error { code, detail }),
+        (
+            any::<bool>(),
+            proptest::collection::btree_map(any::<u32>(), 1u32.., 0..=MAX_RECONCILE_ENTRIES)
+        )
+            .prop_map(|(last, m)| Body::Reconcile {
+                last,
+                entries: m
+                    .into_iter()
+                    .map(|(p, id)| (PageIndex(p), PageId(id)))
+                    .collect(),
+            }),
+        any::<[u32; 4]>().prop_map(|[c, f, u, x]| Body::Reconciled {
+            committed: c,
+            freed: f,
+            unknown_allocated: u,
+            conflicting: x,
+        }),
     ]
 }
 

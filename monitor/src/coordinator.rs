@@ -170,6 +170,13 @@ impl Coordinator {
         self.epoch
     }
 
+    /// Whether a GAT write of a transaction with a replica on `node` is in flight.
+    pub fn persisting_involves(&self, node: NodeId) -> bool {
+        self.txns.values().any(|t| {
+            t.phase == Phase::Persisting && (t.primary.node == node || t.backups.contains(&node))
+        })
+    }
+
     /// The page id the next allocation gets.
     pub fn next_page_id(&self) -> u32 {
         self.next_page_id

@@ -12,8 +12,8 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use pmgas_layout::gat::Mapping;
-use pmgas_layout::wire::{Body, ErrorCode, Message};
-use pmgas_layout::{ClusterId, Epoch, NodeId, PageId};
+use pmgas_layout::wire::{Body, ErrorCode, MAX_RECONCILE_ENTRIES, Message};
+use pmgas_layout::{ClusterId, Epoch, NodeId, PageId, PageIndex};
 use pmgas_verbs::msg::{Endpoint, Incoming, MsgConfig};
 use pmgas_verbs::wait::Notifier;
 use pmgas_verbs::{ConnectionConfig, Listener, ProtectionDomain};
@@ -40,6 +40,7 @@ pub struct ServerConfig {
 #[derive(Debug, Clone, Copy)]
 enum Sent {
     Prepare(u64),
+    Reconcile { last: bool },
     Commit,
     Abort,
 }
@@ -49,6 +50,20 @@ struct Peer {
     node: Option<NodeId>,
     /// Msg-layer request id -> what we asked.
     sent: HashMap<u64, Sent>,
+    /// Set from the join until the node has reconciled its ART with the GAT; only then
+    /// does it take part in transactions.
+    reconcile: Option<Reconciling>,
+}
+
+/// A joined node's reconciliation: the GAT's entries for it, sent in Reconcile messages.
+struct Reconciling {
+    view: NodeView,
+    /// Filled when sending starts: not while a GAT write involving the node is in flight,
+    /// whose outcome the list must include.
+    entries: Option<Vec<(PageIndex, PageId)>>,
+    next: usize,
+    sent_last: bool,
+    started: Instant,
 }
 
 pub fn serve(
@@ -138,6 +153,7 @@ fn run_loop(
                             ep,
                             node: None,
                             sent: HashMap::new(),
+                            reconcile: None,
                         }),
                         Err(e) => tracing::warn!(error = %e, "endpoint setup failed"),
                     },
@@ -182,7 +198,6 @@ fn run_loop(
                             peer,
                             i,
                             config,
-                            &mut coord,
                             &mut by_node,
                             &mappings,
                             epoch,
@@ -198,6 +213,7 @@ fn run_loop(
                                 // Not live until recorded: undo the join, refuse it.
                                 tracing::warn!(%node, error = %e, "join not recorded in ZooKeeper");
                                 peer.node = None;
+                                peer.reconcile = None;
                                 by_node.remove(&node);
                                 coord.remove_node(node);
                                 reply.body = Body::Error {
@@ -217,6 +233,32 @@ fn run_loop(
                             continue;
                         };
                         match (Message::decode(&payload).map(|m| m.body), sent) {
+                            (
+                                Ok(Body::Reconciled {
+                                    committed,
+                                    freed,
+                                    unknown_allocated,
+                                    conflicting,
+                                }),
+                                Sent::Reconcile { last: true },
+                            ) => {
+                                if let Some(mut r) = peer.reconcile.take() {
+                                    r.view.free_pages = r.view.free_pages.saturating_add(freed);
+                                    coord.set_node(node, r.view);
+                                    let ms = r.started.elapsed().as_secs_f64() * 1e3;
+                                    tracing::info!(
+                                        %node, committed, freed, unknown_allocated, conflicting,
+                                        ms = format!("{ms:.1}"), "node reconciled with the GAT"
+                                    );
+                                    if unknown_allocated + conflicting > 0 {
+                                        tracing::error!(
+                                            %node, unknown_allocated, conflicting,
+                                            "ALLOCATED pages the GAT does not account for (left untouched)"
+                                        );
+                                    }
+                                }
+                            }
+                            (Ok(Body::Reconciled { .. }), Sent::Reconcile { last: false }) => {}
                             (Ok(Body::Prepared { txn_id, page }), _) => {
                                 inputs.push(Input::Prepared {
                                     from: node,
@@ -243,8 +285,15 @@ fn run_loop(
                         }
                     }
                     Incoming::TimedOut { request_id } => {
-                        // The coordinator's own timers retry or abort.
-                        peer.sent.remove(&request_id);
+                        // The coordinator's own timers retry or abort; a reconciliation
+                        // starts over (the node's side is idempotent).
+                        if let Some(Sent::Reconcile { .. }) = peer.sent.remove(&request_id)
+                            && let Some(r) = peer.reconcile.as_mut()
+                        {
+                            r.entries = None;
+                            r.next = 0;
+                            r.sent_last = false;
+                        }
                     }
                 }
             }
@@ -264,7 +313,10 @@ fn run_loop(
         }
         // Spin briefly while messages flow, then sleep until a completion, an rdma_cm
         // event (a connect request, a disconnect) or the next tick.
-        let idle_pass = inputs.iter().all(|i| matches!(i, Input::Tick));
+        let mut idle_pass = inputs.iter().all(|i| matches!(i, Input::Tick));
+        if drive_reconciliations(&mut peers, &coord, &mappings, epoch) {
+            idle_pass = false;
+        }
         if !idle_pass {
             spin.busy();
         } else if spin.should_sleep() {
@@ -461,6 +513,64 @@ fn compact(
     }
 }
 
+/// Sends joined nodes their part of the GAT, as far as the message window allows. Returns
+/// whether it sent anything.
+fn drive_reconciliations(
+    peers: &mut [Peer],
+    coord: &Coordinator,
+    mappings: &HashMap<PageId, Mapping>,
+    epoch: Epoch,
+) -> bool {
+    let mut sent_any = false;
+    for peer in peers.iter_mut() {
+        let (Some(node), Some(r)) = (peer.node, peer.reconcile.as_mut()) else {
+            continue;
+        };
+        if r.sent_last {
+            continue;
+        }
+        if r.entries.is_none() {
+            if coord.persisting_involves(node) {
+                continue;
+            }
+            let mut entries: Vec<(PageIndex, PageId)> = mappings
+                .values()
+                .flat_map(|m| {
+                    m.replicas
+                        .iter()
+                        .filter(|rep| rep.node == node)
+                        .map(|rep| (rep.page, m.page_id))
+                })
+                .collect();
+            entries.sort_unstable();
+            r.entries = Some(entries);
+        }
+        let entries = r.entries.as_deref().unwrap_or(&[]);
+        while !r.sent_last && peer.ep.outstanding() < peer.ep.request_limit() {
+            let end = (r.next + MAX_RECONCILE_ENTRIES).min(entries.len());
+            let last = end == entries.len();
+            let body = Body::Reconcile {
+                last,
+                entries: entries[r.next..end].to_vec(),
+            };
+            let msg = Message::new(epoch, MONITOR_SENDER, 0, body).encode();
+            match peer.ep.request(&msg, REQUEST_TIMEOUT) {
+                Ok(id) => {
+                    peer.sent.insert(id, Sent::Reconcile { last });
+                    r.next = end;
+                    r.sent_last = last;
+                    sent_any = true;
+                }
+                Err(e) => {
+                    tracing::warn!(%node, error = %e, "reconcile send failed; retrying");
+                    break;
+                }
+            }
+        }
+    }
+    sent_any
+}
+
 /// Sleeps until a node's message, an rdma_cm event or the next 10 ms tick.
 fn sleep(
     listener: &Listener,
@@ -651,7 +761,6 @@ fn handle_request(
     peer: &mut Peer,
     index: usize,
     config: &ServerConfig,
-    coord: &mut Coordinator,
     by_node: &mut BTreeMap<NodeId, usize>,
     mappings: &HashMap<PageId, Mapping>,
     epoch: Epoch,
@@ -702,13 +811,16 @@ fn handle_request(
             }
             peer.node = Some(node);
             by_node.insert(node, index);
-            coord.set_node(
-                node,
-                NodeView {
+            peer.reconcile = Some(Reconciling {
+                view: NodeView {
                     free_pages: j.free_pages,
                 },
-            );
-            tracing::info!(%node, free = j.free_pages, "node joined");
+                entries: None,
+                next: 0,
+                sent_last: false,
+                started: Instant::now(),
+            });
+            tracing::info!(%node, free = j.free_pages, "node joined; reconciling");
             Some(Message::new(
                 epoch,
                 MONITOR_SENDER,

@@ -119,6 +119,25 @@ fn expect_error(reply: &Message, want: ErrorCode, what: &str) {
     }
 }
 
+/// Waits for one request from the peer and answers it with `answer(body)`.
+fn serve_one(ep: &mut Endpoint, answer: impl FnOnce(Body) -> Body) -> Body {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        assert!(Instant::now() < deadline, "no request from the peer");
+        if let Some(Incoming::Request {
+            request_id,
+            payload,
+        }) = ep.poll().expect("poll")
+        {
+            let m = Message::decode(&payload).expect("a well-formed request");
+            let body = m.body.clone();
+            let reply = Message::new(m.header.epoch, NodeId(1), 0, answer(m.body));
+            ep.respond(request_id, &reply.encode()).expect("respond");
+            return body;
+        }
+    }
+}
+
 fn join_msg(node: u32, cluster: u64, page: u64) -> Vec<u8> {
     let j = Join {
         cluster_id: ClusterId(cluster),
@@ -191,6 +210,20 @@ fn the_monitor_refuses_bad_messages_without_side_effects() {
     let ack = ask(&mut ep, &join_msg(1, CLUSTER_ID, PAGE));
     assert!(matches!(ack.body, Body::JoinAck { .. }), "{ack:?}");
     let epoch = ack.header.epoch.0;
+    // Next the monitor reconciles the new node: an empty GAT has nothing for it.
+    let reconcile = serve_one(&mut ep, |body| {
+        assert!(
+            matches!(body, Body::Reconcile { last: true, ref entries } if entries.is_empty()),
+            "{body:?}"
+        );
+        Body::Reconciled {
+            committed: 0,
+            freed: 0,
+            unknown_allocated: 0,
+            conflicting: 0,
+        }
+    });
+    eprintln!("reconcile request after the join: {reconcile:?}");
 
     // A second connection claiming the same node id.
     let mut twin = connect(h[1], listen);
@@ -324,6 +357,28 @@ fn a_node_refuses_bad_monitor_requests_without_touching_its_pool() {
     assert_eq!(joined.cluster_id, ClusterId(CLUSTER_ID));
     let monitor = NodeId(u32::MAX);
     let msg = |epoch: u64, body: Body| Message::new(Epoch(epoch), monitor, 0, body).encode();
+    // The node waits for its reconciliation; a blank pool has nothing to reconcile.
+    let none = ask(
+        &mut ep,
+        &msg(
+            EPOCH,
+            Body::Reconcile {
+                last: true,
+                entries: vec![],
+            },
+        ),
+    );
+    assert!(
+        matches!(
+            none.body,
+            Body::Reconciled {
+                committed: 0,
+                freed: 0,
+                ..
+            }
+        ),
+        "{none:?}"
+    );
 
     expect_error(
         &ask(&mut ep, b"\x01\x02garbage"),
@@ -395,15 +450,66 @@ fn a_node_refuses_bad_monitor_requests_without_touching_its_pool() {
         "{aborted:?}"
     );
 
+    // Reconciliation: of two PREALLOCATED pages, the one the GAT lists is committed with
+    // the GAT's page id, the other freed. A Reconcile listing a page twice is refused.
+    let mut dup = msg(
+        EPOCH,
+        Body::Reconcile {
+            last: true,
+            entries: vec![(PageIndex(1), PageId(9)), (PageIndex(2), PageId(9))],
+        },
+    );
+    dup[48..52].copy_from_slice(&1u32.to_le_bytes()); // second entry: page 1 again
+    expect_error(
+        &ask(&mut ep, &dup),
+        ErrorCode::Malformed,
+        "a page listed twice",
+    );
+    let prepare =
+        |ep: &mut Endpoint, txn_id| match ask(ep, &msg(EPOCH, Body::Prepare { txn_id })).body {
+            Body::Prepared { page, .. } => page,
+            other => panic!("prepare {txn_id}: {other:?}"),
+        };
+    let keep = prepare(&mut ep, 20);
+    let drop_page = prepare(&mut ep, 21);
+    let rec = ask(
+        &mut ep,
+        &msg(
+            EPOCH,
+            Body::Reconcile {
+                last: true,
+                entries: vec![(keep, PageId(500))],
+            },
+        ),
+    );
+    assert_eq!(
+        rec.body,
+        Body::Reconciled {
+            committed: 1,
+            freed: 1,
+            unknown_allocated: 0,
+            conflicting: 0
+        }
+    );
+
     drop(node);
     drop(ep);
     let mut cmd = Command::new(bin("pmgas-node"));
     cmd.args(["art-dump", "--pm", &pm, "--json"]);
     let text = output_of(&mut cmd, "art-dump");
-    let entries: Vec<&str> = text.lines().skip(1).collect();
-    assert!(
-        entries.is_empty(),
-        "the refused requests changed the ART: {entries:?}"
+    let entries: Vec<serde_json::Value> = text
+        .lines()
+        .skip(1)
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect();
+    assert_eq!(
+        entries.len(),
+        1,
+        "refused requests changed the ART, or reconciliation missed a page: {entries:?}"
     );
+    assert_eq!(entries[0]["page_index"], keep.0);
+    assert_eq!(entries[0]["state"], "ALLOCATED");
+    assert_eq!(entries[0]["page_id"], 500);
+    assert_ne!(keep, drop_page);
     std::fs::remove_file(&pm).unwrap();
 }

@@ -49,6 +49,7 @@ use pmgas_layout::{ArtRecord, Epoch, GlobalAddr, NodeId, PageId, PageIndex};
 use pmgas_verbs::msg::{Endpoint, Incoming, MsgConfig};
 use pmgas_verbs::{Access, ConnectionConfig, Connector, MemoryRegion, ProtectionDomain};
 
+use crate::art::ReconcileReport;
 use crate::objects::{ObjectAllocator, ObjectError, PageSource};
 use crate::participant::{Participant, primary_finish, primary_prepare};
 use crate::pool::Pool;
@@ -151,6 +152,8 @@ struct Shared {
     lookups_remote: AtomicU64,
     /// Wakes the service thread when a command is queued.
     notifier: pmgas_verbs::wait::Notifier,
+    /// What the reconciliation at join did.
+    reconciled: Mutex<Option<ReconcileReport>>,
 }
 
 impl Shared {
@@ -219,6 +222,7 @@ impl Client {
             lookups_remote: AtomicU64::new(0),
             notifier: pmgas_verbs::wait::Notifier::new()
                 .map_err(|e| ClientError::Stopped(e.to_string()))?,
+            reconciled: Mutex::new(None),
         });
         let (ready_tx, ready_rx) = mpsc::sync_channel(1);
         let service = {
@@ -330,6 +334,17 @@ impl Client {
             .remove(&page_id);
     }
 
+    /// What reconciling this node's ART with the GAT did when it joined: PREALLOCATED
+    /// pages committed or freed, ALLOCATED pages the GAT does not know (left untouched).
+    pub fn reconcile_report(&self) -> ReconcileReport {
+        self.shared
+            .reconciled
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .unwrap_or_default()
+    }
+
     /// Lookups that went to the monitor (cache misses) so far.
     pub fn remote_lookups(&self) -> u64 {
         self.shared.lookups_remote.load(Ordering::Relaxed)
@@ -388,6 +403,9 @@ struct Service<'a> {
     shared: &'a Shared,
     timeout: Duration,
     participant: Participant,
+    /// The GAT's entries for this node, as Reconcile messages bring them.
+    reconcile: HashMap<PageIndex, (PageId, Epoch)>,
+    reconciled: Option<ReconcileReport>,
     /// Message-layer request id -> what it was for.
     outstanding: HashMap<u64, Outstanding>,
     next_wire_id: u64,
@@ -475,9 +493,22 @@ fn run(
         shared,
         timeout: config.request_timeout,
         participant: Participant::new(config.node_id),
+        reconcile: HashMap::new(),
+        reconciled: None,
         outstanding: HashMap::new(),
         next_wire_id: 2,
     };
+    // The monitor sends this node its part of the GAT next; nothing is allocated here
+    // until the ART agrees with it.
+    match service.await_reconcile(RECONCILE_TIMEOUT) {
+        Ok(report) => {
+            *shared.reconciled.lock().unwrap_or_else(|p| p.into_inner()) = Some(report);
+        }
+        Err(e) => {
+            let _ = ready.send(Err(ClientError::Stopped(e.clone())));
+            return Err(e);
+        }
+    }
     let _ = ready.send(Ok(()));
     let result = service.serve(&commands);
     // Everyone still waiting learns that the service is gone; allocations in flight keep
@@ -512,7 +543,28 @@ fn run(
     result
 }
 
+/// How long a joining node waits for the monitor's reconciliation.
+const RECONCILE_TIMEOUT: Duration = Duration::from_secs(120);
+
 impl Service<'_> {
+    /// Serves the monitor (only Reconcile is expected now) until the ART is reconciled.
+    fn await_reconcile(&mut self, timeout: Duration) -> Result<ReconcileReport, String> {
+        let deadline = Instant::now() + timeout;
+        while self.reconciled.is_none() {
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "the monitor did not reconcile this node within {timeout:?}"
+                ));
+            }
+            match self.ep.poll() {
+                Ok(Some(incoming)) => self.incoming(incoming)?,
+                Ok(None) => self.sleep()?,
+                Err(e) => return Err(format!("monitor connection lost: {e}")),
+            }
+        }
+        Ok(self.reconciled.clone().unwrap_or_default())
+    }
+
     fn serve(&mut self, commands: &Receiver<Command>) -> Result<(), String> {
         // Spin briefly while messages flow, then sleep until the CQ, rdma_cm or a caller
         // wakes us: several nodes and the monitor may share few cores (the rig has two).
@@ -789,6 +841,41 @@ impl Service<'_> {
                 Ok(()) => Body::AbortAck { txn_id },
                 Err(code) => failed(code, format!("abort {txn_id}")),
             },
+            Body::Reconcile { last, entries } => {
+                for (page, id) in entries {
+                    self.reconcile.insert(page, (id, self.epoch));
+                }
+                if !last {
+                    return Body::Reconciled {
+                        committed: 0,
+                        freed: 0,
+                        unknown_allocated: 0,
+                        conflicting: 0,
+                    };
+                }
+                let gat = std::mem::take(&mut self.reconcile);
+                match self.pool.reconcile(&gat) {
+                    Ok(r) => {
+                        let count = |n: usize| n as u32;
+                        tracing::info!(
+                            committed = r.committed.len(),
+                            freed = r.freed.len(),
+                            unknown_allocated = r.unknown_allocated.len(),
+                            conflicting = r.conflicting.len(),
+                            "ART reconciled with the GAT"
+                        );
+                        let body = Body::Reconciled {
+                            committed: count(r.committed.len()),
+                            freed: count(r.freed.len()),
+                            unknown_allocated: count(r.unknown_allocated.len()),
+                            conflicting: count(r.conflicting.len()),
+                        };
+                        self.reconciled = Some(r);
+                        body
+                    }
+                    Err(e) => failed(ErrorCode::Internal, format!("reconcile: {e}")),
+                }
+            }
             other => failed(
                 ErrorCode::Malformed,
                 format!("{} is not a request to a node", other.name()),

@@ -17,7 +17,10 @@
 #                      what it prepared for them once it runs again;
 #   --depose-after S   after S seconds a new writer fences the GAT series: the monitor's
 #                      next ZooKeeper write fails, those transactions abort, the monitor
-#                      answers NotLeader, drains and stops.
+#                      answers NotLeader, drains and stops;
+#   --kill-node3-after S  node 3 is killed (-9) S seconds into the run and restarted a
+#                      second later (serving only): it rejoins, reconciles its ART with the
+#                      GAT (PREALLOCATED pages committed or freed) and serves again.
 # --objects N: node 1 then allocates N objects through the client API (slabs on new
 # replicated pages), checks and frees half of them.
 #
@@ -33,6 +36,7 @@ pool_mib=96
 objects=0
 freeze=0
 depose=0
+kill3=0
 print_gat=0
 args=("$@")
 while (($#)); do
@@ -44,6 +48,7 @@ while (($#)); do
     --freeze-node3) freeze=$2; shift 2 ;;
     --depose-after) depose=$2; shift 2 ;;
     --print-gat) print_gat=1; shift ;;
+    --kill-node3-after) kill3=$2; shift 2 ;;
     *) echo "usage: $0 [--pages N] [--concurrency C] [--pool-mib M] [--objects N] [--freeze-node3 S] [--depose-after S]" >&2; exit 2 ;;
   esac
 done
@@ -115,18 +120,31 @@ if ((freeze > 0)); then
   sleep "$freeze"
   kill -CONT "${pids[3]}"
 fi
+if ((kill3 > 0)); then
+  sleep "$kill3"
+  echo "cluster: kill -9 node 3"
+  kill -9 "${pids[3]}"
+  sleep 1
+  "$bin/pmgas-node" serve --pm "/dev/shm/pmgas-$cluster-node3" --cluster-id 7 --node-id 3 \
+    --page-size $page_size --zk "$zk" --cluster "$cluster" --bind "$h3" >"$work/node3b.log" 2>&1 &
+  pids[3]=$!
+  for _ in $(seq 1 600); do grep -q "NODE READY\|pmgas-node:" "$work/node3b.log" && break; sleep 0.1; done
+  grep "NODE READY" "$work/node3b.log" || { echo "node 3 did not come back:"; cat "$work/node3b.log"; tail -20 "$work/monitor.log"; exit 1; }
+fi
 if ((depose > 0)); then
   sleep "$depose"
   echo "cluster: fencing the monitor's GAT series: $("$bin/pmgas-monitor" fence-gat --zk "$zk" --cluster "$cluster")"
 fi
 done_re="ALLOC DONE"
 ((objects > 0)) && done_re="OBJECTS DONE"
-for i in 1 2 3; do
+alloc_nodes="1 2 3"
+((kill3 > 0)) && alloc_nodes="1 2"
+for i in $alloc_nodes; do
   want="ALLOC DONE"
   ((i == 1)) && want=$done_re
   for _ in $(seq 1 3000); do grep -q "$want\|pmgas-node:" "$work/node$i.log" && break; sleep 0.1; done
 done
-for i in 1 2 3; do
+for i in $alloc_nodes; do
   grep -q "ALLOC DONE" "$work/node$i.log" || { echo "node $i did not finish:"; cat "$work/node$i.log"; tail -20 "$work/monitor.log"; exit 1; }
   echo "node$i: $(grep 'ALLOC DONE' "$work/node$i.log")"
 done
@@ -154,13 +172,16 @@ for i in 1 2 3; do
 done
 check_ok=0
 expect_failures=0
-((freeze > 0 || depose > 0)) && expect_failures=1
-python3 - "$work" "$pages" "$pool_mib" "$expect_failures" <<'PY' || check_ok=1
+((freeze > 0 || depose > 0 || kill3 > 0)) && expect_failures=1
+python3 - "$work" "$pages" "$pool_mib" "$expect_failures" "$kill3" <<'PY' || check_ok=1
 import json, sys
 work, pages, pool_mib, expect_failures = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
+killed = int(sys.argv[5]) > 0
 gat = [json.loads(l) for l in open(f"{work}/gat.jsonl")]
 head, maps = gat[0], gat[1:]
 done = [l for i in (1, 2, 3) for l in open(f"{work}/node{i}.log") if "ALLOC DONE" in l]
+reconciled = [l.strip() for l in open(f"{work}/node3b.log")] if killed else []
+print("\n".join(l for l in reconciled if "NODE READY" in l))
 ok = sum(int(l.split("ok=")[1].split()[0]) for l in done)
 failed = sum(int(l.split("failed=")[1].split()[0]) for l in done)
 # Pages per pool, roughly: if the replicas cannot fit, allocations must fail cleanly.
@@ -170,7 +191,8 @@ ids = [m["page_id"] for m in maps]
 if len(ids) != len(set(ids)): errors.append("page id stored twice")
 slabs = [int(l.split("slabs=")[1].split()[0]) for l in open(f"{work}/node1.log") if "OBJECTS DONE" in l]
 slabs = slabs[0] if slabs else 0
-if len(maps) != ok + slabs: errors.append(f"{len(maps)} mappings stored but {ok} allocations (+{slabs} slabs) succeeded")
+# A killed node's own successes are not counted: then every counted one must be stored.
+if (len(maps) < ok + slabs) if killed else (len(maps) != ok + slabs): errors.append(f"{len(maps)} mappings stored but {ok} allocations (+{slabs} slabs) succeeded")
 art = {}
 for i in (1, 2, 3):
     for l in list(open(f"{work}/art{i}.jsonl"))[1:]:

@@ -78,6 +78,14 @@ pub enum Input {
         from: NodeId,
         txn_id: u64,
     },
+    /// A node's connection ended. It reconciles its ART with the GAT when it rejoins
+    /// (PREALLOCATED pages not in the GAT are freed there), so transactions still
+    /// preparing with it abort now without waiting for its acknowledgement, and aborts
+    /// stop waiting for it. Transactions already persisting or committing run on: what
+    /// the GAT holds, its reconciliation commits.
+    NodeLeft {
+        node: NodeId,
+    },
     /// Time passes; timeouts and resends happen here.
     Tick,
 }
@@ -186,11 +194,6 @@ impl Coordinator {
         self.nodes.insert(node, view);
     }
 
-    /// A node left: no new transaction chooses it (those in flight time out and abort).
-    pub fn remove_node(&mut self, node: NodeId) {
-        self.nodes.remove(&node);
-    }
-
     pub fn node(&self, node: NodeId) -> Option<NodeView> {
         self.nodes.get(&node).copied()
     }
@@ -264,6 +267,7 @@ impl Coordinator {
             }
             Input::CommitAck { from, txn_id } => self.acked(from, txn_id, true, &mut out),
             Input::AbortAck { from, txn_id } => self.acked(from, txn_id, false, &mut out),
+            Input::NodeLeft { node } => self.node_left(node, now_ns, &mut out),
             Input::Tick => self.tick(now_ns, &mut out),
         }
         out
@@ -437,6 +441,32 @@ impl Coordinator {
         }
         if t.waiting.is_empty() {
             self.finish(txn_id, out);
+        }
+    }
+
+    fn node_left(&mut self, node: NodeId, now_ns: u64, out: &mut Vec<Action>) {
+        self.nodes.remove(&node);
+        let ids: Vec<u64> = self.txns.keys().copied().collect();
+        for txn_id in ids {
+            let Some(t) = self.txns.get(&txn_id) else {
+                continue;
+            };
+            let involved = t.primary.node == node || t.backups.contains(&node);
+            if !involved {
+                continue;
+            }
+            if matches!(t.phase, Phase::Preparing { .. }) {
+                self.abort(txn_id, ErrorCode::Internal, now_ns, out);
+            }
+            if let Some(t) = self.txns.get_mut(&txn_id)
+                && matches!(t.phase, Phase::Aborting { .. })
+                && t.waiting.remove(&node)
+            {
+                t.prepared.remove(&node);
+                if t.waiting.is_empty() {
+                    self.finish(txn_id, out);
+                }
+            }
         }
     }
 
@@ -786,5 +816,56 @@ mod tests {
             PageId(43),
             "a page id whose persist failed is never reused"
         );
+    }
+
+    #[test]
+    fn a_node_leaving_mid_prepare_aborts_without_waiting_for_it() {
+        let mut c = coord(&[(1, 10), (2, 10), (3, 10)]);
+        let a = c.handle(alloc(1, 5, 2), 0);
+        assert_eq!(a.len(), 2, "prepares to both backups: {a:?}");
+        // Node 3 prepared, then its connection ended before node 2 answered.
+        c.handle(
+            Input::Prepared {
+                from: NodeId(3),
+                txn_id: 1,
+                page: PageIndex(4),
+            },
+            1,
+        );
+        let a = c.handle(Input::NodeLeft { node: NodeId(3) }, 2);
+        assert!(
+            a.iter()
+                .any(|x| matches!(x, Action::Abort { to, txn_id: 1 } if *to == NodeId(2))),
+            "{a:?}"
+        );
+        // Node 2's late Prepared must not resurrect the transaction into a persist.
+        let a = c.handle(
+            Input::Prepared {
+                from: NodeId(2),
+                txn_id: 1,
+                page: PageIndex(9),
+            },
+            3,
+        );
+        assert!(
+            !a.iter().any(|x| matches!(x, Action::Persist { .. })),
+            "{a:?}"
+        );
+        // Only node 2's ack is awaited; then the primary hears of the failure.
+        let a = c.handle(
+            Input::AbortAck {
+                from: NodeId(2),
+                txn_id: 1,
+            },
+            4,
+        );
+        assert!(
+            a.iter()
+                .any(|x| matches!(x, Action::Reply { result: Err(_), .. })),
+            "{a:?}"
+        );
+        assert_eq!(c.in_flight(), 0);
+        // A departed node is no longer chosen as a backup.
+        assert_eq!(c.choose_backups(NodeId(1), 2), None);
     }
 }

@@ -215,7 +215,6 @@ fn run_loop(
                                 peer.node = None;
                                 peer.reconcile = None;
                                 by_node.remove(&node);
-                                coord.remove_node(node);
                                 reply.body = Body::Error {
                                     code: ErrorCode::Internal,
                                     detail: format!("the join could not be recorded: {e}"),
@@ -299,15 +298,19 @@ fn run_loop(
             }
         }
         for i in dead.into_iter().rev() {
-            remove_peer(&mut peers, &mut by_node, &mut coord, i, store, rt);
+            if let Some(node) = remove_peer(&mut peers, &mut by_node, i, store, rt) {
+                inputs.push(Input::NodeLeft { node });
+            }
         }
         if last_tick.elapsed() >= Duration::from_millis(10) {
             last_tick = Instant::now();
             inputs.push(Input::Tick);
             // Drop connections whose peer has gone (a node restarting rejoins on a new one).
             for i in (0..peers.len()).rev() {
-                if peers[i].ep.connection().peer_disconnected().unwrap_or(true) {
-                    remove_peer(&mut peers, &mut by_node, &mut coord, i, store, rt);
+                if peers[i].ep.connection().peer_disconnected().unwrap_or(true)
+                    && let Some(node) = remove_peer(&mut peers, &mut by_node, i, store, rt)
+                {
+                    inputs.push(Input::NodeLeft { node });
                 }
             }
         }
@@ -707,17 +710,14 @@ fn record_join(
 fn remove_peer(
     peers: &mut Vec<Peer>,
     by_node: &mut BTreeMap<NodeId, usize>,
-    coord: &mut Coordinator,
     i: usize,
     store: &Store,
     rt: &tokio::runtime::Runtime,
-) {
+) -> Option<NodeId> {
     let p = peers.remove(i);
     tracing::warn!(node = ?p.node, "node disconnected");
     if let Some(n) = p.node {
         by_node.remove(&n);
-        // No new transaction picks it; those in flight time out and abort.
-        coord.remove_node(n);
         if let Err(e) = bounded(rt, store.unregister_node(n.0)).unwrap_or_else(|_| {
             Err(StoreError::Corrupt {
                 path: "nodes".into(),
@@ -732,6 +732,7 @@ fn remove_peer(
             *idx -= 1;
         }
     }
+    p.node
 }
 
 fn send(

@@ -368,8 +368,32 @@ fn serve(
 ) -> Result<(), String> {
     use std::sync::atomic::{AtomicU64, Ordering};
     let pool = Pool::open(pm, size, OnBlank::Format(id), Some(id)).map_err(|e| e.to_string())?;
-    let client = Client::connect(config, std::sync::Arc::new(pool)).map_err(|e| e.to_string())?;
-    println!("NODE READY {} epoch={}", client.node_id(), client.epoch().0);
+    let pool = std::sync::Arc::new(pool);
+    // A node restarting after a crash may find the monitor still holding its old
+    // connection for a moment: retry while the id is reported as taken.
+    let mut attempts = 0;
+    let client = loop {
+        match Client::connect(config.clone(), std::sync::Arc::clone(&pool)) {
+            Err(ClientError::Refused {
+                code: ErrorCode::DuplicateNode,
+                ..
+            }) if attempts < 40 => {
+                attempts += 1;
+                std::thread::sleep(std::time::Duration::from_millis(250));
+            }
+            other => break other.map_err(|e| e.to_string())?,
+        }
+    };
+    let r = client.reconcile_report();
+    println!(
+        "NODE READY {} epoch={} reconciled: committed={} freed={} unknown_allocated={} conflicting={}",
+        client.node_id(),
+        client.epoch().0,
+        r.committed.len(),
+        r.freed.len(),
+        r.unknown_allocated.len(),
+        r.conflicting.len()
+    );
     let _ = std::io::stdout().flush();
     if load.pages > 0 {
         std::thread::sleep(load.start_delay);

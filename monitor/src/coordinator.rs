@@ -446,6 +446,9 @@ impl Coordinator {
 
     fn node_left(&mut self, node: NodeId, now_ns: u64, out: &mut Vec<Action>) {
         self.nodes.remove(&node);
+        // Its request ids die with the connection: a restarted node numbers afresh, and
+        // must never be answered with an earlier incarnation's result.
+        self.by_request.retain(|(from, _), _| *from != node);
         let ids: Vec<u64> = self.txns.keys().copied().collect();
         for txn_id in ids {
             let Some(t) = self.txns.get(&txn_id) else {

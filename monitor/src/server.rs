@@ -140,6 +140,8 @@ fn run_loop(
     // Set once a GAT write was fenced: finish what was started, then stop.
     let mut deposed: Option<String> = None;
     let mut last_request = Instant::now();
+    // Mappings handed to the GAT writer, by transaction, until it reports.
+    let mut writing: HashMap<u64, Mapping> = HashMap::new();
     loop {
         if last_accept.elapsed() >= Duration::from_millis(2) {
             last_accept = Instant::now();
@@ -165,6 +167,15 @@ fn run_loop(
         let mut inputs: Vec<Input> = vec![];
         while let Ok(report) = persisted.try_recv() {
             let (txn_ids, outcome) = report?;
+            // The GAT in memory is what ZooKeeper holds: a mapping enters it once its write
+            // is acknowledged (reconciliations of rejoining nodes are cut from it).
+            for t in &txn_ids {
+                if let Some(m) = writing.remove(t)
+                    && matches!(outcome, Persisted::Stored)
+                {
+                    mappings.insert(m.page_id, m);
+                }
+            }
             inputs.push(match outcome {
                 Persisted::Stored => Input::Persisted { txn_ids },
                 Persisted::NotStored => Input::PersistFailed { txn_ids },
@@ -337,7 +348,10 @@ fn run_loop(
             let mut batch: Vec<(u64, Mapping)> = vec![];
             for action in actions {
                 match action {
-                    Action::Persist { txn_id, mapping } => batch.push((txn_id, mapping)),
+                    Action::Persist { txn_id, mapping } => {
+                        writing.insert(txn_id, mapping.clone());
+                        batch.push((txn_id, mapping));
+                    }
                     Action::Prepare { to, txn_id } => send(
                         &mut peers,
                         &by_node,
@@ -380,14 +394,11 @@ fn run_loop(
                             continue;
                         };
                         let body = match result {
-                            Ok(m) => {
-                                mappings.insert(m.page_id, m.clone());
-                                Body::Commit {
-                                    txn_id,
-                                    page_id: m.page_id,
-                                    replicas: m.replicas,
-                                }
-                            }
+                            Ok(m) => Body::Commit {
+                                txn_id,
+                                page_id: m.page_id,
+                                replicas: m.replicas,
+                            },
                             Err(code) => Body::Error {
                                 code,
                                 detail: format!("allocation failed: {code:?}"),

@@ -496,7 +496,11 @@ fn run(
         reconcile: HashMap::new(),
         reconciled: None,
         outstanding: HashMap::new(),
-        next_wire_id: 2,
+        // Fresh per incarnation (request ids identify retries to the monitor).
+        next_wire_id: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(2, |d| d.as_nanos() as u64 & ((1 << 62) - 1))
+            .max(2),
     };
     // The monitor sends this node its part of the GAT next; nothing is allocated here
     // until the ART agrees with it.

@@ -20,7 +20,10 @@
 #                      answers NotLeader, drains and stops;
 #   --kill-node3-after S  node 3 is killed (-9) S seconds into the run and restarted a
 #                      second later (serving only): it rejoins, reconciles its ART with the
-#                      GAT (PREALLOCATED pages committed or freed) and serves again.
+#                      GAT (PREALLOCATED pages committed or freed) and serves again;
+#   --kill-monitor-after S  the monitor is killed (-9) S seconds into the run and a new one
+#                      started: it reloads the GAT from ZooKeeper, the nodes find it there,
+#                      rejoin, reconcile, and go on allocating.
 # --objects N: node 1 then allocates N objects through the client API (slabs on new
 # replicated pages), checks and frees half of them.
 #
@@ -37,6 +40,7 @@ objects=0
 freeze=0
 depose=0
 kill3=0
+killm=0
 print_gat=0
 args=("$@")
 while (($#)); do
@@ -49,6 +53,7 @@ while (($#)); do
     --depose-after) depose=$2; shift 2 ;;
     --print-gat) print_gat=1; shift ;;
     --kill-node3-after) kill3=$2; shift 2 ;;
+    --kill-monitor-after) killm=$2; shift 2 ;;
     *) echo "usage: $0 [--pages N] [--concurrency C] [--pool-mib M] [--objects N] [--freeze-node3 S] [--depose-after S]" >&2; exit 2 ;;
   esac
 done
@@ -131,6 +136,17 @@ if ((kill3 > 0)); then
   for _ in $(seq 1 600); do grep -q "NODE READY\|pmgas-node:" "$work/node3b.log" && break; sleep 0.1; done
   grep "NODE READY" "$work/node3b.log" || { echo "node 3 did not come back:"; cat "$work/node3b.log"; tail -20 "$work/monitor.log"; exit 1; }
 fi
+if ((killm > 0)); then
+  sleep "$killm"
+  echo "cluster: kill -9 the monitor"
+  kill -9 "${pids[0]}"
+  sleep 1
+  "$bin/pmgas-monitor" serve --zk "$zk" --cluster "$cluster" --cluster-id 7 --page-size $page_size \
+    --listen "$h4:7000" >"$work/monitor2.log" 2>&1 &
+  pids[0]=$!
+  for _ in $(seq 1 600); do grep -q "MONITOR READY\|pmgas-monitor:" "$work/monitor2.log" && break; sleep 0.1; done
+  grep "MONITOR READY" "$work/monitor2.log" || { echo "the new monitor did not start:"; cat "$work/monitor2.log"; exit 1; }
+fi
 if ((depose > 0)); then
   sleep "$depose"
   echo "cluster: fencing the monitor's GAT series: $("$bin/pmgas-monitor" fence-gat --zk "$zk" --cluster "$cluster")"
@@ -172,8 +188,8 @@ for i in 1 2 3; do
 done
 check_ok=0
 expect_failures=0
-((freeze > 0 || depose > 0 || kill3 > 0)) && expect_failures=1
-python3 - "$work" "$pages" "$pool_mib" "$expect_failures" "$kill3" <<'PY' || check_ok=1
+((freeze > 0 || depose > 0 || kill3 > 0 || killm > 0)) && expect_failures=1
+python3 - "$work" "$pages" "$pool_mib" "$expect_failures" "$((kill3 + killm))" <<'PY' || check_ok=1
 import json, sys
 work, pages, pool_mib, expect_failures = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
 killed = int(sys.argv[5]) > 0

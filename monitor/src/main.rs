@@ -172,7 +172,20 @@ fn serve(
         page_size_bytes: page_size,
         max_batch,
     };
-    rt.block_on(store.publish_leader(&listen.to_string()))
-        .map_err(|e| format!("cannot become the active monitor: {e}"))?;
+    // Another monitor's announcement may be that of one that just died: it goes with its
+    // ZooKeeper session. Wait that long for it (standby election with fencing proper
+    // arrives with the high-availability work).
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match rt.block_on(store.publish_leader(&listen.to_string())) {
+            Ok(()) => break,
+            Err(pmgas_monitor::StoreError::Fenced { .. })
+                if std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) => return Err(format!("cannot become the active monitor: {e}")),
+        }
+    }
     pmgas_monitor::server::serve(&config, &store, &rt)
 }

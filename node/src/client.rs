@@ -66,6 +66,9 @@ pub struct ClientConfig {
     pub object_backups: u8,
     /// How long one monitor request may go unanswered before it is resent.
     pub request_timeout: Duration,
+    /// ZooKeeper connect string and cluster name: when the monitor connection is lost,
+    /// find the active monitor there and rejoin (without it, the service stops).
+    pub rediscover: Option<(String, String)>,
 }
 
 impl ClientConfig {
@@ -76,6 +79,7 @@ impl ClientConfig {
             monitor,
             object_backups: 2,
             request_timeout: Duration::from_secs(30),
+            rediscover: None,
         }
     }
 }
@@ -462,9 +466,58 @@ fn run(
     commands: Receiver<Command>,
     ready: SyncSender<Result<(), ClientError>>,
 ) -> Result<(), String> {
+    let mut monitor = config.monitor;
+    let mut first = true;
+    loop {
+        let result = connection(config, monitor, pool, shared, &commands, &ready, first);
+        let why = match result {
+            Ok(()) => return Ok(()),
+            Err(Lost::BeforeReady(e)) => return Err(e),
+            Err(Lost::After(e)) => e,
+        };
+        first = false;
+        let Some((zk, cluster)) = &config.rediscover else {
+            return Err(why);
+        };
+        // Find the active monitor again (a restarted or new one announces itself in
+        // ZooKeeper) and rejoin; the join reconciles whatever was in flight.
+        tracing::warn!(error = %why, "monitor connection lost; looking for the active monitor");
+        monitor = loop {
+            refuse_waiting(&commands, pool, &format!("{why}; reconnecting"));
+            std::thread::sleep(Duration::from_millis(200));
+            // A killed monitor's announcement outlives it by its session timeout: joining
+            // that address fails and brings us back here.
+            if let Ok(addr) = find_monitor(zk, cluster) {
+                break addr;
+            }
+        };
+        tracing::info!(%monitor, "rejoining");
+    }
+}
+
+/// Why one connection to the monitor ended.
+enum Lost {
+    /// Before the first join completed: `connect` fails with it.
+    BeforeReady(String),
+    /// After: the service may look for the monitor again.
+    After(String),
+}
+
+/// One connection: connect, join, reconcile, then serve until it ends. Everyone waiting
+/// on it learns that it ended; allocations in flight keep their PREALLOCATED pages, which
+/// the next join's reconciliation commits or frees (their outcome is unknown until then).
+fn connection(
+    config: &ClientConfig,
+    monitor: SocketAddr,
+    pool: &Pool,
+    shared: &Shared,
+    commands: &Receiver<Command>,
+    ready: &SyncSender<Result<(), ClientError>>,
+    first: bool,
+) -> Result<(), Lost> {
     let setup = || -> Result<_, ClientError> {
         let stopped = |e: pmgas_verbs::Error| ClientError::Stopped(e.to_string());
-        let route = Connector::new(Some(config.bind), config.monitor)
+        let route = Connector::new(Some(config.bind), monitor)
             .resolve()
             .map_err(stopped)?;
         let pd = ProtectionDomain::new(route.context()).map_err(stopped)?;
@@ -476,12 +529,21 @@ fn run(
         let epoch = join(&mut ep, config, pool, &mr)?;
         Ok((pd, mr, ep, epoch))
     };
+    let fail = |e: String| {
+        if first {
+            Lost::BeforeReady(e)
+        } else {
+            Lost::After(e)
+        }
+    };
     let (_pd, _mr, ep, epoch) = match setup() {
         Ok(s) => s,
         Err(e) => {
             let why = e.to_string();
-            let _ = ready.send(Err(e));
-            return Err(why);
+            if first {
+                let _ = ready.send(Err(e));
+            }
+            return Err(fail(why));
         }
     };
     shared.epoch.store(epoch.0, Ordering::Release);
@@ -492,11 +554,12 @@ fn run(
         pool,
         shared,
         timeout: config.request_timeout,
+        // Transaction ids belong to the monitor incarnation: start afresh.
         participant: Participant::new(config.node_id),
         reconcile: HashMap::new(),
         reconciled: None,
         outstanding: HashMap::new(),
-        // Fresh per incarnation (request ids identify retries to the monitor).
+        // Fresh per connection (request ids identify retries to the monitor).
         next_wire_id: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(2, |d| d.as_nanos() as u64 & ((1 << 62) - 1))
@@ -509,14 +572,16 @@ fn run(
             *shared.reconciled.lock().unwrap_or_else(|p| p.into_inner()) = Some(report);
         }
         Err(e) => {
-            let _ = ready.send(Err(ClientError::Stopped(e.clone())));
-            return Err(e);
+            if first {
+                let _ = ready.send(Err(ClientError::Stopped(e.clone())));
+            }
+            return Err(fail(e));
         }
     }
-    let _ = ready.send(Ok(()));
-    let result = service.serve(&commands);
-    // Everyone still waiting learns that the service is gone; allocations in flight keep
-    // their PREALLOCATED pages for reconciliation (their outcome is unknown).
+    if first {
+        let _ = ready.send(Ok(()));
+    }
+    let result = service.serve(commands);
     let why = match &result {
         Ok(()) => "the node service stopped".to_string(),
         Err(e) => e.clone(),
@@ -528,23 +593,53 @@ fn run(
             Outstanding::Lookup(_, r) => drop(r.send(Err(ClientError::Stopped(why.clone())))),
         }
     }
+    refuse_waiting(commands, pool, &why);
+    result.map_err(Lost::After)
+}
+
+/// Answers every queued command with `Stopped(why)`; pages prepared for them were never
+/// sent, so nobody else knows them: they are freed.
+fn refuse_waiting(commands: &Receiver<Command>, pool: &Pool, why: &str) {
     while let Ok(c) = commands.try_recv() {
-        let err = ClientError::Stopped(why.clone());
+        let err = ClientError::Stopped(why.to_owned());
         match c {
             Command::AllocPage {
                 reply, prepared, ..
             } => {
                 if let Some(page) = prepared {
-                    // Never sent: nobody else knows this page; give it back.
                     let mut table = pool;
-                    let _ = primary_finish(&mut table, page, epoch, Err(ErrorCode::Internal));
+                    let _ = primary_finish(&mut table, page, Epoch(0), Err(ErrorCode::Internal));
                 }
                 drop(reply.send(Err(err)))
             }
             Command::Lookup { reply, .. } => drop(reply.send(Err(err))),
         }
     }
-    result
+}
+
+/// Reads the active monitor's rdma_cm address from `/pmgas/<cluster>/leader`.
+pub fn find_monitor(zk: &str, cluster: &str) -> Result<SocketAddr, String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        let connect = zookeeper_client::Client::connector()
+            .with_session_timeout(Duration::from_secs(6))
+            .connect(zk);
+        let client = tokio::time::timeout(Duration::from_secs(20), connect)
+            .await
+            .map_err(|_| format!("ZooKeeper at {zk} did not answer within 20 s"))?
+            .map_err(|e| format!("ZooKeeper at {zk}: {e}"))?;
+        let path = format!("/pmgas/{cluster}/leader");
+        let (data, _) = client
+            .get_data(&path)
+            .await
+            .map_err(|e| format!("no active monitor ({path}: {e})"))?;
+        let text = String::from_utf8_lossy(&data).into_owned();
+        text.parse()
+            .map_err(|_| format!("{path} holds {text:?}, not an address"))
+    })
 }
 
 /// How long a joining node waits for the monitor's reconciliation.

@@ -178,9 +178,10 @@ fn main() -> ExitCode {
             start_delay_ms,
             alloc_objects,
         } => {
+            let rediscover = zk.clone().zip(cluster.clone());
             let monitor = match (monitor, zk, cluster) {
                 (Some(m), _, _) => Ok(m),
-                (None, Some(zk), Some(cluster)) => find_monitor(&zk, &cluster),
+                (None, Some(zk), Some(cluster)) => pmgas_node::client::find_monitor(&zk, &cluster),
                 _ => Err("give --monitor, or --zk and --cluster".to_string()),
             };
             let monitor = match monitor {
@@ -197,7 +198,9 @@ fn main() -> ExitCode {
                 start_delay: std::time::Duration::from_millis(start_delay_ms),
                 objects: alloc_objects,
             };
-            let config = ClientConfig::new(id.identity().node_id, bind, monitor);
+            let mut config = ClientConfig::new(id.identity().node_id, bind, monitor);
+            // With ZooKeeper, a lost monitor is looked up again and rejoined.
+            config.rediscover = rediscover;
             serve(&pm, id.identity(), size_bytes, config, &load)
         }
         Command::ArtDump { pm, json } => art_dump(&pm, json),
@@ -411,15 +414,20 @@ fn serve(
                                 match client.alloc_page(load.backups) {
                                     Ok(_) => lat.push(t.elapsed().as_micros() as u64),
                                     Err(e) => {
-                                        // Stop asking a deposed monitor (a real client
-                                        // would look up the new one in ZooKeeper).
+                                        // Stop asking a deposed monitor; while the
+                                        // service reconnects, slow down.
                                         let deposed = matches!(
                                             e,
                                             ClientError::Refused {
                                                 code: ErrorCode::NotLeader,
                                                 ..
-                                            } | ClientError::Stopped(_)
+                                            }
                                         );
+                                        if matches!(e, ClientError::Stopped(_)) {
+                                            std::thread::sleep(std::time::Duration::from_millis(
+                                                100,
+                                            ));
+                                        }
                                         let kind = match e {
                                             ClientError::Refused { code, .. } => {
                                                 format!("{code:?}")
@@ -532,30 +540,4 @@ fn objects_round_trip(client: &Client, n: u64) -> Result<(), String> {
     );
     let _ = std::io::stdout().flush();
     Ok(())
-}
-
-/// Reads the active monitor's rdma_cm address from ZooKeeper.
-fn find_monitor(zk: &str, cluster: &str) -> Result<std::net::SocketAddr, String> {
-    use std::time::Duration;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
-    rt.block_on(async {
-        let connect = zookeeper_client::Client::connector()
-            .with_session_timeout(Duration::from_secs(6))
-            .connect(zk);
-        let client = tokio::time::timeout(Duration::from_secs(20), connect)
-            .await
-            .map_err(|_| format!("ZooKeeper at {zk} did not answer within 20 s"))?
-            .map_err(|e| format!("ZooKeeper at {zk}: {e}"))?;
-        let path = format!("/pmgas/{cluster}/leader");
-        let (data, _) = client
-            .get_data(&path)
-            .await
-            .map_err(|e| format!("no active monitor ({path}: {e})"))?;
-        let text = String::from_utf8_lossy(&data).into_owned();
-        text.parse()
-            .map_err(|_| format!("{path} holds {text:?}, not an address"))
-    })
 }

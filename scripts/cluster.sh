@@ -79,6 +79,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# With a monitor restart, every log shows how the rejoin went.
+if ((killm > 0)); then export RUST_LOG=${RUST_LOG:-pmgas_node=info,pmgas_monitor=info}; fi
 echo "cluster: starting ZooKeeper"
 zk=$(bash "$root/scripts/zookeeper.sh" start --port 2181 --dir "$work/zk")
 echo "cluster: ZooKeeper at $zk; monitor on $h4; nodes on $h1 $h2 $h3"
@@ -139,6 +141,7 @@ fi
 if ((killm > 0)); then
   sleep "$killm"
   echo "cluster: kill -9 the monitor"
+  killed_at=$(date +%s.%N)
   kill -9 "${pids[0]}"
   sleep 1
   "$bin/pmgas-monitor" serve --zk "$zk" --cluster "$cluster" --cluster-id 7 --page-size $page_size \
@@ -146,6 +149,19 @@ if ((killm > 0)); then
   pids[0]=$!
   for _ in $(seq 1 600); do grep -q "MONITOR READY\|pmgas-monitor:" "$work/monitor2.log" && break; sleep 0.1; done
   grep "MONITOR READY" "$work/monitor2.log" || { echo "the new monitor did not start:"; cat "$work/monitor2.log"; exit 1; }
+  ready_at=$(date +%s.%N)
+  for _ in $(seq 1 300); do (($(grep -c "node reconciled" "$work/monitor2.log") >= 3)) && break; sleep 0.1; done
+  grep -h "node reconciled" "$work/monitor2.log" | sed 's/\x1b\[[0-9;]*m//g; s/^/  new monitor: /' || true
+  python3 - "$killed_at" "$ready_at" "$work/monitor2.log" <<'PY'
+import datetime, re, sys
+killed, ready = float(sys.argv[1]), float(sys.argv[2])
+stamps = [datetime.datetime.fromisoformat(m.group(1).replace("Z", "+00:00")).timestamp()
+          for l in open(sys.argv[3]) if "node reconciled" in l
+          for m in [re.search(r"(\d{4}-\d\d-\d\dT[\d:.]+Z)", re.sub(r"\x1b\[[0-9;]*m", "", l))] if m]
+last = max(stamps) - killed if stamps else float("nan")
+print(f"cluster: monitor restart: new monitor serving {ready - killed:.2f} s after the kill "
+      f"(1 s pause + waiting out the old ZooKeeper session), all {len(stamps)} nodes rejoined and reconciled after {last:.2f} s")
+PY
 fi
 if ((depose > 0)); then
   sleep "$depose"
@@ -189,14 +205,15 @@ done
 check_ok=0
 expect_failures=0
 ((freeze > 0 || depose > 0 || kill3 > 0 || killm > 0)) && expect_failures=1
-python3 - "$work" "$pages" "$pool_mib" "$expect_failures" "$((kill3 + killm))" <<'PY' || check_ok=1
+python3 - "$work" "$pages" "$pool_mib" "$expect_failures" "$kill3" "$killm" <<'PY' || check_ok=1
 import json, sys
 work, pages, pool_mib, expect_failures = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
-killed = int(sys.argv[5]) > 0
+node3_killed, monitor_killed = int(sys.argv[5]) > 0, int(sys.argv[6]) > 0
+killed = node3_killed or monitor_killed
 gat = [json.loads(l) for l in open(f"{work}/gat.jsonl")]
 head, maps = gat[0], gat[1:]
 done = [l for i in (1, 2, 3) for l in open(f"{work}/node{i}.log") if "ALLOC DONE" in l]
-reconciled = [l.strip() for l in open(f"{work}/node3b.log")] if killed else []
+reconciled = [l.strip() for l in open(f"{work}/node3b.log")] if node3_killed else []
 print("\n".join(l for l in reconciled if "NODE READY" in l))
 ok = sum(int(l.split("ok=")[1].split()[0]) for l in done)
 failed = sum(int(l.split("failed=")[1].split()[0]) for l in done)

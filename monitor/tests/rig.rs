@@ -140,3 +140,25 @@ fn a_node_killed_mid_run_rejoins_and_reconciles_with_the_gat() {
         "node 3 did not come back"
     );
 }
+
+#[test]
+fn a_killed_monitor_is_replaced_and_nodes_rejoin_and_reconcile() {
+    // The monitor is killed (-9) mid-run; a new one reloads the GAT from ZooKeeper, the
+    // nodes find it there, rejoin and reconcile what was in flight, and go on allocating.
+    let out = cluster(&[
+        "--pages",
+        "1500",
+        "--concurrency",
+        "4",
+        "--kill-monitor-after",
+        "5",
+    ]);
+    assert!(
+        out.contains(", 0 problems"),
+        "the GAT and the ARTs disagree"
+    );
+    assert!(
+        out.contains("all 3 nodes rejoined and reconciled"),
+        "not every node rejoined the new monitor"
+    );
+}

@@ -119,8 +119,14 @@ fn expect_error(reply: &Message, want: ErrorCode, what: &str) {
     }
 }
 
-/// Waits for one request from the peer and answers it with `answer(body)`.
-fn serve_one(ep: &mut Endpoint, answer: impl FnOnce(Body) -> Body) -> Body {
+/// Waits for one request from the peer and answers it with `answer(body)`, as `sender` in
+/// `epoch`; returns the request's body.
+fn serve_one(
+    ep: &mut Endpoint,
+    epoch: Epoch,
+    sender: NodeId,
+    answer: impl FnOnce(Body) -> Body,
+) -> Body {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         assert!(Instant::now() < deadline, "no request from the peer");
@@ -131,7 +137,7 @@ fn serve_one(ep: &mut Endpoint, answer: impl FnOnce(Body) -> Body) -> Body {
         {
             let m = Message::decode(&payload).expect("a well-formed request");
             let body = m.body.clone();
-            let reply = Message::new(m.header.epoch, NodeId(1), 0, answer(m.body));
+            let reply = Message::new(epoch, sender, 0, answer(m.body));
             ep.respond(request_id, &reply.encode()).expect("respond");
             return body;
         }
@@ -211,7 +217,7 @@ fn the_monitor_refuses_bad_messages_without_side_effects() {
     assert!(matches!(ack.body, Body::JoinAck { .. }), "{ack:?}");
     let epoch = ack.header.epoch.0;
     // Next the monitor reconciles the new node: an empty GAT has nothing for it.
-    let reconcile = serve_one(&mut ep, |body| {
+    let reconcile = serve_one(&mut ep, Epoch(epoch), NodeId(1), |body| {
         assert!(
             matches!(body, Body::Reconcile { last: true, ref entries } if entries.is_empty()),
             "{body:?}"
@@ -332,27 +338,12 @@ fn a_node_refuses_bad_monitor_requests_without_touching_its_pool() {
         .expect("accept");
     let mut ep = Endpoint::new(conn, MsgConfig::default()).expect("endpoint");
     const EPOCH: u64 = 5;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let joined = loop {
-        assert!(Instant::now() < deadline, "the node did not send Join");
-        if let Some(Incoming::Request {
-            request_id,
-            payload,
-        }) = ep.poll().expect("poll")
-        {
-            let m = Message::decode(&payload).expect("Join decodes");
-            let Body::Join(j) = m.body else {
-                panic!("expected Join, got {m:?}")
-            };
-            let ack = Message::new(
-                Epoch(EPOCH),
-                NodeId(u32::MAX),
-                1,
-                Body::JoinAck { live_nodes: 1 },
-            );
-            ep.respond(request_id, &ack.encode()).expect("respond");
-            break j;
-        }
+    let join = serve_one(&mut ep, Epoch(EPOCH), NodeId(u32::MAX), |body| {
+        assert!(matches!(body, Body::Join(_)), "expected Join, got {body:?}");
+        Body::JoinAck { live_nodes: 1 }
+    });
+    let Body::Join(joined) = join else {
+        unreachable!("checked above")
     };
     assert_eq!(joined.cluster_id, ClusterId(CLUSTER_ID));
     let monitor = NodeId(u32::MAX);

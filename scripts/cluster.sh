@@ -197,7 +197,8 @@ pids=()
 "$bin/pmgas-monitor" gat-dump --zk "$zk" --cluster "$cluster" --json >"$work/gat.jsonl"
 if ((print_gat)); then
   echo "cluster: the GAT in ZooKeeper (gat-dump, first lines):"
-  "$bin/pmgas-monitor" gat-dump --zk "$zk" --cluster "$cluster" | head -8 | sed 's/^/  /'
+  "$bin/pmgas-monitor" gat-dump --zk "$zk" --cluster "$cluster" >"$work/gat.txt"
+  head -8 "$work/gat.txt" | sed 's/^/  /'
 fi
 for i in 1 2 3; do
   "$bin/pmgas-node" art-dump --pm "/dev/shm/pmgas-$cluster-node$i" --json >"$work/art$i.jsonl"

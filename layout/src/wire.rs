@@ -61,10 +61,13 @@ pub enum ErrorCode {
     BadGeometry,
     NotLeader,
     Internal,
+    /// A backup failed or left while preparing (timed out, disconnected): the transaction
+    /// was aborted and nothing allocated; asking again is safe.
+    BackupLost,
 }
 
 impl ErrorCode {
-    const ALL: [Self; 10] = [
+    const ALL: [Self; 11] = [
         Self::Malformed,
         Self::StaleEpoch,
         Self::UnknownPage,
@@ -75,6 +78,7 @@ impl ErrorCode {
         Self::BadGeometry,
         Self::NotLeader,
         Self::Internal,
+        Self::BackupLost,
     ];
 
     pub fn code(self) -> u16 {
@@ -854,7 +858,10 @@ mod tests {
             assert_eq!(ErrorCode::from_code(c.code()), Some(c));
         }
         assert_eq!(ErrorCode::from_code(0), None);
-        assert_eq!(ErrorCode::from_code(11), None);
+        // Codes are append-only: the existing ones keep their numbers.
+        assert_eq!(ErrorCode::Internal.code(), 10);
+        assert_eq!(ErrorCode::BackupLost.code(), 11);
+        assert_eq!(ErrorCode::from_code(12), None);
     }
 
     #[test]

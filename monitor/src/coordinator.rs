@@ -459,7 +459,7 @@ impl Coordinator {
                 continue;
             }
             if matches!(t.phase, Phase::Preparing { .. }) {
-                self.abort(txn_id, ErrorCode::Internal, now_ns, out);
+                self.abort(txn_id, ErrorCode::BackupLost, now_ns, out);
             }
             if let Some(t) = self.txns.get_mut(&txn_id)
                 && matches!(t.phase, Phase::Aborting { .. })
@@ -540,7 +540,7 @@ impl Coordinator {
             };
             match t.phase {
                 Phase::Preparing { deadline_ns } if now_ns >= deadline_ns => {
-                    self.abort(txn_id, ErrorCode::Internal, now_ns, out);
+                    self.abort(txn_id, ErrorCode::BackupLost, now_ns, out);
                 }
                 Phase::Committing { resend_ns } if now_ns >= resend_ns => {
                     t.phase = Phase::Committing {

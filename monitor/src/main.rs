@@ -28,9 +28,10 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Runs the active monitor: accepts data nodes over rdma_cm on --listen and serves
-    /// two-phase page allocations, persisting the GAT in ZooKeeper. (Standbys, leader
-    /// election and recovery arrive with the high-availability issue.)
+    /// Runs a monitor: stands for election in ZooKeeper and waits as a standby; once it
+    /// leads, reloads the GAT, fences off its predecessor, accepts data nodes over rdma_cm
+    /// on --listen and serves two-phase page allocations, persisting the GAT in ZooKeeper.
+    /// Run three (one active, two standbys) for high availability.
     Serve {
         #[arg(long)]
         zk: String,
@@ -46,6 +47,11 @@ enum Command {
         /// Most mappings per ZooKeeper write; 1 turns group commit off (to measure it).
         #[arg(long, default_value_t = usize::MAX)]
         max_batch: usize,
+        /// ZooKeeper session timeout: how long after this monitor dies a standby takes
+        /// over. ZooKeeper clamps it to [2, 20] × its tickTime (scripts/zookeeper.sh:
+        /// tickTime 200 ms).
+        #[arg(long, default_value_t = 600)]
+        session_timeout_ms: u64,
     },
     /// Opens a GAT writer series as a new active monitor would, fencing off its current
     /// writer (internal: the deposed-monitor and ZooKeeper-write-failure tests).
@@ -79,7 +85,18 @@ fn main() -> ExitCode {
             page_size,
             listen,
             max_batch,
-        } => serve(&zk, &cluster, cluster_id, page_size, listen, max_batch),
+            session_timeout_ms,
+        } => serve(
+            &zk,
+            &cluster,
+            pmgas_monitor::server::ServerConfig {
+                listen,
+                cluster_id: pmgas_layout::ClusterId(cluster_id),
+                page_size_bytes: page_size,
+                max_batch,
+            },
+            Duration::from_millis(session_timeout_ms),
+        ),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -144,10 +161,8 @@ fn gat_dump(zk: &str, cluster: &str, json: bool) -> Result<(), String> {
 fn serve(
     zk: &str,
     cluster: &str,
-    cluster_id: u64,
-    page_size: u64,
-    listen: std::net::SocketAddr,
-    max_batch: usize,
+    config: pmgas_monitor::server::ServerConfig,
+    session_timeout: Duration,
 ) -> Result<(), String> {
     // A worker thread keeps the ZooKeeper session alive (pings) while the RDMA loop,
     // which never yields, runs on this thread.
@@ -159,33 +174,32 @@ fn serve(
     let connect = rt.block_on(async {
         tokio::time::timeout(
             Duration::from_secs(20),
-            Store::connect(zk, cluster, Duration::from_secs(6)),
+            Store::connect(zk, cluster, session_timeout),
         )
         .await
     });
     let store = connect
         .map_err(|_| format!("ZooKeeper at {zk} did not answer within 20 s"))?
         .map_err(|e| e.to_string())?;
-    let config = pmgas_monitor::server::ServerConfig {
-        listen,
-        cluster_id: pmgas_layout::ClusterId(cluster_id),
-        page_size_bytes: page_size,
-        max_batch,
-    };
-    // Another monitor's announcement may be that of one that just died: it goes with its
-    // ZooKeeper session. Wait that long for it (standby election with fencing proper
-    // arrives with the high-availability work).
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        match rt.block_on(store.publish_leader(&listen.to_string())) {
-            Ok(()) => break,
-            Err(pmgas_monitor::StoreError::Fenced { .. })
-                if std::time::Instant::now() < deadline =>
-            {
-                std::thread::sleep(Duration::from_millis(200));
-            }
-            Err(e) => return Err(format!("cannot become the active monitor: {e}")),
-        }
-    }
+    let listen = config.listen.to_string();
+    println!("MONITOR STANDBY listen={listen} (waiting to lead)");
+    let waited = std::time::Instant::now();
+    rt.block_on(store.campaign(&listen))
+        .map_err(|e| format!("election failed: {e}"))?;
+    pmgas_verbs::fault::point("monitor.elected");
+    // The time since the predecessor's election znode vanished is not known here; what a
+    // takeover measurement needs is this line's timestamp.
+    println!(
+        "MONITOR ELECTED listen={listen} after {} ms as standby (unix_ms={})",
+        waited.elapsed().as_millis(),
+        unix_ms()
+    );
     pmgas_monitor::server::serve(&config, &store, &rt)
+}
+
+/// Milliseconds since the epoch (log lines that other processes' times are compared with).
+pub fn unix_ms() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis())
 }

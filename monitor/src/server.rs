@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use pmgas_layout::gat::Mapping;
 use pmgas_layout::wire::{Body, ErrorCode, MAX_RECONCILE_ENTRIES, Message};
 use pmgas_layout::{ClusterId, Epoch, NodeId, PageId, PageIndex};
+use pmgas_verbs::fault;
 use pmgas_verbs::msg::{Endpoint, Incoming, MsgConfig};
 use pmgas_verbs::wait::Notifier;
 use pmgas_verbs::{ConnectionConfig, Listener, ProtectionDomain};
@@ -82,6 +83,24 @@ pub fn serve(
     let (to_persister, batches) = mpsc::channel::<Batch>();
     let (persisted_tx, persisted) = mpsc::channel::<PersistReport>();
     let wake = Notifier::new().map_err(|e| e.to_string())?;
+    // A monitor whose ZooKeeper session ended no longer leads (its election znode is gone
+    // and a standby may lead already): the loop stops at once, and every write it might
+    // still try is fenced.
+    let session_lost = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        let mut watcher = store.state_watcher();
+        let lost = session_lost.clone();
+        rt.spawn(async move {
+            loop {
+                let state = watcher.changed().await;
+                if state.is_terminated() {
+                    tracing::error!(?state, "ZooKeeper session ended");
+                    lost.store(true, std::sync::atomic::Ordering::Release);
+                    return;
+                }
+            }
+        });
+    }
     std::thread::scope(|scope| {
         let wake = &wake;
         let max_batch = config.max_batch;
@@ -102,6 +121,7 @@ pub fn serve(
             to_persister,
             &persisted,
             wake,
+            &session_lost,
         )
     })
 }
@@ -118,16 +138,25 @@ fn run_loop(
     to_persister: mpsc::Sender<Batch>,
     persisted: &mpsc::Receiver<PersistReport>,
     wake: &Notifier,
+    session_lost: &std::sync::atomic::AtomicBool,
 ) -> Result<(), String> {
     let listener = Listener::bind(config.listen, 64).map_err(|e| e.to_string())?;
     let pd = ProtectionDomain::new(listener.context()).map_err(|e| e.to_string())?;
+    // Announced only now that the GAT is loaded and the listener bound: nodes that look
+    // the monitor up connect at once.
+    bounded(rt, store.publish_leader(&config.listen.to_string()))
+        .map_err(|_| format!("no answer from ZooKeeper within {ZK_TIMEOUT:?}"))?
+        .map_err(|e| format!("cannot announce this monitor: {e}"))?;
     println!(
-        "MONITOR READY listen={} device={} epoch={} mappings={} max_page_id={}",
+        "MONITOR READY listen={} device={} epoch={} mappings={} max_page_id={} unix_ms={}",
         config.listen,
         listener.context().name(),
         epoch.0,
         mappings.len(),
-        coord.next_page_id() - 1
+        coord.next_page_id() - 1,
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis())
     );
     let start = Instant::now();
     let mut peers: Vec<Peer> = vec![];
@@ -143,6 +172,13 @@ fn run_loop(
     // Mappings handed to the GAT writer, by transaction, until it reports.
     let mut writing: HashMap<u64, Mapping> = HashMap::new();
     loop {
+        if session_lost.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(format!(
+                "lost the ZooKeeper session, and with it the leadership ({} transactions in \
+                 flight are left to the next monitor's reconciliation)",
+                coord.in_flight()
+            ));
+        }
         if last_accept.elapsed() >= Duration::from_millis(2) {
             last_accept = Instant::now();
             if let Some(req) = listener
@@ -352,38 +388,47 @@ fn run_loop(
                         writing.insert(txn_id, mapping.clone());
                         batch.push((txn_id, mapping));
                     }
-                    Action::Prepare { to, txn_id } => send(
-                        &mut peers,
-                        &by_node,
-                        to,
-                        Body::Prepare { txn_id },
-                        Sent::Prepare(txn_id),
-                        epoch,
-                    ),
+                    Action::Prepare { to, txn_id } => {
+                        send(
+                            &mut peers,
+                            &by_node,
+                            to,
+                            Body::Prepare { txn_id },
+                            Sent::Prepare(txn_id),
+                            epoch,
+                        );
+                        fault::point("monitor.prepare-sent");
+                    }
                     Action::Commit {
                         to,
                         txn_id,
                         mapping,
-                    } => send(
-                        &mut peers,
-                        &by_node,
-                        to,
-                        Body::Commit {
-                            txn_id,
-                            page_id: mapping.page_id,
-                            replicas: mapping.replicas,
-                        },
-                        Sent::Commit,
-                        epoch,
-                    ),
-                    Action::Abort { to, txn_id } => send(
-                        &mut peers,
-                        &by_node,
-                        to,
-                        Body::Abort { txn_id },
-                        Sent::Abort,
-                        epoch,
-                    ),
+                    } => {
+                        send(
+                            &mut peers,
+                            &by_node,
+                            to,
+                            Body::Commit {
+                                txn_id,
+                                page_id: mapping.page_id,
+                                replicas: mapping.replicas,
+                            },
+                            Sent::Commit,
+                            epoch,
+                        );
+                        fault::point("monitor.commit-sent");
+                    }
+                    Action::Abort { to, txn_id } => {
+                        send(
+                            &mut peers,
+                            &by_node,
+                            to,
+                            Body::Abort { txn_id },
+                            Sent::Abort,
+                            epoch,
+                        );
+                        fault::point("monitor.abort-sent");
+                    }
                     Action::Reply {
                         to,
                         request_id,
@@ -393,6 +438,7 @@ fn run_loop(
                         let Some(msg_id) = replies.remove(&(to, request_id)) else {
                             continue;
                         };
+                        let committed = result.is_ok();
                         let body = match result {
                             Ok(m) => Body::Commit {
                                 txn_id,
@@ -410,6 +456,9 @@ fn run_loop(
                                 &Message::new(epoch, MONITOR_SENDER, request_id, body).encode(),
                             );
                         }
+                        if committed {
+                            fault::point("monitor.commit-sent");
+                        }
                     }
                 }
             }
@@ -421,6 +470,7 @@ fn run_loop(
                 to_persister
                     .send((txn_ids, maps))
                     .map_err(|_| "the GAT writer thread ended".to_string())?;
+                fault::point("monitor.persist-queued");
             }
         }
         // Deposed: stop once nothing is in flight and the nodes have stopped asking (they
@@ -491,6 +541,9 @@ fn persister(
             (txn_ids, outcome)
         });
         stats.record(maps.len(), started.elapsed());
+        if matches!(report, Ok((_, Persisted::Stored))) {
+            fault::point("monitor.gat-written");
+        }
         let fatal = report.is_err();
         if reports.send(report).is_err() || fatal {
             wake.notify();
@@ -574,6 +627,7 @@ fn drive_reconciliations(
                     r.next = end;
                     r.sent_last = last;
                     sent_any = true;
+                    fault::point("monitor.reconcile-sent");
                 }
                 Err(e) => {
                     tracing::warn!(%node, error = %e, "reconcile send failed; retrying");

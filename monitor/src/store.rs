@@ -71,6 +71,9 @@ pub struct Store {
     root: String,
     /// Version of the epoch znode when this store last read it (-1: not read yet).
     epoch_version: std::sync::atomic::AtomicI32,
+    /// This monitor's election znode once it won the election ([`Self::campaign`]): every
+    /// metadata write checks that it still exists, so a deposed monitor writes nothing.
+    lock: std::sync::OnceLock<zk::OwnedLockClient>,
 }
 
 /// The whole GAT as loaded from ZooKeeper.
@@ -107,6 +110,7 @@ impl Store {
             client,
             root,
             epoch_version: std::sync::atomic::AtomicI32::new(-1),
+            lock: std::sync::OnceLock::new(),
         };
         for dir in [store.path("gat"), store.path("nodes")] {
             store
@@ -148,17 +152,96 @@ impl Store {
             })
     }
 
+    /// Stands for election: an ephemeral sequential znode under `election/` (the ZooKeeper
+    /// leader-election recipe, as Curator's `LeaderLatch`), then waits until it is the
+    /// lowest, i.e. every monitor ahead of this one is gone. Returns once this monitor
+    /// leads; from then on every write of this store is fenced by the election znode
+    /// ([`Self::add_fence`]), which vanishes with this monitor's session.
+    pub async fn campaign(&self, addr: &str) -> Result<(), StoreError> {
+        let dir = self.path("election");
+        let prefix = zk::LockPrefix::new_curator(&dir, "latch-")
+            .map_err(zk_error("campaign", dir.clone()))?;
+        let options = zk::LockOptions::new(zk::Acls::anyone_all())
+            .with_ancestor_options(persistent())
+            .map_err(zk_error("campaign", dir.clone()))?;
+        let lock = self
+            .client
+            .lock(prefix, addr.as_bytes(), options)
+            .await
+            .map_err(zk_error("campaign", dir))?;
+        let _ = self.lock.set(lock.into_owned());
+        Ok(())
+    }
+
+    /// This monitor's election znode, if it won.
+    pub fn election_path(&self) -> Option<&str> {
+        self.lock.get().map(|l| l.lock_path())
+    }
+
+    /// Adds the leadership check (the election znode still exists) to a multi-op. Always
+    /// the multi's first operation (index 0) once this monitor was elected.
+    fn add_fence(&self, multi: &mut zk::MultiWriter<'_>) -> Result<bool, zk::Error> {
+        match self.election_path() {
+            Some(path) => multi.add_check_version(path, -1).map(|()| true),
+            None => Ok(false),
+        }
+    }
+
+    /// The ZooKeeper session's state watcher (a monitor stops leading when its session
+    /// expires: its election znode is gone and a standby may already lead).
+    pub fn state_watcher(&self) -> zk::StateWatcher {
+        self.client.state_watcher()
+    }
+
     /// Announces this monitor as the active one: an ephemeral `leader` znode holding its
-    /// rdma_cm address, gone when the session ends. A second monitor is refused (standby
-    /// election arrives with the high-availability work).
+    /// rdma_cm address, gone when the session ends. Written under the election fence; an
+    /// announcement left by a predecessor (whose session has not expired yet, or which
+    /// resigned) is replaced.
     pub async fn publish_leader(&self, addr: &str) -> Result<(), StoreError> {
         let path = self.path("leader");
         let options = zk::CreateMode::Ephemeral.with_acls(zk::Acls::anyone_all());
-        match self.client.create(&path, addr.as_bytes(), &options).await {
-            Ok(_) => Ok(()),
-            Err(zk::Error::NodeExists) => Err(StoreError::Fenced { path }),
-            Err(source) => Err(zk_error("create", path)(source)),
+        for replace in [false, true] {
+            let mut multi = self.client.new_multi_writer();
+            let fenced = self
+                .add_fence(&mut multi)
+                .map_err(zk_error("announce", path.clone()))?;
+            if replace {
+                multi
+                    .add_delete(&path, None)
+                    .map_err(zk_error("announce", path.clone()))?;
+            }
+            multi
+                .add_create(&path, addr.as_bytes(), &options)
+                .map_err(zk_error("announce", path.clone()))?;
+            match multi.commit().await {
+                Ok(_) => return Ok(()),
+                Err(zk::MultiWriteError::OperationFailed {
+                    index: 0,
+                    source: zk::Error::NoNode,
+                }) if fenced => {
+                    return Err(StoreError::Fenced { path });
+                }
+                Err(zk::MultiWriteError::OperationFailed {
+                    source: zk::Error::NodeExists,
+                    ..
+                }) if !replace && fenced => continue,
+                Err(zk::MultiWriteError::OperationFailed {
+                    source: zk::Error::NodeExists,
+                    ..
+                }) => {
+                    return Err(StoreError::Fenced { path });
+                }
+                // Deleted between the two tries.
+                Err(zk::MultiWriteError::OperationFailed {
+                    source: zk::Error::NoNode,
+                    ..
+                }) if replace => {
+                    return Box::pin(self.publish_leader(addr)).await;
+                }
+                Err(e) => return Err(zk_error("announce", path)(e.into())),
+            }
         }
+        Err(StoreError::Fenced { path })
     }
 
     /// The active monitor's rdma_cm address, if one is announced.
@@ -183,6 +266,10 @@ impl Store {
             .load(std::sync::atomic::Ordering::Acquire);
         for replace in [false, true] {
             let mut multi = self.client.new_multi_writer();
+            let first = usize::from(
+                self.add_fence(&mut multi)
+                    .map_err(zk_error("join", path.clone()))?,
+            );
             multi
                 .add_check_version(&epoch, fence)
                 .and_then(|()| {
@@ -196,9 +283,9 @@ impl Store {
             match multi.commit().await {
                 Ok(_) => return Ok(()),
                 Err(zk::MultiWriteError::OperationFailed {
-                    index: 0,
-                    source: zk::Error::BadVersion,
-                }) => return Err(StoreError::Fenced { path: epoch }),
+                    index,
+                    source: zk::Error::BadVersion | zk::Error::NoNode,
+                }) if index <= first => return Err(StoreError::Fenced { path: epoch }),
                 // Recorded by an earlier run that ended without removing it: overwrite.
                 Err(zk::MultiWriteError::OperationFailed {
                     source: zk::Error::NodeExists,
@@ -216,9 +303,24 @@ impl Store {
     /// Removes a node that left from `nodes/`.
     pub async fn unregister_node(&self, node: u32) -> Result<(), StoreError> {
         let path = self.path(&format!("nodes/node{node}"));
-        match self.client.delete(&path, None).await {
-            Ok(()) | Err(zk::Error::NoNode) => Ok(()),
-            Err(source) => Err(zk_error("delete", path)(source)),
+        let mut multi = self.client.new_multi_writer();
+        let fenced = self
+            .add_fence(&mut multi)
+            .map_err(zk_error("delete", path.clone()))?;
+        multi
+            .add_delete(&path, None)
+            .map_err(zk_error("delete", path.clone()))?;
+        match multi.commit().await {
+            Ok(_) => Ok(()),
+            Err(zk::MultiWriteError::OperationFailed {
+                index: 0,
+                source: zk::Error::NoNode,
+            }) if fenced => Err(StoreError::Fenced { path }),
+            Err(zk::MultiWriteError::OperationFailed {
+                source: zk::Error::NoNode,
+                ..
+            }) => Ok(()),
+            Err(e) => Err(zk_error("delete", path)(e.into())),
         }
     }
 
@@ -414,16 +516,24 @@ impl<'a> GatWriter<'a> {
         ops: impl FnOnce(&mut zk::MultiWriter<'_>) -> Result<(), zk::Error>,
     ) -> Result<(), StoreError> {
         let mut multi = self.store.client.new_multi_writer();
-        let built = multi
-            .add_check_version(&self.dir, self.fence)
+        let built = self
+            .store
+            .add_fence(&mut multi)
+            .and_then(|_| multi.add_check_version(&self.dir, self.fence))
             .and_then(|()| ops(&mut multi));
         built.map_err(zk_error(what, path))?;
+        let elected = self.store.election_path().is_some();
         match multi.commit().await {
             Ok(_) => Ok(()),
             Err(zk::MultiWriteError::OperationFailed {
                 source: zk::Error::BadVersion | zk::Error::NodeExists,
                 ..
             }) => Err(StoreError::Fenced { path: path.into() }),
+            // The election znode is gone: this monitor no longer leads.
+            Err(zk::MultiWriteError::OperationFailed {
+                index: 0,
+                source: zk::Error::NoNode,
+            }) if elected => Err(StoreError::Fenced { path: path.into() }),
             Err(zk::MultiWriteError::OperationFailed { source, .. }) => {
                 Err(zk_error(what, path)(source))
             }

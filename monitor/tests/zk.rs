@@ -212,13 +212,24 @@ fn gat_dump_prints_json_lines() {
 }
 
 #[tokio::test]
-async fn one_active_monitor_is_announced_and_nodes_are_recorded() {
+async fn one_monitor_leads_standbys_wait_and_a_deposed_one_writes_nothing() {
     let s = store("leader").await;
     assert_eq!(s.leader().await.unwrap(), None);
+    s.campaign("10.0.0.4:7000").await.unwrap();
     s.publish_leader("10.0.0.4:7000").await.unwrap();
     assert_eq!(s.leader().await.unwrap().as_deref(), Some("10.0.0.4:7000"));
-    // A second monitor cannot announce itself while the first one's session lives.
-    let other = store("leader").await;
+    // A standby waits in the election while the leader's session lives, and cannot
+    // announce itself meanwhile.
+    let other = std::sync::Arc::new(store("leader").await);
+    let standby = {
+        let o = other.clone();
+        tokio::spawn(async move { o.campaign("10.0.0.5:7000").await })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !standby.is_finished(),
+        "a standby was elected beside a live leader"
+    );
     assert!(matches!(
         other.publish_leader("10.0.0.5:7000").await,
         Err(StoreError::Fenced { .. })
@@ -231,8 +242,8 @@ async fn one_active_monitor_is_announced_and_nodes_are_recorded() {
     s.unregister_node(2).await.unwrap();
     s.unregister_node(2).await.unwrap();
     assert_eq!(other.live_nodes().await.unwrap(), vec!["node1"]);
-    // Once the epoch moves on under it (another monitor bumped it), a join is refused
-    // and not recorded: the live list and the epoch change together or not at all.
+    // Once the epoch moves on under it, a join is refused and not recorded: the live list
+    // and the epoch change together or not at all.
     other
         .client()
         .set_data("/pmgas/leader/epoch", b"1", None)
@@ -246,11 +257,50 @@ async fn one_active_monitor_is_announced_and_nodes_are_recorded() {
     assert_eq!(s.epoch().await.unwrap().0, 1);
     s.register_node(3, "joined").await.unwrap();
     assert_eq!(other.live_nodes().await.unwrap(), vec!["node1", "node3"]);
+    let mut writer = GatWriter::open(&s, 0).await.unwrap();
+    writer.append(&[mapping(1, &[1])]).await.unwrap();
+    // The leader's election znode vanishes (as when its session expires while the
+    // process still runs): the standby is elected, and the old leader's every write is
+    // refused as fenced and changes nothing.
+    let lock = s.election_path().unwrap().to_owned();
+    other.client().delete(&lock, None).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), standby)
+        .await
+        .expect("the standby was not elected")
+        .unwrap()
+        .unwrap();
+    assert!(matches!(
+        writer.append(&[mapping(2, &[1])]).await,
+        Err(StoreError::Fenced { .. })
+    ));
+    assert!(matches!(
+        s.register_node(4, "joined").await,
+        Err(StoreError::Fenced { .. })
+    ));
+    assert!(matches!(
+        s.unregister_node(3).await,
+        Err(StoreError::Fenced { .. })
+    ));
+    assert!(matches!(
+        s.publish_leader("10.0.0.4:7000").await,
+        Err(StoreError::Fenced { .. })
+    ));
+    assert_eq!(other.live_nodes().await.unwrap(), vec!["node1", "node3"]);
+    let gat = other.load_gat().await.unwrap();
+    assert_eq!(gat.mappings.len(), 1, "a deposed leader's write landed");
+    // The new leader replaces the old announcement (whose session still lives).
+    other.publish_leader("10.0.0.5:7000").await.unwrap();
+    assert_eq!(
+        other.leader().await.unwrap().as_deref(),
+        Some("10.0.0.5:7000")
+    );
+    other.epoch().await.unwrap();
+    other.register_node(4, "joined").await.unwrap();
     // The announcement is ephemeral: it goes with the monitor's session.
-    drop(s);
+    drop(other);
     let mut gone = false;
     for _ in 0..100 {
-        if other.leader().await.unwrap().is_none() {
+        if s.leader().await.unwrap().is_none() {
             gone = true;
             break;
         }

@@ -45,7 +45,8 @@ use std::time::{Duration, Instant};
 
 use pmgas_layout::gat::Mapping;
 use pmgas_layout::wire::{Body, ErrorCode, Join, Message, Replica};
-use pmgas_layout::{ArtRecord, Epoch, GlobalAddr, NodeId, PageId, PageIndex};
+use pmgas_layout::{ArtRecord, Epoch, GlobalAddr, NodeId, PageId, PageIndex, PageState};
+use pmgas_verbs::fault;
 use pmgas_verbs::msg::{Endpoint, Incoming, MsgConfig};
 use pmgas_verbs::{Access, ConnectionConfig, Connector, MemoryRegion, ProtectionDomain};
 
@@ -397,6 +398,9 @@ struct Pending {
 enum Outstanding {
     Alloc(Pending),
     Lookup(PageId, Reply<Mapping>),
+    /// An allocation whose answer was lost with the previous monitor connection and whose
+    /// page the reconciliation committed under this page id: its replicas are looked up.
+    Resolve(Pending, PageId),
 }
 
 struct Service<'a> {
@@ -468,8 +472,20 @@ fn run(
 ) -> Result<(), String> {
     let mut monitor = config.monitor;
     let mut first = true;
+    let mut finder: Option<MonitorFinder> = None;
+    // Allocations in flight when a connection ended: answered after the next join.
+    let mut carried: Vec<Pending> = vec![];
     loop {
-        let result = connection(config, monitor, pool, shared, &commands, &ready, first);
+        let result = connection(
+            config,
+            monitor,
+            pool,
+            shared,
+            &commands,
+            &ready,
+            first,
+            &mut carried,
+        );
         let why = match result {
             Ok(()) => return Ok(()),
             Err(Lost::BeforeReady(e)) => return Err(e),
@@ -477,18 +493,30 @@ fn run(
         };
         first = false;
         let Some((zk, cluster)) = &config.rediscover else {
+            for p in carried.drain(..) {
+                let _ = p.reply.send(Err(ClientError::Stopped(format!(
+                    "{why}; outcome unknown (page {} stays PREALLOCATED until a monitor \
+                     reconciles this node)",
+                    p.page.0
+                ))));
+            }
             return Err(why);
         };
         // Find the active monitor again (a restarted or new one announces itself in
         // ZooKeeper) and rejoin; the join reconciles whatever was in flight.
         tracing::warn!(error = %why, "monitor connection lost; looking for the active monitor");
+        let finder = match &mut finder {
+            Some(f) => f,
+            None => finder.insert(MonitorFinder::new(zk, cluster)?),
+        };
         monitor = loop {
             refuse_waiting(&commands, pool, &format!("{why}; reconnecting"));
-            std::thread::sleep(Duration::from_millis(200));
-            // A killed monitor's announcement outlives it by its session timeout: joining
-            // that address fails and brings us back here.
-            if let Ok(addr) = find_monitor(zk, cluster) {
-                break addr;
+            std::thread::sleep(Duration::from_millis(20));
+            // A killed monitor's announcement outlives it until its session expires or a
+            // standby replaces it: joining that address fails and brings us back here.
+            match finder.find() {
+                Ok(addr) => break addr,
+                Err(e) => tracing::debug!(error = %e, "no active monitor yet"),
             }
         };
         tracing::info!(%monitor, "rejoining");
@@ -503,9 +531,12 @@ enum Lost {
     After(String),
 }
 
-/// One connection: connect, join, reconcile, then serve until it ends. Everyone waiting
-/// on it learns that it ended; allocations in flight keep their PREALLOCATED pages, which
-/// the next join's reconciliation commits or frees (their outcome is unknown until then).
+/// One connection: connect, join, reconcile, then serve until it ends. Allocations in
+/// flight when it ends keep their PREALLOCATED pages and are moved to `carried`: the next
+/// join's reconciliation commits or frees those pages, and then each caller gets the page
+/// the GAT holds for it, or its allocation is sent again on a fresh page. So a caller
+/// never gets two pages for one call, and no page is lost to a lost answer.
+#[allow(clippy::too_many_arguments)]
 fn connection(
     config: &ClientConfig,
     monitor: SocketAddr,
@@ -514,6 +545,7 @@ fn connection(
     commands: &Receiver<Command>,
     ready: &SyncSender<Result<(), ClientError>>,
     first: bool,
+    carried: &mut Vec<Pending>,
 ) -> Result<(), Lost> {
     let setup = || -> Result<_, ClientError> {
         let stopped = |e: pmgas_verbs::Error| ClientError::Stopped(e.to_string());
@@ -521,10 +553,12 @@ fn connection(
             .resolve()
             .map_err(stopped)?;
         let pd = ProtectionDomain::new(route.context()).map_err(stopped)?;
-        let mr = register_pool(&pd, pool).map_err(ClientError::Stopped)?;
+        // Connect before registering the pool (pinning it is the slow part): while a
+        // standby takes over, joins to the dead monitor's address fail here, fast.
         let conn = route
             .connect(&pd, &ConnectionConfig::default(), &[])
             .map_err(stopped)?;
+        let mr = register_pool(&pd, pool).map_err(ClientError::Stopped)?;
         let mut ep = Endpoint::new(conn, MsgConfig::default()).map_err(stopped)?;
         let epoch = join(&mut ep, config, pool, &mr)?;
         Ok((pd, mr, ep, epoch))
@@ -581,15 +615,15 @@ fn connection(
     if first {
         let _ = ready.send(Ok(()));
     }
-    let result = service.serve(commands);
+    let resumed = service.resume(std::mem::take(carried));
+    let result = resumed.and_then(|()| service.serve(commands));
     let why = match &result {
         Ok(()) => "the node service stopped".to_string(),
         Err(e) => e.clone(),
     };
     for (_, o) in service.outstanding.drain() {
-        let err = Err(ClientError::Stopped(format!("{why}; outcome unknown")));
         match o {
-            Outstanding::Alloc(p) => drop(p.reply.send(err)),
+            Outstanding::Alloc(p) | Outstanding::Resolve(p, _) => carried.push(p),
             Outstanding::Lookup(_, r) => drop(r.send(Err(ClientError::Stopped(why.clone())))),
         }
     }
@@ -619,33 +653,135 @@ fn refuse_waiting(commands: &Receiver<Command>, pool: &Pool, why: &str) {
 
 /// Reads the active monitor's rdma_cm address from `/pmgas/<cluster>/leader`.
 pub fn find_monitor(zk: &str, cluster: &str) -> Result<SocketAddr, String> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
-    rt.block_on(async {
-        let connect = zookeeper_client::Client::connector()
-            .with_session_timeout(Duration::from_secs(6))
-            .connect(zk);
-        let client = tokio::time::timeout(Duration::from_secs(20), connect)
-            .await
-            .map_err(|_| format!("ZooKeeper at {zk} did not answer within 20 s"))?
-            .map_err(|e| format!("ZooKeeper at {zk}: {e}"))?;
-        let path = format!("/pmgas/{cluster}/leader");
-        let (data, _) = client
-            .get_data(&path)
-            .await
-            .map_err(|e| format!("no active monitor ({path}: {e})"))?;
-        let text = String::from_utf8_lossy(&data).into_owned();
-        text.parse()
-            .map_err(|_| format!("{path} holds {text:?}, not an address"))
-    })
+    MonitorFinder::new(zk, cluster)?.find()
+}
+
+/// Looks up the active monitor in ZooKeeper, keeping one session for repeated lookups (a
+/// node that lost its monitor asks every few tens of milliseconds until a standby has
+/// taken over).
+pub struct MonitorFinder {
+    rt: tokio::runtime::Runtime,
+    zk: String,
+    path: String,
+    client: Option<zookeeper_client::Client>,
+}
+
+impl MonitorFinder {
+    pub fn new(zk: &str, cluster: &str) -> Result<Self, String> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        Ok(Self {
+            rt,
+            zk: zk.to_owned(),
+            path: format!("/pmgas/{cluster}/leader"),
+            client: None,
+        })
+    }
+
+    /// The announced monitor's address; reconnects first if the session was lost.
+    pub fn find(&mut self) -> Result<SocketAddr, String> {
+        let Self {
+            rt,
+            zk,
+            path,
+            client,
+        } = self;
+        if client.as_ref().is_some_and(|c| c.state().is_terminated()) {
+            *client = None;
+        }
+        let result = rt.block_on(async {
+            if client.is_none() {
+                let connect = zookeeper_client::Client::connector()
+                    .with_session_timeout(Duration::from_secs(6))
+                    .connect(zk);
+                *client = Some(
+                    tokio::time::timeout(Duration::from_secs(10), connect)
+                        .await
+                        .map_err(|_| format!("ZooKeeper at {zk} did not answer within 10 s"))?
+                        .map_err(|e| format!("ZooKeeper at {zk}: {e}"))?,
+                );
+            }
+            let c = client.as_ref().ok_or("no ZooKeeper session")?;
+            let (data, _) = tokio::time::timeout(Duration::from_secs(2), c.get_data(path))
+                .await
+                .map_err(|_| format!("ZooKeeper at {zk} did not answer within 2 s"))?
+                .map_err(|e| format!("no active monitor ({path}: {e})"))?;
+            let text = String::from_utf8_lossy(&data).into_owned();
+            text.parse()
+                .map_err(|_| format!("{path} holds {text:?}, not an address"))
+        });
+        if result
+            .as_ref()
+            .is_err_and(|e: &String| e.contains("did not answer"))
+        {
+            *client = None;
+        }
+        result
+    }
 }
 
 /// How long a joining node waits for the monitor's reconciliation.
 const RECONCILE_TIMEOUT: Duration = Duration::from_secs(120);
 
 impl Service<'_> {
+    /// After a reconciliation: answers allocations carried over from a lost connection.
+    /// A page the reconciliation committed is the caller's (its replicas are looked up);
+    /// a page it freed means the allocation never happened: it is sent again.
+    fn resume(&mut self, carried: Vec<Pending>) -> Result<(), String> {
+        for p in carried {
+            match self.pool.record(p.page) {
+                Ok(r) if r.state == PageState::Allocated => {
+                    tracing::info!(
+                        page = p.page.0,
+                        page_id = r.page_id.0,
+                        "in-flight allocation was committed"
+                    );
+                    self.lookup_for(p, r.page_id)?;
+                }
+                // Freed by the reconciliation (and maybe taken since by another caller's new
+                // allocation, which prepares pages on its own thread).
+                Ok(_) => {
+                    tracing::info!(
+                        page = p.page.0,
+                        "in-flight allocation was not committed; sending it again"
+                    );
+                    self.command(Command::AllocPage {
+                        backups: p.backups,
+                        prepared: None,
+                        reply: p.reply,
+                    })?;
+                }
+                Err(e) => {
+                    let _ = p.reply.send(Err(ClientError::Local {
+                        node: self.me,
+                        reason: format!("page {} after reconciliation: {e}", p.page.0),
+                    }));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn lookup_for(&mut self, p: Pending, page_id: PageId) -> Result<(), String> {
+        let wire_id = self.next_wire_id;
+        self.next_wire_id += 1;
+        let msg = Message::new(
+            self.epoch,
+            self.me,
+            wire_id,
+            Body::MappingLookup { page_id },
+        );
+        let id = self
+            .ep
+            .request(&msg.encode(), self.timeout)
+            .map_err(|e| format!("sending MappingLookup: {e}"))?;
+        self.outstanding
+            .insert(id, Outstanding::Resolve(p, page_id));
+        Ok(())
+    }
+
     /// Serves the monitor (only Reconcile is expected now) until the ART is reconciled.
     fn await_reconcile(&mut self, timeout: Duration) -> Result<ReconcileReport, String> {
         let deadline = Instant::now() + timeout;
@@ -657,7 +793,14 @@ impl Service<'_> {
             }
             match self.ep.poll() {
                 Ok(Some(incoming)) => self.incoming(incoming)?,
-                Ok(None) => self.sleep()?,
+                Ok(None) => {
+                    self.sleep()?;
+                    // A monitor that dies mid-reconciliation is noticed here (its
+                    // successor reconciles this node from the start).
+                    if self.ep.connection().peer_disconnected().unwrap_or(true) {
+                        return Err("the monitor disconnected while reconciling".into());
+                    }
+                }
                 Err(e) => return Err(format!("monitor connection lost: {e}")),
             }
         }
@@ -797,6 +940,7 @@ impl Service<'_> {
             .request(&msg.encode(), self.timeout)
             .map_err(|e| format!("sending AllocPage: {e}"))?;
         self.outstanding.insert(id, Outstanding::Alloc(p));
+        fault::point("node.preallocated");
         Ok(())
     }
 
@@ -817,6 +961,30 @@ impl Service<'_> {
                 payload,
             } => match self.outstanding.remove(&request_id) {
                 Some(Outstanding::Alloc(p)) => self.alloc_answer(p, &payload),
+                Some(Outstanding::Resolve(p, page_id)) => {
+                    let answer = match Message::decode(&payload).map(|m| m.body) {
+                        Ok(Body::Mapping {
+                            page_id: got,
+                            replicas,
+                        }) if got == page_id => {
+                            self.shared.remember(page_id, self.epoch, &replicas);
+                            Ok(GlobalPage {
+                                page_id,
+                                page: p.page,
+                                replicas,
+                                epoch: self.epoch,
+                            })
+                        }
+                        other => Err(ClientError::Local {
+                            node: self.me,
+                            reason: format!(
+                                "page {} was committed as page id {} but its mapping could not be read: {other:?}",
+                                p.page.0, page_id.0
+                            ),
+                        }),
+                    };
+                    let _ = p.reply.send(answer);
+                }
                 Some(Outstanding::Lookup(page_id, reply)) => {
                     let answer = match Message::decode(&payload).map(|m| m.body) {
                         Ok(Body::Mapping {
@@ -838,6 +1006,7 @@ impl Service<'_> {
             Incoming::TimedOut { request_id } => match self.outstanding.remove(&request_id) {
                 // Retry with the same wire request id: the monitor answers it once.
                 Some(Outstanding::Alloc(p)) => self.send_alloc(p)?,
+                Some(Outstanding::Resolve(p, page_id)) => self.lookup_for(p, page_id)?,
                 Some(Outstanding::Lookup(page_id, reply)) => {
                     let _ = reply.send(Err(ClientError::Stopped(format!(
                         "no answer to the lookup of page {} within {:?}",
@@ -859,6 +1028,7 @@ impl Service<'_> {
             Ok(Body::Commit {
                 page_id, replicas, ..
             }) => primary_finish(&mut table, p.page, self.epoch, Ok((page_id, &replicas)))
+                .inspect(|()| fault::point("node.primary-committed"))
                 .map(|()| GlobalPage {
                     page_id,
                     page: p.page,
@@ -919,7 +1089,10 @@ impl Service<'_> {
         let failed = |code, what: String| Body::Error { code, detail: what };
         match m.body {
             Body::Prepare { txn_id } => match self.participant.prepare(&mut table, txn_id) {
-                Ok(page) => Body::Prepared { txn_id, page },
+                Ok(page) => {
+                    fault::point("node.prepared");
+                    Body::Prepared { txn_id, page }
+                }
                 Err(code) => failed(code, format!("prepare {txn_id}")),
             },
             Body::Commit {
@@ -932,6 +1105,7 @@ impl Service<'_> {
             {
                 Ok(()) => {
                     self.shared.remember(page_id, self.epoch, &replicas);
+                    fault::point("node.backup-committed");
                     Body::CommitAck { txn_id, page_id }
                 }
                 Err(code) => failed(code, format!("commit {txn_id}")),
@@ -970,6 +1144,7 @@ impl Service<'_> {
                             conflicting: count(r.conflicting.len()),
                         };
                         self.reconciled = Some(r);
+                        fault::point("node.reconciled");
                         body
                     }
                     Err(e) => failed(ErrorCode::Internal, format!("reconcile: {e}")),

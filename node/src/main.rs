@@ -105,6 +105,12 @@ enum Command {
         /// on replicated pages), check them, free half, print `OBJECTS DONE …`.
         #[arg(long, default_value_t = 0)]
         alloc_objects: u64,
+        /// Retry an allocation refused for a passing reason (the monitor being replaced,
+        /// a node rejoining: Stopped, NotLeader, NotEnoughNodes, StaleEpoch) for up to
+        /// this long, as an application riding out a failover would; 0 counts them as
+        /// failures at once.
+        #[arg(long, default_value_t = 0)]
+        retry_ms: u64,
     },
     /// Crash-test workload (internal): formats a blank pool, then performs a seeded random
     /// sequence of ART transitions, printing `DONE i` after each is durable.
@@ -177,6 +183,7 @@ fn main() -> ExitCode {
             concurrency,
             start_delay_ms,
             alloc_objects,
+            retry_ms,
         } => {
             let rediscover = zk.clone().zip(cluster.clone());
             let monitor = match (monitor, zk, cluster) {
@@ -197,6 +204,7 @@ fn main() -> ExitCode {
                 threads: concurrency.max(1),
                 start_delay: std::time::Duration::from_millis(start_delay_ms),
                 objects: alloc_objects,
+                retry_for: std::time::Duration::from_millis(retry_ms),
             };
             let mut config = ClientConfig::new(id.identity().node_id, bind, monitor);
             // With ZooKeeper, a lost monitor is looked up again and rejoined.
@@ -360,6 +368,22 @@ struct Load {
     threads: usize,
     start_delay: std::time::Duration,
     objects: u64,
+    retry_for: std::time::Duration,
+}
+
+/// Whether an allocation may succeed if asked again shortly.
+fn passing(e: &ClientError) -> bool {
+    matches!(
+        e,
+        ClientError::Stopped(_)
+            | ClientError::Refused {
+                code: ErrorCode::NotLeader
+                    | ErrorCode::NotEnoughNodes
+                    | ErrorCode::StaleEpoch
+                    | ErrorCode::BackupLost,
+                ..
+            }
+    )
 }
 
 fn serve(
@@ -411,7 +435,16 @@ fn serve(
                             let mut failures = std::collections::BTreeMap::new();
                             while next.fetch_add(1, Ordering::Relaxed) < load.pages {
                                 let t = std::time::Instant::now();
-                                match client.alloc_page(load.backups) {
+                                let mut result = client.alloc_page(load.backups);
+                                while let Err(e) = &result
+                                    && passing(e)
+                                    && t.elapsed() < load.retry_for
+                                {
+                                    *failures.entry("retried".to_string()).or_insert(0) += 1;
+                                    std::thread::sleep(std::time::Duration::from_millis(50));
+                                    result = client.alloc_page(load.backups);
+                                }
+                                match result {
                                     Ok(_) => lat.push(t.elapsed().as_micros() as u64),
                                     Err(e) => {
                                         // Stop asking a deposed monitor; while the
@@ -434,7 +467,10 @@ fn serve(
                                             }
                                             ClientError::NoLocalSpace => "NoLocalSpace".into(),
                                             ClientError::Stopped(_) => "Stopped".into(),
-                                            _ => "Other".into(),
+                                            other => {
+                                                eprintln!("allocation failed: {other}");
+                                                "Other".into()
+                                            }
                                         };
                                         *failures.entry(kind).or_insert(0) += 1;
                                         if deposed {
@@ -463,8 +499,9 @@ fn serve(
                 .copied()
                 .unwrap_or(0)
         };
+        let retried = failures.remove("retried").unwrap_or(0);
         println!(
-            "ALLOC DONE ok={} failed={} {:?} p50_us={} p99_us={} elapsed_s={secs:.3} per_s={:.1}",
+            "ALLOC DONE ok={} failed={} retried={retried} {:?} p50_us={} p99_us={} elapsed_s={secs:.3} per_s={:.1}",
             l.len(),
             failures.values().sum::<u64>(),
             failures,

@@ -316,6 +316,7 @@ impl Pool {
         let (plan, report) = art.reconcile_plan(committed);
         for (page, to, page_id, epoch) in plan {
             self.transition_locked(&mut art, page, to, page_id, epoch)?;
+            pmgas_verbs::fault::point("node.reconciling");
         }
         for (page, id) in &report.unknown_allocated {
             tracing::error!(

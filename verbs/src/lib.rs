@@ -11,6 +11,7 @@ pub mod cm;
 pub mod cq;
 pub mod device;
 pub mod error;
+pub mod fault;
 pub mod mr;
 pub mod msg;
 pub mod peer;

@@ -1,0 +1,108 @@
+//! Named crash points for the crash-injection suite (`scripts/crash-suite.sh`).
+//!
+//! `PMGAS_CRASH_AT=<point>[:<n>]` makes the process kill itself with SIGKILL the `n`-th
+//! time (default: the first) it passes `point`: no destructor, no flush, no unwinding, as
+//! `kill -9` from outside, but at a chosen step of the protocol. Unset (production), a
+//! crash point costs one relaxed atomic load.
+//!
+//! The points are named `<process>.<step>`; the list is in [`POINTS`] and every one is
+//! exercised by the suite.
+
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Every crash point in the code, with the step it stands for.
+pub const POINTS: &[(&str, &str)] = &[
+    (
+        "monitor.prepare-sent",
+        "Prepare sent to a backup, before its answer",
+    ),
+    (
+        "monitor.persist-queued",
+        "all replicas prepared, the mapping handed to the GAT writer",
+    ),
+    (
+        "monitor.gat-written",
+        "the GAT write acknowledged by ZooKeeper, nothing committed yet",
+    ),
+    (
+        "monitor.commit-sent",
+        "a Commit sent (to a backup or the primary)",
+    ),
+    ("monitor.abort-sent", "an Abort sent"),
+    (
+        "monitor.elected",
+        "won the election, before reloading the GAT",
+    ),
+    (
+        "monitor.reconcile-sent",
+        "recovery: part of a node's GAT sent for reconciliation",
+    ),
+    (
+        "node.preallocated",
+        "primary: page PREALLOCATED durably, AllocPage sent",
+    ),
+    (
+        "node.prepared",
+        "backup: page PREALLOCATED durably, before answering Prepared",
+    ),
+    (
+        "node.backup-committed",
+        "backup: page ALLOCATED durably, before the CommitAck",
+    ),
+    (
+        "node.primary-committed",
+        "primary: page ALLOCATED durably, before the caller is answered",
+    ),
+    (
+        "node.reconciling",
+        "recovery: one ART page changed to agree with the GAT, the rest not yet",
+    ),
+    (
+        "node.reconciled",
+        "recovery: the ART reconciled with the GAT, before answering",
+    ),
+];
+
+struct Plan {
+    point: String,
+    at: u64,
+    seen: AtomicU64,
+}
+
+fn plan() -> Option<&'static Plan> {
+    static PLAN: OnceLock<Option<Plan>> = OnceLock::new();
+    PLAN.get_or_init(|| {
+        let spec = std::env::var("PMGAS_CRASH_AT").ok()?;
+        let (point, at) = match spec.rsplit_once(':') {
+            Some((p, n)) => (p.to_owned(), n.parse().ok()?),
+            None => (spec, 1),
+        };
+        Some(Plan {
+            point,
+            at,
+            seen: AtomicU64::new(0),
+        })
+    })
+    .as_ref()
+}
+
+/// Kills this process (SIGKILL) if it was told to crash at `point` and this is the time.
+pub fn point(name: &str) {
+    let Some(p) = plan() else { return };
+    if p.point != name || p.seen.fetch_add(1, Ordering::Relaxed) + 1 != p.at {
+        return;
+    }
+    let unix_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    eprintln!(
+        "CRASH POINT {name} pid={} unix_ms={unix_ms}",
+        std::process::id()
+    );
+    // SAFETY: plain syscalls on our own pid.
+    unsafe {
+        libc::kill(libc::getpid(), libc::SIGKILL);
+    }
+    std::process::abort();
+}

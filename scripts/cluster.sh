@@ -182,6 +182,13 @@ for h in $h1 $h2 $h3; do
     --concurrency "$concurrency" --start-delay-ms 3000 --retry-ms "$retry_ms" "${extra[@]}" >"$work/node$i.log" 2>&1 &
   pids[$i]=$!
 done
+if ((freeze > 0)); then
+  sleep 3.5
+  echo "cluster: freezing node 3 for $freeze s"
+  kill -STOP "${pids[3]}"
+  sleep "$freeze"
+  kill -CONT "${pids[3]}"
+fi
 # restart_node3 LOG [env...]: node 3 again, serving only (its allocations died with it).
 restart_node3() {
   local log=$1; shift
@@ -191,7 +198,8 @@ restart_node3() {
 }
 # wait_dead PID SECONDS: whether PID ended within SECONDS.
 wait_dead() {
-  for _ in $(seq 1 $(($2 * 20))); do kill -0 "$1" 2>/dev/null || return 0; sleep 0.05; done
+  local until=$((SECONDS + $2))
+  while ((SECONDS < until)); do kill -0 "$1" 2>/dev/null || return 0; sleep 0.05; done
   return 1
 }
 takeover() { # takeover FROM_MS NEW_LEADER: ms from FROM_MS to the new leader's READY
@@ -229,13 +237,6 @@ if [[ $crash_who == node3 ]]; then
   fi
   for _ in $(seq 1 600); do grep -q "NODE READY\|pmgas-node:" "$work/node3b.log" && break; sleep 0.1; done
   grep "NODE READY" "$work/node3b.log" || { echo "node 3 did not come back:"; cat "$work/node3b.log"; exit 1; }
-fi
-if ((freeze > 0)); then
-  sleep 3.5
-  echo "cluster: freezing node 3 for $freeze s"
-  kill -STOP "${pids[3]}"
-  sleep "$freeze"
-  kill -CONT "${pids[3]}"
 fi
 if ((kill3 > 0)); then
   sleep "$kill3"

@@ -9,6 +9,7 @@ mod objects;
 mod peer_proc;
 mod recovery;
 mod report;
+mod takeover;
 #[allow(unsafe_code)] // posting work requests; each block carries its SAFETY argument
 mod verbs_lat;
 

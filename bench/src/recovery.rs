@@ -4,8 +4,9 @@
 //! sizes written as a running monitor leaves them (full chunks and a tail of deltas, over
 //! several worker series).
 //!
-//! Takeover and per-node reconciliation times arrive with standby monitors and node
-//! reconciliation; this reports what exists.
+//! With `--takeover-trials N` (on the rig: it starts real monitors and nodes, see
+//! [`crate::takeover`]) it then measures takeover after `kill -9` of the active monitor
+//! and each node's reconciliation with the new one.
 
 use std::time::{Duration, Instant};
 
@@ -34,6 +35,23 @@ pub struct RecoveryArgs {
     rounds: usize,
     #[arg(long)]
     json: bool,
+    /// Kill the active monitor this many times (0: reload only). Needs RDMA devices:
+    /// run inside the rig (scripts/bench-recovery.sh).
+    #[arg(long, default_value_t = 0)]
+    takeover_trials: usize,
+    /// Address the three monitors listen on (an RDMA device's).
+    #[arg(long, default_value = "10.0.0.4")]
+    listen_ip: String,
+    /// Addresses of the data nodes to start (one each).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "10.0.0.1,10.0.0.2,10.0.0.3"
+    )]
+    node_hosts: Vec<String>,
+    /// The monitors' ZooKeeper session timeout.
+    #[arg(long, default_value_t = 600)]
+    session_timeout_ms: u64,
 }
 
 #[derive(Serialize)]
@@ -156,8 +174,22 @@ pub fn run(args: &RecoveryArgs) -> Result<(), String> {
         );
         out.push(r);
     }
+    let takeover = if args.takeover_trials > 0 {
+        crate::takeover::run(&crate::takeover::TakeoverConfig {
+            zk: &args.zk,
+            listen_ip: &args.listen_ip,
+            node_hosts: &args.node_hosts,
+            trials: args.takeover_trials,
+            session_timeout_ms: args.session_timeout_ms,
+        })?
+    } else {
+        serde_json::Value::Null
+    };
     if args.json {
-        println!("{}", serde_json::json!({ "reload": out }));
+        println!(
+            "{}",
+            serde_json::json!({ "reload": out, "takeover": takeover })
+        );
     }
     Ok(())
 }

@@ -40,7 +40,10 @@ trap 'rm -rf "$out"' EXIT
   printf 'export PATH=%q\n' "$PATH"
   printf 'export HOME=%q\n' "${HOME:-/root}"
   [[ -n ${RUST_LOG:-} ]] && printf 'export RUST_LOG=%q\n' "$RUST_LOG"
-  [[ -n ${PMGAS_MAX_BATCH:-} ]] && printf 'export PMGAS_MAX_BATCH=%q\n' "$PMGAS_MAX_BATCH"
+  # Every PMGAS_* knob of the caller reaches the command.
+  while IFS='=' read -r name _; do
+    [[ $name == PMGAS_* && $name != PMGAS_RIG && $name != PMGAS_HOSTS ]] && printf 'export %s=%q\n' "$name" "${!name}"
+  done < <(env)
   # Control-plane loops sleep at once when idle: the guest runs ZooKeeper, the monitor
   # and several nodes on 2 vCPUs, where spinning only steals time (measured in the
   # closing note of the allocation issue). Override with PMGAS_SPIN_US.

@@ -111,7 +111,7 @@ fn spawn(bin: &Path, args: &[String], log: &Path) -> Result<Child, String> {
     let err = out.try_clone().map_err(|e| e.to_string())?;
     Command::new(bin)
         .args(args)
-        .env("RUST_LOG", "pmgas_monitor=info,pmgas_node=warn")
+        .env("RUST_LOG", "pmgas_monitor=info,pmgas_node=info")
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err)
@@ -276,6 +276,17 @@ pub fn run(c: &TakeoverConfig<'_>) -> Result<serde_json::Value, String> {
         std::thread::sleep(Duration::from_millis(500));
     }
     drop(nodes);
+    if std::env::var_os("PMGAS_TAKEOVER_SHOW_LOGS").is_some() {
+        for f in ["node0.log", "monitor1.log"] {
+            println!("--- {f}");
+            for l in std::fs::read_to_string(dir.join(f))
+                .unwrap_or_default()
+                .lines()
+            {
+                println!("{}", plain(l));
+            }
+        }
+    }
     for p in &pools {
         let _ = std::fs::remove_file(p);
     }

@@ -161,4 +161,8 @@ fn a_killed_monitor_is_replaced_and_nodes_rejoin_and_reconcile() {
         out.contains("all 3 nodes rejoined and reconciled"),
         "not every node rejoined the new monitor"
     );
+    assert!(
+        out.contains("cluster: takeover: a standby was elected"),
+        "no standby took over"
+    );
 }

@@ -475,6 +475,7 @@ fn run(
     let mut finder: Option<MonitorFinder> = None;
     // Allocations in flight when a connection ended: answered after the next join.
     let mut carried: Vec<Pending> = vec![];
+    let mut registered: Option<(ProtectionDomain, MemoryRegion)> = None;
     loop {
         let result = connection(
             config,
@@ -485,11 +486,13 @@ fn run(
             &ready,
             first,
             &mut carried,
+            &mut registered,
         );
-        let why = match result {
+        let (why, was_joined) = match result {
             Ok(()) => return Ok(()),
             Err(Lost::BeforeReady(e)) => return Err(e),
-            Err(Lost::After(e)) => e,
+            Err(Lost::After(e)) => (e, true),
+            Err(Lost::Unreachable(e)) => (e, false),
         };
         first = false;
         let Some((zk, cluster)) = &config.rediscover else {
@@ -504,7 +507,13 @@ fn run(
         };
         // Find the active monitor again (a restarted or new one announces itself in
         // ZooKeeper) and rejoin; the join reconciles whatever was in flight.
-        tracing::warn!(error = %why, "monitor connection lost; looking for the active monitor");
+        if was_joined {
+            tracing::warn!(error = %why, "monitor connection lost; looking for the active monitor");
+        } else {
+            // The announced monitor is not (yet) there: a dead one's address until a
+            // standby replaces the announcement.
+            tracing::debug!(error = %why, "could not rejoin; looking again");
+        }
         let finder = match &mut finder {
             Some(f) => f,
             None => finder.insert(MonitorFinder::new(zk, cluster)?),
@@ -519,7 +528,7 @@ fn run(
                 Err(e) => tracing::debug!(error = %e, "no active monitor yet"),
             }
         };
-        tracing::info!(%monitor, "rejoining");
+        tracing::debug!(%monitor, "rejoining");
     }
 }
 
@@ -529,6 +538,8 @@ enum Lost {
     BeforeReady(String),
     /// After: the service may look for the monitor again.
     After(String),
+    /// A later connection attempt failed before joining.
+    Unreachable(String),
 }
 
 /// One connection: connect, join, reconcile, then serve until it ends. Allocations in
@@ -546,22 +557,44 @@ fn connection(
     ready: &SyncSender<Result<(), ClientError>>,
     first: bool,
     carried: &mut Vec<Pending>,
+    registered: &mut Option<(ProtectionDomain, MemoryRegion)>,
 ) -> Result<(), Lost> {
-    let setup = || -> Result<_, ClientError> {
+    let mut setup = || -> Result<_, ClientError> {
         let stopped = |e: pmgas_verbs::Error| ClientError::Stopped(e.to_string());
         let route = Connector::new(Some(config.bind), monitor)
             .resolve()
             .map_err(stopped)?;
-        let pd = ProtectionDomain::new(route.context()).map_err(stopped)?;
-        // Connect before registering the pool (pinning it is the slow part): while a
-        // standby takes over, joins to the dead monitor's address fail here, fast.
-        let conn = route
-            .connect(&pd, &ConnectionConfig::default(), &[])
-            .map_err(stopped)?;
-        let mr = register_pool(&pd, pool).map_err(ClientError::Stopped)?;
+        // The pool stays registered across monitor connections on one device: pinning
+        // it again is the slow part of a rejoin.
+        let (pd, mr) = match registered.take() {
+            Some((pd, mr)) if pd.context().same_device(route.context()) => (pd, Some(mr)),
+            _ => (
+                ProtectionDomain::new(route.context()).map_err(stopped)?,
+                None,
+            ),
+        };
+        // Connect before registering the pool: while a standby takes over, joins to the
+        // dead monitor's address fail here, fast.
+        let conn = match route.connect(&pd, &ConnectionConfig::default(), &[]) {
+            Ok(c) => c,
+            Err(e) => {
+                *registered = mr.map(|mr| (pd, mr));
+                return Err(stopped(e));
+            }
+        };
+        let mr = match mr {
+            Some(mr) => mr,
+            None => register_pool(&pd, pool).map_err(ClientError::Stopped)?,
+        };
         let mut ep = Endpoint::new(conn, MsgConfig::default()).map_err(stopped)?;
-        let epoch = join(&mut ep, config, pool, &mr)?;
-        Ok((pd, mr, ep, epoch))
+        match join(&mut ep, config, pool, &mr) {
+            Ok(epoch) => Ok((pd, mr, ep, epoch)),
+            Err(e) => {
+                drop(ep);
+                *registered = Some((pd, mr));
+                Err(e)
+            }
+        }
     };
     let fail = |e: String| {
         if first {
@@ -570,14 +603,15 @@ fn connection(
             Lost::After(e)
         }
     };
-    let (_pd, _mr, ep, epoch) = match setup() {
+    let (pd, mr, ep, epoch) = match setup() {
         Ok(s) => s,
         Err(e) => {
             let why = e.to_string();
             if first {
                 let _ = ready.send(Err(e));
+                return Err(Lost::BeforeReady(why));
             }
-            return Err(fail(why));
+            return Err(Lost::Unreachable(why));
         }
     };
     shared.epoch.store(epoch.0, Ordering::Release);
@@ -628,6 +662,8 @@ fn connection(
         }
     }
     refuse_waiting(commands, pool, &why);
+    drop(service);
+    *registered = Some((pd, mr));
     result.map_err(Lost::After)
 }
 

@@ -156,6 +156,12 @@ impl Context {
         &self.inner.name
     }
 
+    /// Whether both are the same open device (a protection domain of one can be used
+    /// with connections of the other).
+    pub fn same_device(&self, other: &Context) -> bool {
+        self.as_ptr() == other.as_ptr()
+    }
+
     pub(crate) fn as_ptr(&self) -> *mut sys::ibv_context {
         self.inner.ptr.as_ptr()
     }

@@ -4,12 +4,14 @@
 #     perftest (arguments are passed to scripts/bench-vs-perftest.sh);
 #  2. runs the object-allocator benchmark against libpmemobj and malloc on tmpfs pools,
 #     and times the allocator's rebuild of a full 1 GiB pool;
-#  3. runs a local cluster on the rig (ZooKeeper, a monitor, three data nodes on their
-#     own simulated hosts) that allocates 999 replicated pages and 2000 objects through
+#  3. runs a local cluster on the rig (ZooKeeper, three monitors — one active, two
+#     standbys — and three data nodes on their own simulated hosts) that allocates 999 replicated pages and 2000 objects through
 #     the client API, prints the start of the GAT and checks it against every node's ART
 #     (scripts/cluster.sh);
 #  4. runs the allocation benchmark: replicated pages at concurrency 1, 4 and 16 next
-#     to a plain ZooKeeper create on the same server (scripts/bench-alloc.sh).
+#     to a plain ZooKeeper create on the same server (scripts/bench-alloc.sh);
+#  5. runs the recovery benchmark: GAT reload time, takeover after kill -9 of the active
+#     monitor, per-node reconciliation (scripts/bench-recovery.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bench-vs-perftest.sh "$@"
@@ -20,3 +22,5 @@ echo
 bash scripts/cluster.sh --pages 999 --concurrency 4 --objects 2000 --print-gat
 echo
 bash scripts/bench-alloc.sh --backups 2 --concurrency 1,4,16
+echo
+bash scripts/bench-recovery.sh --mappings 10000,100000 --trials 10

@@ -171,6 +171,10 @@ fn serve(
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
+    // The store's election znode is deleted in the background when it is dropped (a
+    // monitor that stops hands over at once): that needs the runtime's context, which
+    // this guard keeps until after the store is gone.
+    let _context = rt.enter();
     let connect = rt.block_on(async {
         tokio::time::timeout(
             Duration::from_secs(20),

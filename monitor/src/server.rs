@@ -144,9 +144,7 @@ fn run_loop(
     let pd = ProtectionDomain::new(listener.context()).map_err(|e| e.to_string())?;
     // Announced only now that the GAT is loaded and the listener bound: nodes that look
     // the monitor up connect at once.
-    bounded(rt, store.publish_leader(&config.listen.to_string()))
-        .map_err(|_| format!("no answer from ZooKeeper within {ZK_TIMEOUT:?}"))?
-        .map_err(|e| format!("cannot announce this monitor: {e}"))?;
+    announce(store, rt, &config.listen.to_string())?;
     println!(
         "MONITOR READY listen={} device={} epoch={} mappings={} max_page_id={} unix_ms={}",
         config.listen,
@@ -659,6 +657,25 @@ fn sleep(
     let timeout = Duration::from_millis(10).saturating_sub(last_tick.elapsed());
     pmgas_verbs::wait::wait_readable(&fds, timeout).map_err(|e| e.to_string())?;
     Ok(())
+}
+
+/// Announces this monitor in ZooKeeper. A slow or lost answer is asked again (the write
+/// replaces any announcement, so repeating it is harmless); being fenced is final.
+fn announce(store: &Store, rt: &tokio::runtime::Runtime, addr: &str) -> Result<(), String> {
+    let mut last = String::new();
+    for _ in 0..10 {
+        match bounded(rt, store.publish_leader(addr)) {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(e @ StoreError::Fenced { .. })) => {
+                return Err(format!("cannot announce this monitor: {e}"));
+            }
+            Ok(Err(e)) => last = e.to_string(),
+            Err(_) => last = format!("no answer from ZooKeeper within {ZK_TIMEOUT:?}"),
+        }
+        tracing::warn!(error = %last, "announcing this monitor failed; retrying");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Err(format!("cannot announce this monitor: {last}"))
 }
 
 /// Runs one ZooKeeper call on the runtime, bounded by [`ZK_TIMEOUT`].

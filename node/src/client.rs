@@ -800,7 +800,8 @@ impl Service<'_> {
         Ok(())
     }
 
-    fn lookup_for(&mut self, p: Pending, page_id: PageId) -> Result<(), String> {
+    /// Sends a MappingLookup; returns the message layer's request id.
+    fn send_lookup(&mut self, page_id: PageId) -> Result<u64, pmgas_verbs::Error> {
         let wire_id = self.next_wire_id;
         self.next_wire_id += 1;
         let msg = Message::new(
@@ -809,9 +810,12 @@ impl Service<'_> {
             wire_id,
             Body::MappingLookup { page_id },
         );
+        self.ep.request(&msg.encode(), self.timeout)
+    }
+
+    fn lookup_for(&mut self, p: Pending, page_id: PageId) -> Result<(), String> {
         let id = self
-            .ep
-            .request(&msg.encode(), self.timeout)
+            .send_lookup(page_id)
             .map_err(|e| format!("sending MappingLookup: {e}"))?;
         self.outstanding
             .insert(id, Outstanding::Resolve(p, page_id));
@@ -943,15 +947,7 @@ impl Service<'_> {
                 self.send_alloc(p)
             }
             Command::Lookup { page_id, reply } => {
-                let wire_id = self.next_wire_id;
-                self.next_wire_id += 1;
-                let msg = Message::new(
-                    self.epoch,
-                    self.me,
-                    wire_id,
-                    Body::MappingLookup { page_id },
-                );
-                match self.ep.request(&msg.encode(), self.timeout) {
+                match self.send_lookup(page_id) {
                     Ok(id) => {
                         self.outstanding
                             .insert(id, Outstanding::Lookup(page_id, reply));

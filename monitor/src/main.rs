@@ -175,21 +175,38 @@ fn serve(
     // monitor that stops hands over at once): that needs the runtime's context, which
     // this guard keeps until after the store is gone.
     let _context = rt.enter();
-    let connect = rt.block_on(async {
-        tokio::time::timeout(
-            Duration::from_secs(20),
-            Store::connect(zk, cluster, session_timeout),
-        )
-        .await
-    });
-    let store = connect
-        .map_err(|_| format!("ZooKeeper at {zk} did not answer within 20 s"))?
-        .map_err(|e| e.to_string())?;
+    // With a short session the client's per-request timeout is short too (2/5 of it): a
+    // ZooKeeper still warming up can miss it. Connect again until 20 s have passed.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let store = loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let attempt = rt.block_on(async {
+            tokio::time::timeout(left, Store::connect(zk, cluster, session_timeout)).await
+        });
+        match attempt {
+            Ok(Ok(store)) => break store,
+            Ok(Err(e)) if std::time::Instant::now() < deadline => {
+                tracing::warn!(error = %e, "connecting to ZooKeeper failed; retrying");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(_) => return Err(format!("ZooKeeper at {zk} did not answer within 20 s")),
+        }
+    };
     let listen = config.listen.to_string();
     println!("MONITOR STANDBY listen={listen} (waiting to lead)");
     let waited = std::time::Instant::now();
-    rt.block_on(store.campaign(&listen))
-        .map_err(|e| format!("election failed: {e}"))?;
+    // Standing for election survives a lost connection (the recipe finds its znode
+    // again); other failures are tried again a few times.
+    let mut tries = 0;
+    while let Err(e) = rt.block_on(store.campaign(&listen)) {
+        tries += 1;
+        if tries >= 10 {
+            return Err(format!("election failed: {e}"));
+        }
+        tracing::warn!(error = %e, "standing for election failed; retrying");
+        std::thread::sleep(Duration::from_millis(200));
+    }
     pmgas_verbs::fault::point("monitor.elected");
     // The time since the predecessor's election znode vanished is not known here; what a
     // takeover measurement needs is this line's timestamp.

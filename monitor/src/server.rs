@@ -72,14 +72,16 @@ pub fn serve(
     store: &Store,
     rt: &tokio::runtime::Runtime,
 ) -> Result<(), String> {
-    let gat = rt.block_on(store.load_gat()).map_err(|e| e.to_string())?;
-    let epoch = rt.block_on(store.epoch()).map_err(|e| e.to_string())?;
+    // A short session (a fast takeover) also means a short per-request connection
+    // timeout in the client (2/5 of it): a ZooKeeper slow to answer right after the
+    // leader change loses the connection, not the session. Reads and the writer's open
+    // are asked again; a fenced open is final.
+    let gat = with_retries(|| rt.block_on(store.load_gat()))?;
+    let epoch = with_retries(|| rt.block_on(store.epoch()))?;
     let mappings: HashMap<PageId, Mapping> =
         gat.mappings.into_iter().map(|m| (m.page_id, m)).collect();
     let coord = Coordinator::new(epoch, gat.max_page_id, Timeouts::default());
-    let writer = rt
-        .block_on(GatWriter::open(store, 0))
-        .map_err(|e| e.to_string())?;
+    let writer = with_retries(|| rt.block_on(GatWriter::open(store, 0)))?;
     let (to_persister, batches) = mpsc::channel::<Batch>();
     let (persisted_tx, persisted) = mpsc::channel::<PersistReport>();
     let wake = Notifier::new().map_err(|e| e.to_string())?;
@@ -657,6 +659,23 @@ fn sleep(
     let timeout = Duration::from_millis(10).saturating_sub(last_tick.elapsed());
     pmgas_verbs::wait::wait_readable(&fds, timeout).map_err(|e| e.to_string())?;
     Ok(())
+}
+
+/// Runs a ZooKeeper step again while it fails for a reason other than being fenced, for
+/// up to 10 s.
+fn with_retries<T>(mut step: impl FnMut() -> Result<T, StoreError>) -> Result<T, String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match step() {
+            Ok(v) => return Ok(v),
+            Err(e @ StoreError::Fenced { .. }) => return Err(e.to_string()),
+            Err(e) if Instant::now() >= deadline => return Err(e.to_string()),
+            Err(e) => {
+                tracing::warn!(error = %e, "ZooKeeper step failed; retrying");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
 }
 
 /// Announces this monitor in ZooKeeper. A slow or lost answer is asked again (the write

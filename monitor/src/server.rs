@@ -800,10 +800,18 @@ fn record_join(
     epoch: Epoch,
 ) -> Result<(), String> {
     let info = format!("joined in epoch {}", epoch.0);
-    match bounded(rt, store.register_node(node.0, &info)) {
-        Ok(r) => r.map_err(|e| e.to_string()),
-        Err(_) => Err(format!("no answer from ZooKeeper within {ZK_TIMEOUT:?}")),
+    // Recording is idempotent (create or replace): a slow or lost answer is asked again.
+    let mut last = String::new();
+    for _ in 0..3 {
+        match bounded(rt, store.register_node(node.0, &info)) {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(e @ StoreError::Fenced { .. })) => return Err(e.to_string()),
+            Ok(Err(e)) => last = e.to_string(),
+            Err(_) => last = format!("no answer from ZooKeeper within {ZK_TIMEOUT:?}"),
+        }
+        tracing::warn!(%node, error = %last, "recording a join failed; retrying");
     }
+    Err(last)
 }
 
 /// Forgets a node's connection (it failed or the peer left): out of the index, and out of

@@ -397,12 +397,13 @@ fn serve(
     let pool = Pool::open(pm, size, OnBlank::Format(id), Some(id)).map_err(|e| e.to_string())?;
     let pool = std::sync::Arc::new(pool);
     // A node restarting after a crash may find the monitor still holding its old
-    // connection for a moment: retry while the id is reported as taken.
+    // connection for a moment (DuplicateNode), or the monitor may fail to record the join
+    // in a ZooKeeper slow to answer (Internal): retry, for about 10 s.
     let mut attempts = 0;
     let client = loop {
         match Client::connect(config.clone(), std::sync::Arc::clone(&pool)) {
             Err(ClientError::Refused {
-                code: ErrorCode::DuplicateNode,
+                code: ErrorCode::DuplicateNode | ErrorCode::Internal,
                 ..
             }) if attempts < 40 => {
                 attempts += 1;

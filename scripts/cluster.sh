@@ -317,7 +317,8 @@ for i in 1 2 3; do
 done
 check_ok=0
 expect_failures=0
-((freeze > 0 || depose > 0 || kill3 > 0)) && expect_failures=1
+# (A killed monitor fails the callers whose requests queue while the nodes reconnect.)
+((freeze > 0 || depose > 0 || kill3 > 0 || killm > 0)) && expect_failures=1
 node3_gone=$kill3
 [[ $crash_who == node3 ]] && node3_gone=1
 monitor_gone=$killm

@@ -20,9 +20,7 @@ pub struct TakeoverConfig<'a> {
 }
 
 fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+    pmgas_verbs::fault::unix_ms() as u64
 }
 
 /// The `unix_ms=` fields of the lines of `log` containing `tag`, in order.

@@ -213,14 +213,7 @@ fn serve(
     println!(
         "MONITOR ELECTED listen={listen} after {} ms as standby (unix_ms={})",
         waited.elapsed().as_millis(),
-        unix_ms()
+        pmgas_verbs::fault::unix_ms()
     );
     pmgas_monitor::server::serve(&config, &store, &rt)
-}
-
-/// Milliseconds since the epoch (log lines that other processes' times are compared with).
-pub fn unix_ms() -> u128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis())
 }

@@ -154,9 +154,7 @@ fn run_loop(
         epoch.0,
         mappings.len(),
         coord.next_page_id() - 1,
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis())
+        fault::unix_ms()
     );
     let start = Instant::now();
     let mut peers: Vec<Peer> = vec![];
@@ -678,23 +676,41 @@ fn with_retries<T>(mut step: impl FnMut() -> Result<T, StoreError>) -> Result<T,
     }
 }
 
-/// Announces this monitor in ZooKeeper. A slow or lost answer is asked again (the write
-/// replaces any announcement, so repeating it is harmless); being fenced is final.
-fn announce(store: &Store, rt: &tokio::runtime::Runtime, addr: &str) -> Result<(), String> {
+/// Runs an idempotent ZooKeeper write up to `tries` times, each bounded by
+/// [`ZK_TIMEOUT`], pausing `pause` after a failure; being fenced is final.
+fn idempotent_write<F: std::future::Future<Output = Result<(), StoreError>>>(
+    rt: &tokio::runtime::Runtime,
+    what: &str,
+    tries: usize,
+    pause: Duration,
+    mut call: impl FnMut() -> F,
+) -> Result<(), String> {
     let mut last = String::new();
-    for _ in 0..10 {
-        match bounded(rt, store.publish_leader(addr)) {
+    for _ in 0..tries {
+        match bounded(rt, call()) {
             Ok(Ok(())) => return Ok(()),
-            Ok(Err(e @ StoreError::Fenced { .. })) => {
-                return Err(format!("cannot announce this monitor: {e}"));
-            }
+            Ok(Err(e @ StoreError::Fenced { .. })) => return Err(e.to_string()),
             Ok(Err(e)) => last = e.to_string(),
             Err(_) => last = format!("no answer from ZooKeeper within {ZK_TIMEOUT:?}"),
         }
-        tracing::warn!(error = %last, "announcing this monitor failed; retrying");
-        std::thread::sleep(Duration::from_millis(200));
+        tracing::warn!(error = %last, "{what} failed; retrying");
+        std::thread::sleep(pause);
     }
-    Err(format!("cannot announce this monitor: {last}"))
+    Err(last)
+}
+
+/// Announces this monitor in ZooKeeper. A slow or lost answer is asked again (the write
+/// replaces any announcement, so repeating it is harmless).
+fn announce(store: &Store, rt: &tokio::runtime::Runtime, addr: &str) -> Result<(), String> {
+    let announcing = || store.publish_leader(addr);
+    idempotent_write(
+        rt,
+        "announcing this monitor",
+        10,
+        Duration::from_millis(200),
+        announcing,
+    )
+    .map_err(|e| format!("cannot announce this monitor: {e}"))
 }
 
 /// Runs one ZooKeeper call on the runtime, bounded by [`ZK_TIMEOUT`].
@@ -800,18 +816,12 @@ fn record_join(
     epoch: Epoch,
 ) -> Result<(), String> {
     let info = format!("joined in epoch {}", epoch.0);
-    // Recording is idempotent (create or replace): a slow or lost answer is asked again.
-    let mut last = String::new();
-    for _ in 0..3 {
-        match bounded(rt, store.register_node(node.0, &info)) {
-            Ok(Ok(())) => return Ok(()),
-            Ok(Err(e @ StoreError::Fenced { .. })) => return Err(e.to_string()),
-            Ok(Err(e)) => last = e.to_string(),
-            Err(_) => last = format!("no answer from ZooKeeper within {ZK_TIMEOUT:?}"),
-        }
-        tracing::warn!(%node, error = %last, "recording a join failed; retrying");
-    }
-    Err(last)
+    // Recording is idempotent (create or replace): a slow or lost answer is asked again,
+    // at once (the RDMA loop waits meanwhile).
+    let what = format!("recording the join of {node}");
+    idempotent_write(rt, &what, 3, Duration::ZERO, || {
+        store.register_node(node.0, &info)
+    })
 }
 
 /// Forgets a node's connection (it failed or the peer left): out of the index, and out of

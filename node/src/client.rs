@@ -596,13 +596,6 @@ fn connection(
             }
         }
     };
-    let fail = |e: String| {
-        if first {
-            Lost::BeforeReady(e)
-        } else {
-            Lost::After(e)
-        }
-    };
     let (pd, mr, ep, epoch) = match setup() {
         Ok(s) => s,
         Err(e) => {
@@ -640,10 +633,14 @@ fn connection(
             *shared.reconciled.lock().unwrap_or_else(|p| p.into_inner()) = Some(report);
         }
         Err(e) => {
+            // The pool stays registered for the next attempt.
+            drop(service);
+            *registered = Some((pd, mr));
             if first {
                 let _ = ready.send(Err(ClientError::Stopped(e.clone())));
+                return Err(Lost::BeforeReady(e));
             }
-            return Err(fail(e));
+            return Err(Lost::After(e));
         }
     }
     if first {

@@ -87,18 +87,24 @@ fn plan() -> Option<&'static Plan> {
     .as_ref()
 }
 
+/// Milliseconds since the Unix epoch: the `unix_ms=` of log lines whose times are
+/// compared across processes (crash points, monitor election and readiness).
+pub fn unix_ms() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis())
+}
+
 /// Kills this process (SIGKILL) if it was told to crash at `point` and this is the time.
 pub fn point(name: &str) {
     let Some(p) = plan() else { return };
     if p.point != name || p.seen.fetch_add(1, Ordering::Relaxed) + 1 != p.at {
         return;
     }
-    let unix_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis());
     eprintln!(
-        "CRASH POINT {name} pid={} unix_ms={unix_ms}",
-        std::process::id()
+        "CRASH POINT {name} pid={} unix_ms={}",
+        std::process::id(),
+        unix_ms()
     );
     // SAFETY: plain syscalls on our own pid.
     unsafe {

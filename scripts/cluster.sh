@@ -317,8 +317,7 @@ for i in 1 2 3; do
 done
 check_ok=0
 expect_failures=0
-# (A killed monitor fails the callers whose requests queue while the nodes reconnect.)
-((freeze > 0 || depose > 0 || kill3 > 0 || killm > 0)) && expect_failures=1
+((freeze > 0 || depose > 0 || kill3 > 0)) && expect_failures=1
 node3_gone=$kill3
 [[ $crash_who == node3 ]] && node3_gone=1
 monitor_gone=$killm
@@ -366,7 +365,9 @@ for m in maps:
 for k, e in art.items():
     if e["state"] == "PREALLOCATED": errors.append(f"{k} left PREALLOCATED")
     if e["state"] == "ALLOCATED" and k not in claimed: errors.append(f"{k} ALLOCATED but not in the GAT")
-if fits and not expect_failures and not node3_killed and ok < pages * 0.99: errors.append(f"only {ok} of {pages} allocations succeeded")
+# A killed monitor may fail callers whose requests queue while the nodes reconnect, or
+# none (those in flight are carried over): its runs are held to the exact count above.
+if fits and not expect_failures and not node3_killed and not monitor_killed and ok < pages * 0.99: errors.append(f"only {ok} of {pages} allocations succeeded")
 if (expect_failures or not fits) and failed == 0 and not retrying: errors.append("a fault was injected or the pools are too small, yet nothing failed")
 print(f"cluster check: {len(maps)} mappings in the GAT (epoch {head['epoch']}, live nodes at dump time {head['nodes']}), {len(art)} non-FREE ART entries on 3 nodes, {ok} allocations ok, {failed} failed, {len(errors)} problems")
 for e in errors[:20]: print("  " + e)

@@ -118,12 +118,23 @@ fn check(t: &Target, live: &HashSet<u64>, in_flight_free_allowed: bool, context:
         allocated_pages,
         "{context}: ALLOCATED pages that are not slabs leaked"
     );
+    // A live object whose free landed before the kill (the one `missing` allowed above)
+    // is free on PM, so handing it out again is correct; every other live or allocated
+    // object must never come back, and the fresh objects must be distinct.
     let mut tc = alloc.thread_cache();
+    let mut fresh_seen = HashSet::new();
     for _ in 0..64 {
         let fresh = tc.alloc(16).unwrap().raw();
+        let freed_at_crash = missing.contains(&fresh);
         assert!(
-            !live.contains(&fresh) && !allocated.contains(&fresh),
-            "{context}: {fresh:#x} handed out twice"
+            !allocated.contains(&fresh) && (!live.contains(&fresh) || freed_at_crash),
+            "{context}: {fresh:#x} handed out twice (allocated on PM: {}, live in the log: {})",
+            allocated.contains(&fresh),
+            live.contains(&fresh)
+        );
+        assert!(
+            fresh_seen.insert(fresh),
+            "{context}: {fresh:#x} handed out twice after recovery"
         );
     }
 }

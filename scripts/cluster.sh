@@ -26,6 +26,13 @@
 #                      standby is elected, reloads the GAT from ZooKeeper, the nodes find it
 #                      there, rejoin, reconcile, and go on allocating; the killed one comes
 #                      back as a standby. Prints the takeover time.
+#   --lose-node3-after S  node 3 is killed (-9) S seconds into the run and never comes
+#                      back; the monitors run with a 1.5 s node timeout and pages have one
+#                      backup. The active monitor declares it dead: the epoch moves on, it
+#                      leaves the live list, its replicas leave the GAT (the backup of every
+#                      page it was primary of is promoted), the surviving nodes adopt the
+#                      new epoch and go on allocating. The check compares the GAT taken
+#                      just before the kill with the final one.
 #   --crash WHO:POINT[:N]  WHO (monitor: the first active one; node3) kills itself (SIGKILL)
 #                      the N-th time it passes crash point POINT (verbs/src/fault.rs lists
 #                      them); it is restarted (a monitor as a standby, node 3 serving only).
@@ -52,6 +59,7 @@ freeze=0
 depose=0
 kill3=0
 killm=0
+lose3=0
 crash=
 crash_again=
 retry_ms=0
@@ -68,6 +76,7 @@ while (($#)); do
     --print-gat) print_gat=1; shift ;;
     --kill-node3-after) kill3=$2; shift 2 ;;
     --kill-monitor-after) killm=$2; shift 2 ;;
+    --lose-node3-after) lose3=$2; shift 2 ;;
     --crash) crash=$2; shift 2 ;;
     --crash-again) crash_again=$2; shift 2 ;;
     --retry-ms) retry_ms=$2; shift 2 ;;
@@ -107,11 +116,14 @@ leader() {
     if kill -0 "${mpids[$m]}" 2>/dev/null && grep -q "MONITOR READY" "$work/monitor$m.log"; then echo "$m"; return; fi
   done
 }
+mopts=()
+backups=2
+if ((lose3 > 0)); then mopts=(--node-timeout-ms 1500); backups=1; fi
 # start_monitor M [env...]: monitor M (log monitorM.log, appended) as a candidate.
 start_monitor() {
   local m=$1; shift
   env "$@" "$bin/pmgas-monitor" serve --zk "$zk" --cluster "$cluster" --cluster-id 7 --page-size $page_size \
-    --listen "$h4:$((6999 + m))" >>"$work/monitor$m.log" 2>&1 &
+    --listen "$h4:$((6999 + m))" "${mopts[@]}" >>"$work/monitor$m.log" 2>&1 &
   mpids[$m]=$!
 }
 # wait_leader OLD: waits for a monitor other than OLD to lead; prints its number.
@@ -178,7 +190,7 @@ for h in $h1 $h2 $h3; do
   nenv=()
   ((i == 3)) && [[ $crash_who == node3 ]] && nenv=("PMGAS_CRASH_AT=$crash_point")
   env "${nenv[@]}" "$bin/pmgas-node" serve --pm "/dev/shm/pmgas-$cluster-node$i" --cluster-id 7 --node-id $i \
-    --page-size $page_size --zk "$zk" --cluster "$cluster" --bind "$h" --alloc-pages "$per_node" --backups 2 \
+    --page-size $page_size --zk "$zk" --cluster "$cluster" --bind "$h" --alloc-pages "$per_node" --backups $backups \
     --concurrency "$concurrency" --start-delay-ms 3000 --retry-ms "$retry_ms" "${extra[@]}" >"$work/node$i.log" 2>&1 &
   pids[$i]=$!
 done
@@ -205,6 +217,16 @@ wait_dead() {
 takeover() { # takeover FROM_MS NEW_LEADER: ms from FROM_MS to the new leader's READY
   echo $(($(stamp "$work/monitor$2.log" "MONITOR READY") - $1))
 }
+if ((lose3 > 0)); then
+  sleep "$lose3"
+  "$bin/pmgas-monitor" gat-dump --zk "$zk" --cluster "$cluster" --json >"$work/gat-before.jsonl"
+  echo "cluster: kill -9 node 3 for good ($(($(wc -l <"$work/gat-before.jsonl") - 1)) mappings before)"
+  kill -9 "${pids[3]}"
+  # (A monitor with the crash point node-declared-dead dies before it reports.)
+  declared="^NODE DEAD\|CRASH POINT monitor.node-declared-dead"
+  for _ in $(seq 1 300); do grep -q "$declared" "$work"/monitor*.log && break; sleep 0.1; done
+  grep -h "$declared" "$work"/monitor*.log | sed 's/^/cluster: /' | grep . || { echo "cluster: node 3 was never declared dead"; tail -n 20 "$work"/monitor*.log; exit 1; }
+fi
 if [[ $crash_who == monitor ]]; then
   wait_dead "${mpids[1]}" 120 || { echo "cluster: monitor 1 never reached crash point $crash_point"; tail -n 5 "$work"/monitor1.log "$work"/node*.log; exit 1; }
   crashed_at=$(stamp "$work/monitor1.log" "CRASH POINT")
@@ -280,7 +302,7 @@ fi
 done_re="ALLOC DONE"
 ((objects > 0)) && done_re="OBJECTS DONE"
 alloc_nodes="1 2 3"
-((kill3 > 0)) && alloc_nodes="1 2"
+((kill3 > 0 || lose3 > 0)) && alloc_nodes="1 2"
 [[ $crash_who == node3 ]] && alloc_nodes="1 2"
 for i in $alloc_nodes; do
   want="ALLOC DONE"
@@ -312,25 +334,28 @@ if ((print_gat)); then
   "$bin/pmgas-monitor" gat-dump --zk "$zk" --cluster "$cluster" >"$work/gat.txt"
   head -8 "$work/gat.txt" | sed 's/^/  /'
 fi
-for i in 1 2 3; do
+art_nodes="1 2 3"
+((lose3 > 0)) && art_nodes="1 2"
+for i in $art_nodes; do
   "$bin/pmgas-node" art-dump --pm "/dev/shm/pmgas-$cluster-node$i" --json >"$work/art$i.jsonl"
 done
 check_ok=0
 expect_failures=0
 ((freeze > 0 || depose > 0 || kill3 > 0)) && expect_failures=1
-node3_gone=$kill3
+node3_gone=$((kill3 + lose3))
 [[ $crash_who == node3 ]] && node3_gone=1
 monitor_gone=$killm
 [[ $crash_who == monitor ]] && monitor_gone=1
-python3 - "$work" "$pages" "$pool_mib" "$expect_failures" "$node3_gone" "$monitor_gone" "$retry_ms" <<'PY' || check_ok=1
+python3 - "$work" "$pages" "$pool_mib" "$expect_failures" "$node3_gone" "$monitor_gone" "$retry_ms" "$lose3" <<'PY' || check_ok=1
 import json, sys
 work, pages, pool_mib, expect_failures = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
 node3_killed, monitor_killed = int(sys.argv[5]) > 0, int(sys.argv[6]) > 0
 retrying = int(sys.argv[7]) > 0
+lost3 = int(sys.argv[8]) > 0
 gat = [json.loads(l) for l in open(f"{work}/gat.jsonl")]
 head, maps = gat[0], gat[1:]
 done = [l for i in (1, 2, 3) for l in open(f"{work}/node{i}.log") if "ALLOC DONE" in l]
-reconciled = [l.strip() for l in open(f"{work}/node3b.log")] if node3_killed else []
+reconciled = [l.strip() for l in open(f"{work}/node3b.log")] if node3_killed and not lost3 else []
 print("\n".join(l for l in reconciled if "NODE READY" in l))
 ok = sum(int(l.split("ok=")[1].split()[0]) for l in done)
 failed = sum(int(l.split("failed=")[1].split()[0]) for l in done)
@@ -347,7 +372,7 @@ slabs = slabs[0] if slabs else 0
 if (len(maps) < ok + slabs) if node3_killed else (len(maps) != ok + slabs): errors.append(f"{len(maps)} mappings stored but {ok} allocations (+{slabs} slabs) succeeded")
 if retrying and failed: errors.append(f"{failed} allocations failed although refusals for passing reasons were retried")
 art = {}
-for i in (1, 2, 3):
+for i in ((1, 2) if lost3 else (1, 2, 3)):
     for l in list(open(f"{work}/art{i}.jsonl"))[1:]:
         e = json.loads(l)
         art[(i, e["page_index"])] = e
@@ -355,7 +380,7 @@ claimed = set()
 for m in maps:
     nodes = [r["node"] for r in m["replicas"]]
     if len(set(nodes)) != len(nodes): errors.append(f"page {m['page_id']}: two replicas on one node")
-    if len(nodes) != 3: errors.append(f"page {m['page_id']}: {len(nodes)} replicas")
+    if not lost3 and len(nodes) != 3: errors.append(f"page {m['page_id']}: {len(nodes)} replicas")
     for r in m["replicas"]:
         k = (r["node"], r["page_index"])
         e = art.get(k)
@@ -365,6 +390,27 @@ for m in maps:
 for k, e in art.items():
     if e["state"] == "PREALLOCATED": errors.append(f"{k} left PREALLOCATED")
     if e["state"] == "ALLOCATED" and k not in claimed: errors.append(f"{k} ALLOCATED but not in the GAT")
+if lost3:
+    # Node 3 declared dead: the epoch moved on once, node 3 is in no mapping, every page
+    # allocated before keeps its surviving replica in order (node 3's backup promoted where
+    # it was the primary), every page still has a replica, those without node 3 have 2.
+    dead = head.get("dead", {})
+    if "3" not in dead: errors.append(f"node 3 is not recorded dead: {dead}")
+    before = [json.loads(l) for l in open(f"{work}/gat-before.jsonl")]
+    if head["epoch"] != before[0]["epoch"] + 1: errors.append(f"epoch {before[0]['epoch']} became {head['epoch']}, not one more")
+    now = {m["page_id"]: [(r["node"], r["page_index"]) for r in m["replicas"]] for m in maps}
+    promoted = 0
+    for m in before[1:]:
+        want = [(r["node"], r["page_index"]) for r in m["replicas"] if r["node"] != 3]
+        promoted += m["replicas"][0]["node"] == 3
+        if now.get(m["page_id"]) != want: errors.append(f"page {m['page_id']}: {now.get(m['page_id'])} after node 3 died, expected {want}")
+    for pid, reps in now.items():
+        if any(n == 3 for n, _ in reps): errors.append(f"page {pid}: a replica on the dead node 3")
+        if not reps: errors.append(f"page {pid}: no replica left")
+        if len(reps) != 2 and pid > int(dead.get("3", {}).get("max_page_id", 0)): errors.append(f"page {pid}: {len(reps)} replicas")
+    for i in (1, 2):
+        if not any("declared dead" in l for l in open(f"{work}/node{i}.log")): errors.append(f"node {i} never heard of the new epoch")
+    print(f"cluster check: node 3 dead: {len(before) - 1} mappings before, {promoted} of them had node 3 as primary (backup promoted)")
 # A killed monitor may fail callers whose requests queue while the nodes reconnect, or
 # none (those in flight are carried over): its runs are held to the exact count above.
 if fits and not expect_failures and not node3_killed and not monitor_killed and ok < pages * 0.99: errors.append(f"only {ok} of {pages} allocations succeeded")

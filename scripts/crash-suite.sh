@@ -45,6 +45,8 @@ scenarios=(
   "node dies as primary after committing|--crash node3:node.primary-committed:10"
   "node dies; dies again halfway through reconciling|--crash node3:node.prepared:15 --crash-again node.reconciling:1"
   "node dies; dies again once reconciled, before answering|--crash node3:node.preallocated:15 --crash-again node.reconciled"
+  "node dies for good: declared dead, backups promoted|--lose-node3-after 4"
+  "node dies for good; monitor dies having declared it|--lose-node3-after 4 --crash monitor:monitor.node-declared-dead"
 )
 
 echo "crash-suite: starting ZooKeeper"

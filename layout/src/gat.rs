@@ -33,6 +33,64 @@ impl Mapping {
     }
 }
 
+/// A data server declared dead (`/pmgas/<cluster>/dead/node<N>`): its replicas of every
+/// page with an id up to `max_page_id` (the largest id handed out when it was declared)
+/// are gone from the GAT, and the first surviving replica of each such page is its
+/// primary. Stored as text, `epoch=<E> max_page_id=<P>`; a later declaration of the same
+/// node (it rejoined, then died again) replaces it, and its larger `max_page_id` covers
+/// the earlier one. Pages allocated after a rejoin (ids above it) keep the node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeadNode {
+    /// The epoch the declaration started.
+    pub epoch: crate::Epoch,
+    pub max_page_id: u32,
+}
+
+impl DeadNode {
+    pub fn encode(&self) -> String {
+        format!("epoch={} max_page_id={}", self.epoch.0, self.max_page_id)
+    }
+
+    pub fn decode(text: &str) -> Result<Self, GatError> {
+        let mut epoch = None;
+        let mut max = None;
+        for field in text.split_whitespace() {
+            match field.split_once('=') {
+                Some(("epoch", v)) => epoch = v.parse().ok(),
+                Some(("max_page_id", v)) => max = v.parse().ok(),
+                _ => return corrupt(format!("dead-node record field {field:?}")),
+            }
+        }
+        match (epoch, max) {
+            (Some(e), Some(max_page_id)) => Ok(Self {
+                epoch: crate::Epoch(e),
+                max_page_id,
+            }),
+            _ => corrupt(format!("dead-node record {text:?}")),
+        }
+    }
+}
+
+/// The dead-node records: how stored mappings become the GAT's current view.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeadNodes(pub std::collections::BTreeMap<NodeId, DeadNode>);
+
+impl DeadNodes {
+    /// Drops the replicas of `m` that died with their node; returns how many.
+    pub fn apply(&self, m: &mut Mapping) -> usize {
+        if self.0.is_empty() {
+            return 0;
+        }
+        let before = m.replicas.len();
+        m.replicas.retain(|r| {
+            self.0
+                .get(&r.node)
+                .is_none_or(|d| m.page_id.0 > d.max_page_id)
+        });
+        before - m.replicas.len()
+    }
+}
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum GatError {
@@ -208,6 +266,37 @@ mod tests {
         let mut dup_id = bytes.clone();
         dup_id[48..52].copy_from_slice(&1u32.to_le_bytes());
         assert!(decode_chunk(&reseal(dup_id)).is_err(), "page id twice");
+    }
+
+    #[test]
+    fn dead_nodes_drop_their_replicas_up_to_the_declaration() {
+        let d = DeadNode {
+            epoch: crate::Epoch(4),
+            max_page_id: 10,
+        };
+        assert_eq!(d.encode(), "epoch=4 max_page_id=10");
+        assert_eq!(DeadNode::decode(&d.encode()), Ok(d));
+        for bad in [
+            "",
+            "epoch=4",
+            "epoch=x max_page_id=1",
+            "epoch=1 max_page_id=2 z=3",
+        ] {
+            assert!(DeadNode::decode(bad).is_err(), "{bad:?}");
+        }
+        let dead = DeadNodes([(NodeId(2), d)].into_iter().collect());
+        // Primary died: the first backup is the primary now, order kept.
+        let mut old = m(10, &[2, 1, 3]);
+        assert_eq!(dead.apply(&mut old), 1);
+        assert_eq!(old, m(10, &[1, 3]));
+        // Allocated after the declaration (the node rejoined): kept.
+        let mut new = m(11, &[2, 1, 3]);
+        assert_eq!(dead.apply(&mut new), 0);
+        assert_eq!(new, m(11, &[2, 1, 3]));
+        // Every replica dead: nothing left.
+        let mut lost = m(3, &[2]);
+        assert_eq!(dead.apply(&mut lost), 1);
+        assert!(lost.replicas.is_empty());
     }
 
     #[test]

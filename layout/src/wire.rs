@@ -64,10 +64,13 @@ pub enum ErrorCode {
     /// A backup failed or left while preparing (timed out, disconnected): the transaction
     /// was aborted and nothing allocated; asking again is safe.
     BackupLost,
+    /// Every replica of the page was on data servers declared dead: its contents are gone
+    /// (the page id is never reused).
+    PageLost,
 }
 
 impl ErrorCode {
-    const ALL: [Self; 11] = [
+    const ALL: [Self; 12] = [
         Self::Malformed,
         Self::StaleEpoch,
         Self::UnknownPage,
@@ -79,6 +82,7 @@ impl ErrorCode {
         Self::NotLeader,
         Self::Internal,
         Self::BackupLost,
+        Self::PageLost,
     ];
 
     pub fn code(self) -> u16 {
@@ -172,6 +176,13 @@ pub enum Body {
         unknown_allocated: u32,
         conflicting: u32,
     },
+    /// Monitor -> every node (and the node echoes it back): a data server was declared
+    /// dead and the config epoch (the header's) moved on; mappings cached from older
+    /// epochs must be looked up again. Any monitor message with a newer epoch says the
+    /// same; this one says it at once.
+    EpochChanged {
+        dead_node: NodeId,
+    },
 }
 
 impl Body {
@@ -191,6 +202,7 @@ impl Body {
             Self::Error { .. } => 12,
             Self::Reconcile { .. } => 13,
             Self::Reconciled { .. } => 14,
+            Self::EpochChanged { .. } => 15,
         }
     }
 
@@ -210,6 +222,7 @@ impl Body {
             Self::Error { .. } => "Error",
             Self::Reconcile { .. } => "Reconcile",
             Self::Reconciled { .. } => "Reconciled",
+            Self::EpochChanged { .. } => "EpochChanged",
         }
     }
 }
@@ -432,6 +445,10 @@ impl Message {
                 w.u32(*unknown_allocated);
                 w.u32(*conflicting);
             }
+            Body::EpochChanged { dead_node } => {
+                w.u32(dead_node.0);
+                w.zeros(4);
+            }
         }
         let body_len = (w.0.len() - HEADER_BYTES) as u32;
         w.0[4..8].copy_from_slice(&body_len.to_le_bytes());
@@ -591,6 +608,11 @@ impl Message {
                 unknown_allocated: r.u32()?,
                 conflicting: r.u32()?,
             },
+            15 => {
+                let dead_node = NodeId(r.u32()?);
+                r.zeros(4)?;
+                Body::EpochChanged { dead_node }
+            }
             other => return corrupt(format!("unknown message kind {other}")),
         };
         r.finish()?;
@@ -680,6 +702,9 @@ mod tests {
                 unknown_allocated: 0,
                 conflicting: 0,
             }),
+            msg(Body::EpochChanged {
+                dead_node: NodeId(3),
+            }),
         ]
     }
 
@@ -750,7 +775,7 @@ mod tests {
 
     /// Frozen encodings of every message kind (format version 1). A change here is a wire
     /// format change: bump `WIRE_VERSION` and keep decoding the old one, or do not make it.
-    const GOLDEN: [&str; 14] = [
+    const GOLDEN: [&str; 15] = [
         "5047010138000000050000000000000002000000000000004433221100000000bc0a0000000000000000200000000000ff010000f401000000000000007f00000000004000000000341200000a000002bc1b000000000000",
         "50470102080000000500000000000000020000000000000044332211000000000300000000000000",
         "50470103080000000500000000000000020000000000000044332211000000001100000002000000",
@@ -765,6 +790,7 @@ mod tests {
         "5047010c1300000005000000000000000200000000000000443322110000000002000b000000000065706f63682034203c2035",
         "5047010d18000000050000000000000002000000000000004433221100000000020000000100000003000000460000000900000047000000",
         "5047010e1000000005000000000000000200000000000000443322110000000002000000010000000000000000000000",
+        "5047010f080000000500000000000000020000000000000044332211000000000300000000000000",
     ];
 
     #[test]
@@ -861,7 +887,8 @@ mod tests {
         // Codes are append-only: the existing ones keep their numbers.
         assert_eq!(ErrorCode::Internal.code(), 10);
         assert_eq!(ErrorCode::BackupLost.code(), 11);
-        assert_eq!(ErrorCode::from_code(12), None);
+        assert_eq!(ErrorCode::PageLost.code(), 12);
+        assert_eq!(ErrorCode::from_code(13), None);
     }
 
     #[test]

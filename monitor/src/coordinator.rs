@@ -86,6 +86,14 @@ pub enum Input {
     NodeLeft {
         node: NodeId,
     },
+    /// A node was declared dead (it stayed away past the node timeout; the shell stored
+    /// the declaration and the new epoch first). Its replicas leave every mapping still
+    /// persisting or committing (the first surviving replica is the primary, as in the
+    /// GAT's view) and nobody waits for its acknowledgement any more.
+    NodeDead {
+        node: NodeId,
+        epoch: Epoch,
+    },
     /// Time passes; timeouts and resends happen here.
     Tick,
 }
@@ -268,6 +276,7 @@ impl Coordinator {
             Input::CommitAck { from, txn_id } => self.acked(from, txn_id, true, &mut out),
             Input::AbortAck { from, txn_id } => self.acked(from, txn_id, false, &mut out),
             Input::NodeLeft { node } => self.node_left(node, now_ns, &mut out),
+            Input::NodeDead { node, epoch } => self.node_dead(node, epoch, now_ns, &mut out),
             Input::Tick => self.tick(now_ns, &mut out),
         }
         out
@@ -469,6 +478,28 @@ impl Coordinator {
                 if t.waiting.is_empty() {
                     self.finish(txn_id, out);
                 }
+            }
+        }
+    }
+
+    fn node_dead(&mut self, node: NodeId, epoch: Epoch, now_ns: u64, out: &mut Vec<Action>) {
+        self.epoch = self.epoch.max(epoch);
+        self.node_left(node, now_ns, out);
+        let ids: Vec<u64> = self.txns.keys().copied().collect();
+        for txn_id in ids {
+            let Some(t) = self.txns.get_mut(&txn_id) else {
+                continue;
+            };
+            if let Some(m) = t.mapping.as_mut() {
+                m.replicas.retain(|r| r.node != node);
+            }
+            t.backups.retain(|b| *b != node);
+            t.prepared.remove(&node);
+            if matches!(t.phase, Phase::Committing { .. })
+                && t.waiting.remove(&node)
+                && t.waiting.is_empty()
+            {
+                self.finish(txn_id, out);
             }
         }
     }
@@ -870,5 +901,72 @@ mod tests {
         assert_eq!(c.in_flight(), 0);
         // A departed node is no longer chosen as a backup.
         assert_eq!(c.choose_backups(NodeId(1), 2), None);
+    }
+
+    #[test]
+    fn a_dead_backup_leaves_committing_mappings_and_the_epoch_moves_on() {
+        let mut c = coord(&[(1, 10), (2, 10), (3, 10)]);
+        c.handle(alloc(1, 5, 2), 0);
+        for (n, page) in [(2, 4), (3, 6)] {
+            c.handle(
+                Input::Prepared {
+                    from: NodeId(n),
+                    txn_id: 1,
+                    page: PageIndex(page),
+                },
+                1,
+            );
+        }
+        c.handle(Input::Persisted { txn_ids: vec![1] }, 2);
+        // Node 2 acks its Commit; node 3 went away and is declared dead.
+        let a = c.handle(
+            Input::CommitAck {
+                from: NodeId(2),
+                txn_id: 1,
+            },
+            3,
+        );
+        assert!(a.is_empty(), "{a:?}");
+        c.handle(Input::NodeLeft { node: NodeId(3) }, 4);
+        let a = c.handle(
+            Input::NodeDead {
+                node: NodeId(3),
+                epoch: Epoch(2),
+            },
+            5,
+        );
+        let [
+            Action::Reply {
+                result: Ok(m), to, ..
+            },
+        ] = a.as_slice()
+        else {
+            panic!("the primary must be answered without the dead backup: {a:?}")
+        };
+        assert_eq!(*to, NodeId(1));
+        let nodes: Vec<u32> = m.replicas.iter().map(|r| r.node.0).collect();
+        assert_eq!(nodes, [1, 2]);
+        assert_eq!(c.epoch(), Epoch(2));
+        // Requests of the old epoch are refused; the new one is served.
+        let a = c.handle(alloc(1, 6, 1), 6);
+        assert!(
+            matches!(
+                a.as_slice(),
+                [Action::Reply {
+                    result: Err(ErrorCode::StaleEpoch),
+                    ..
+                }]
+            ),
+            "{a:?}"
+        );
+        let mut fresh = alloc(1, 7, 1);
+        if let Input::AllocPage { epoch, .. } = &mut fresh {
+            *epoch = Epoch(2);
+        }
+        let a = c.handle(fresh, 7);
+        assert!(
+            matches!(a.as_slice(), [Action::Prepare { to, .. }] if *to == NodeId(2)),
+            "{a:?}"
+        );
     }
 }

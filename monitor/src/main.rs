@@ -52,6 +52,12 @@ enum Command {
         /// tickTime 200 ms).
         #[arg(long, default_value_t = 600)]
         session_timeout_ms: u64,
+        /// How long a data server may stay disconnected before it is declared dead: the
+        /// epoch moves on, it leaves the live list and its replicas leave the GAT (the
+        /// first surviving replica of each page is its primary). A node back within it
+        /// just rejoins. Also counted from this monitor's start for nodes listed live.
+        #[arg(long, default_value_t = 10_000)]
+        node_timeout_ms: u64,
     },
     /// Opens a GAT writer series as a new active monitor would, fencing off its current
     /// writer (internal: the deposed-monitor and ZooKeeper-write-failure tests).
@@ -86,6 +92,7 @@ fn main() -> ExitCode {
             listen,
             max_batch,
             session_timeout_ms,
+            node_timeout_ms,
         } => serve(
             &zk,
             &cluster,
@@ -94,6 +101,7 @@ fn main() -> ExitCode {
                 cluster_id: pmgas_layout::ClusterId(cluster_id),
                 page_size_bytes: page_size,
                 max_batch,
+                node_timeout: Duration::from_millis(node_timeout_ms),
             },
             Duration::from_millis(session_timeout_ms),
         ),
@@ -141,7 +149,10 @@ fn gat_dump(zk: &str, cluster: &str, json: bool) -> Result<(), String> {
         let nodes = store.live_nodes().await.map_err(|e| e.to_string())?;
         let gat = store.load_gat().await.map_err(|e| e.to_string())?;
         if json {
-            println!("{}", serde_json::json!({"epoch": epoch.0, "nodes": nodes, "chunks": gat.chunks, "mappings": gat.mappings.len()}));
+            let dead: serde_json::Map<String, serde_json::Value> = gat.dead.0.iter()
+                .map(|(n, d)| (n.0.to_string(), serde_json::json!({"epoch": d.epoch.0, "max_page_id": d.max_page_id})))
+                .collect();
+            println!("{}", serde_json::json!({"epoch": epoch.0, "nodes": nodes, "dead": dead, "chunks": gat.chunks, "mappings": gat.mappings.len(), "dropped_replicas": gat.dropped_replicas}));
             for m in &gat.mappings {
                 let replicas: Vec<_> =
                     m.replicas.iter().map(|r| serde_json::json!({"node": r.node.0, "page_index": r.page.0})).collect();
@@ -149,6 +160,9 @@ fn gat_dump(zk: &str, cluster: &str, json: bool) -> Result<(), String> {
             }
         } else {
             println!("cluster {cluster}: epoch {} nodes {:?} mappings {} in {} chunks", epoch.0, nodes, gat.mappings.len(), gat.chunks);
+            for (n, d) in &gat.dead.0 {
+                println!("dead {n}: declared in epoch {}, its replicas of pages up to {} dropped", d.epoch.0, d.max_page_id);
+            }
             for m in &gat.mappings {
                 let replicas: Vec<String> = m.replicas.iter().map(|r| format!("node{}:{}", r.node.0, r.page.0)).collect();
                 println!("page {:>10} -> {}", m.page_id.0, replicas.join(" "));

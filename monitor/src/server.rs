@@ -35,6 +35,8 @@ pub struct ServerConfig {
     pub page_size_bytes: u64,
     /// Most mappings in one ZooKeeper write (`usize::MAX`: all that are ready).
     pub max_batch: usize,
+    /// A node disconnected this long is declared dead (see [`declare_dead`]).
+    pub node_timeout: Duration,
 }
 
 /// What an outstanding monitor → node request was for.
@@ -44,6 +46,7 @@ enum Sent {
     Reconcile { last: bool },
     Commit,
     Abort,
+    EpochNotice,
 }
 
 struct Peer {
@@ -78,6 +81,24 @@ pub fn serve(
     // are asked again; a fenced open is final.
     let gat = with_retries(|| rt.block_on(store.load_gat()))?;
     let epoch = with_retries(|| rt.block_on(store.epoch()))?;
+    // Nodes listed live must rejoin within the node timeout, counted from now.
+    let listed = with_retries(|| rt.block_on(store.live_nodes()))?;
+    let missing: BTreeMap<NodeId, Instant> = listed
+        .iter()
+        .filter_map(|n| n.strip_prefix("node")?.parse().ok())
+        .map(|n| (NodeId(n), Instant::now()))
+        .collect();
+    if gat.dropped_replicas > 0 {
+        tracing::warn!(
+            dead = ?gat.dead.0.keys().collect::<Vec<_>>(),
+            dropped = gat.dropped_replicas,
+            "replicas on nodes declared dead are not in the GAT's view"
+        );
+    }
+    let dead = Failures {
+        dead: gat.dead,
+        missing,
+    };
     let mappings: HashMap<PageId, Mapping> =
         gat.mappings.into_iter().map(|m| (m.page_id, m)).collect();
     let coord = Coordinator::new(epoch, gat.max_page_id, Timeouts::default());
@@ -124,8 +145,92 @@ pub fn serve(
             &persisted,
             wake,
             &session_lost,
+            dead,
         )
     })
+}
+
+/// Data servers away (since when) and those declared dead.
+struct Failures {
+    dead: pmgas_layout::gat::DeadNodes,
+    missing: BTreeMap<NodeId, Instant>,
+}
+
+/// Declares `node` dead: stores `record` (the next epoch, the largest page id handed out)
+/// in one fenced multi-op,
+/// then drops its replicas from the in-memory GAT and reports the pages that lost a
+/// replica with the count that remains. Returns the new epoch, or the store's error
+/// (nothing changed then); the caller tells the coordinator ([`Input::NodeDead`]).
+fn declare_dead(
+    store: &Store,
+    rt: &tokio::runtime::Runtime,
+    node: NodeId,
+    record: pmgas_layout::gat::DeadNode,
+    mappings: &mut HashMap<PageId, Mapping>,
+    failures: &mut Failures,
+    away: Duration,
+) -> Result<Epoch, StoreError> {
+    bounded(rt, store.declare_dead(node, record)).unwrap_or_else(|_| {
+        Err(StoreError::Corrupt {
+            path: format!("dead/node{}", node.0),
+            reason: "ZooKeeper did not answer (outcome unknown: asked again next tick)".into(),
+        })
+    })?;
+    fault::point("monitor.node-declared-dead");
+    failures.dead.0.insert(node, record);
+    failures.missing.remove(&node);
+    let (mut affected, mut promoted) = (0usize, 0usize);
+    let mut remaining: BTreeMap<usize, usize> = BTreeMap::new();
+    let mut lost: Vec<u32> = vec![];
+    for m in mappings.values_mut() {
+        let was_primary = m.replicas.first().is_some_and(|r| r.node == node);
+        let mut only_this = pmgas_layout::gat::DeadNodes::default();
+        only_this.0.insert(node, record);
+        if only_this.apply(m) == 0 {
+            continue;
+        }
+        affected += 1;
+        promoted += usize::from(was_primary && !m.replicas.is_empty());
+        *remaining.entry(m.replicas.len()).or_default() += 1;
+        if m.replicas.is_empty() {
+            lost.push(m.page_id.0);
+        }
+    }
+    let remaining_text: Vec<String> = remaining
+        .iter()
+        .map(|(r, n)| format!("{n} pages with {r}"))
+        .collect();
+    tracing::warn!(
+        %node,
+        away_ms = away.as_millis() as u64,
+        epoch = record.epoch.0,
+        pages = affected,
+        primaries_promoted = promoted,
+        remaining_replicas = %remaining_text.join(", "),
+        "node declared dead: its replicas left the GAT"
+    );
+    if !lost.is_empty() {
+        lost.sort_unstable();
+        tracing::error!(
+            %node,
+            pages = lost.len(),
+            first = ?&lost[..lost.len().min(16)],
+            "pages LOST: every replica was on dead nodes"
+        );
+    }
+    println!(
+        "NODE DEAD node={} epoch={} max_page_id={} pages={} primaries_promoted={} lost={} \
+         remaining=[{}] unix_ms={}",
+        node.0,
+        record.epoch.0,
+        record.max_page_id,
+        affected,
+        promoted,
+        lost.len(),
+        remaining_text.join(", "),
+        fault::unix_ms()
+    );
+    Ok(record.epoch)
 }
 
 /// The RDMA loop; ZooKeeper writes of the GAT run on the writer thread meanwhile.
@@ -141,7 +246,9 @@ fn run_loop(
     persisted: &mpsc::Receiver<PersistReport>,
     wake: &Notifier,
     session_lost: &std::sync::atomic::AtomicBool,
+    mut failures: Failures,
 ) -> Result<(), String> {
+    let mut epoch = epoch;
     let listener = Listener::bind(config.listen, 64).map_err(|e| e.to_string())?;
     let pd = ProtectionDomain::new(listener.context()).map_err(|e| e.to_string())?;
     // Announced only now that the GAT is loaded and the listener bound: nodes that look
@@ -204,9 +311,12 @@ fn run_loop(
             // The GAT in memory is what ZooKeeper holds: a mapping enters it once its write
             // is acknowledged (reconciliations of rejoining nodes are cut from it).
             for t in &txn_ids {
-                if let Some(m) = writing.remove(t)
+                if let Some(mut m) = writing.remove(t)
                     && matches!(outcome, Persisted::Stored)
                 {
+                    // Written with a replica on a node declared dead meanwhile: the
+                    // declaration covers its id (assigned before), so the view drops it.
+                    failures.dead.apply(&mut m);
                     mappings.insert(m.page_id, m);
                 }
             }
@@ -252,18 +362,29 @@ fn run_loop(
                             deposed.is_some(),
                         );
                         if let Some(mut reply) = reply {
-                            if let (Body::JoinAck { .. }, Some(node)) = (&reply.body, peer.node)
-                                && let Err(e) = record_join(store, rt, node, epoch)
-                            {
-                                // Not live until recorded: undo the join, refuse it.
-                                tracing::warn!(%node, error = %e, "join not recorded in ZooKeeper");
-                                peer.node = None;
-                                peer.reconcile = None;
-                                by_node.remove(&node);
-                                reply.body = Body::Error {
-                                    code: ErrorCode::Internal,
-                                    detail: format!("the join could not be recorded: {e}"),
-                                };
+                            if let (Body::JoinAck { .. }, Some(node)) = (&reply.body, peer.node) {
+                                match record_join(store, rt, node, epoch) {
+                                    Ok(()) => {
+                                        if let Some(since) = failures.missing.remove(&node) {
+                                            tracing::info!(
+                                                %node,
+                                                away_ms = since.elapsed().as_millis() as u64,
+                                                "node back within the node timeout"
+                                            );
+                                        }
+                                    }
+                                    Err(e) => {
+                                        // Not live until recorded: undo the join, refuse it.
+                                        tracing::warn!(%node, error = %e, "join not recorded in ZooKeeper");
+                                        peer.node = None;
+                                        peer.reconcile = None;
+                                        by_node.remove(&node);
+                                        reply.body = Body::Error {
+                                            code: ErrorCode::Internal,
+                                            detail: format!("the join could not be recorded: {e}"),
+                                        };
+                                    }
+                                }
                             }
                             let _ = peer.ep.respond(request_id, &reply.encode());
                         }
@@ -303,6 +424,7 @@ fn run_loop(
                                 }
                             }
                             (Ok(Body::Reconciled { .. }), Sent::Reconcile { last: false }) => {}
+                            (Ok(Body::EpochChanged { .. }), Sent::EpochNotice) => {}
                             (Ok(Body::Prepared { txn_id, page }), _) => {
                                 inputs.push(Input::Prepared {
                                     from: node,
@@ -343,7 +465,8 @@ fn run_loop(
             }
         }
         for i in dead.into_iter().rev() {
-            if let Some(node) = remove_peer(&mut peers, &mut by_node, i, store, rt) {
+            if let Some(node) = remove_peer(&mut peers, &mut by_node, i) {
+                failures.missing.insert(node, Instant::now());
                 inputs.push(Input::NodeLeft { node });
             }
         }
@@ -353,9 +476,61 @@ fn run_loop(
             // Drop connections whose peer has gone (a node restarting rejoins on a new one).
             for i in (0..peers.len()).rev() {
                 if peers[i].ep.connection().peer_disconnected().unwrap_or(true)
-                    && let Some(node) = remove_peer(&mut peers, &mut by_node, i, store, rt)
+                    && let Some(node) = remove_peer(&mut peers, &mut by_node, i)
                 {
+                    failures.missing.insert(node, Instant::now());
                     inputs.push(Input::NodeLeft { node });
+                }
+            }
+            // Nodes away past the node timeout are declared dead, one per tick.
+            let overdue = failures
+                .missing
+                .iter()
+                .find(|(_, since)| since.elapsed() >= config.node_timeout)
+                .map(|(n, since)| (*n, since.elapsed()));
+            if let Some((node, away)) = overdue
+                && deposed.is_none()
+            {
+                match declare_dead(
+                    store,
+                    rt,
+                    node,
+                    pmgas_layout::gat::DeadNode {
+                        epoch: Epoch(epoch.0 + 1),
+                        max_page_id: coord.next_page_id() - 1,
+                    },
+                    &mut mappings,
+                    &mut failures,
+                    away,
+                ) {
+                    Ok(new_epoch) => {
+                        epoch = new_epoch;
+                        for p in peers.iter_mut() {
+                            if p.node.is_some() {
+                                let msg = Message::new(
+                                    epoch,
+                                    MONITOR_SENDER,
+                                    0,
+                                    Body::EpochChanged { dead_node: node },
+                                )
+                                .encode();
+                                if let Ok(id) = p.ep.request(&msg, REQUEST_TIMEOUT) {
+                                    p.sent.insert(id, Sent::EpochNotice);
+                                }
+                            }
+                        }
+                        inputs.push(Input::NodeDead {
+                            node,
+                            epoch: new_epoch,
+                        });
+                    }
+                    Err(StoreError::Fenced { path }) => {
+                        tracing::error!(%node, %path, "deposed while declaring a node dead");
+                        deposed.get_or_insert(format!("fenced at {path}"));
+                    }
+                    Err(e) => {
+                        tracing::warn!(%node, error = %e, "declaring a node dead failed; retrying")
+                    }
                 }
             }
         }
@@ -824,27 +999,17 @@ fn record_join(
     })
 }
 
-/// Forgets a node's connection (it failed or the peer left): out of the index, and out of
-/// the live-node list in ZooKeeper.
+/// Forgets a node's connection (it failed or the peer left). It stays in the live-node
+/// list until it rejoins or is declared dead.
 fn remove_peer(
     peers: &mut Vec<Peer>,
     by_node: &mut BTreeMap<NodeId, usize>,
     i: usize,
-    store: &Store,
-    rt: &tokio::runtime::Runtime,
 ) -> Option<NodeId> {
     let p = peers.remove(i);
     tracing::warn!(node = ?p.node, "node disconnected");
     if let Some(n) = p.node {
         by_node.remove(&n);
-        if let Err(e) = bounded(rt, store.unregister_node(n.0)).unwrap_or_else(|_| {
-            Err(StoreError::Corrupt {
-                path: "nodes".into(),
-                reason: "ZooKeeper did not answer".into(),
-            })
-        }) {
-            tracing::warn!(error = %e, "could not remove the node from ZooKeeper");
-        }
     }
     for idx in by_node.values_mut() {
         if *idx > i {
@@ -981,6 +1146,14 @@ fn handle_request(
             None
         }
         Body::MappingLookup { page_id } => match mappings.get(&page_id) {
+            Some(m) if m.replicas.is_empty() => error(
+                ErrorCode::PageLost,
+                format!(
+                    "page {}: every replica was on data servers declared dead",
+                    page_id.0
+                ),
+                rid,
+            ),
             Some(m) => Some(Message::new(
                 epoch,
                 MONITOR_SENDER,

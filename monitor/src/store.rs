@@ -5,6 +5,8 @@
 //! - `gat/w<worker>/`: the global address table, one znode series per monitor worker:
 //!   deltas `d<seq>` (one group commit each) and compacted chunks `c<seq>` of at most
 //!   64 KiB (`layout::gat` encodes both); see [`GatWriter`].
+//! - `dead/node<N>`: data servers declared dead (`layout::gat::DeadNode`); the GAT's
+//!   current view drops their replicas of the pages allocated before the declaration;
 //!
 //! A write whose outcome is unknown (connection lost in flight) is reported as
 //! [`StoreError::Unknown`]; [`GatWriter::resolve`] re-reads the chunk to learn whether the
@@ -12,8 +14,10 @@
 
 use std::time::Duration;
 
-use pmgas_layout::Epoch;
-use pmgas_layout::gat::{self, CHUNK_HEADER_BYTES, CHUNK_MAX_BYTES, GatError, Mapping};
+use pmgas_layout::gat::{
+    self, CHUNK_HEADER_BYTES, CHUNK_MAX_BYTES, DeadNode, DeadNodes, GatError, Mapping,
+};
+use pmgas_layout::{Epoch, NodeId};
 use zookeeper_client as zk;
 
 #[derive(Debug, thiserror::Error)]
@@ -79,7 +83,11 @@ pub struct Store {
 /// The whole GAT as loaded from ZooKeeper.
 #[derive(Debug, Default)]
 pub struct LoadedGat {
+    /// The current view: dead nodes' replicas removed ([`DeadNodes::apply`]).
     pub mappings: Vec<Mapping>,
+    pub dead: DeadNodes,
+    /// Replicas the dead-node records removed from the stored mappings.
+    pub dropped_replicas: usize,
     pub chunks: usize,
     pub max_page_id: u32,
 }
@@ -112,7 +120,7 @@ impl Store {
             epoch_version: std::sync::atomic::AtomicI32::new(-1),
             lock: std::sync::OnceLock::new(),
         };
-        for dir in [store.path("gat"), store.path("nodes")] {
+        for dir in [store.path("gat"), store.path("nodes"), store.path("dead")] {
             store
                 .client
                 .mkdir(&dir, &persistent())
@@ -354,7 +362,116 @@ impl Store {
         }
     }
 
+    /// The dead-node records (`dead/node<N>`).
+    pub async fn dead_nodes(&self) -> Result<DeadNodes, StoreError> {
+        let dir = self.path("dead");
+        let mut out = DeadNodes::default();
+        for name in self.children(&dir).await? {
+            let path = format!("{dir}/{name}");
+            let node = name
+                .strip_prefix("node")
+                .and_then(|n| n.parse().ok())
+                .ok_or_else(|| StoreError::Corrupt {
+                    path: path.clone(),
+                    reason: "not a node<N> record".into(),
+                })?;
+            let (data, _) = self
+                .client
+                .get_data(&path)
+                .await
+                .map_err(zk_error("get", path.clone()))?;
+            let record = DeadNode::decode(&String::from_utf8_lossy(&data))
+                .map_err(|source| StoreError::Chunk { path, source })?;
+            out.0.insert(NodeId(node), record);
+        }
+        Ok(out)
+    }
+
+    /// Declares data server `node` dead, in one fenced multi-op: the epoch becomes
+    /// `record.epoch` (checked against the version this store last read, so two monitors
+    /// can never both move it), the node leaves `nodes/`, and `dead/node<N>` holds the
+    /// record. [`StoreError::Fenced`] if this monitor no longer leads or the epoch moved.
+    pub async fn declare_dead(&self, node: NodeId, record: DeadNode) -> Result<(), StoreError> {
+        let epoch = self.path("epoch");
+        let live = self.path(&format!("nodes/node{}", node.0));
+        let dead = self.path(&format!("dead/node{}", node.0));
+        if self.election_path().is_none() {
+            return Err(StoreError::Fenced { path: dead });
+        }
+        // Asked again after an unknown outcome: done if the declaration landed.
+        let (now, stat) = self
+            .client
+            .get_data(&epoch)
+            .await
+            .map_err(zk_error("get", epoch.clone()))?;
+        if String::from_utf8_lossy(&now).trim() == record.epoch.0.to_string()
+            && let Ok((data, _)) = self.client.get_data(&dead).await
+            && DeadNode::decode(&String::from_utf8_lossy(&data)) == Ok(record)
+        {
+            self.epoch_version
+                .store(stat.version, std::sync::atomic::Ordering::Release);
+            return Ok(());
+        }
+        let version = self
+            .epoch_version
+            .load(std::sync::atomic::Ordering::Acquire);
+        if version < 0 {
+            return Err(StoreError::Corrupt {
+                path: epoch,
+                reason: "declaring a node dead before reading the epoch".into(),
+            });
+        }
+        let listed = self
+            .client
+            .check_stat(&live)
+            .await
+            .map_err(zk_error("stat", live.clone()))?
+            .is_some();
+        let recorded = self
+            .client
+            .check_stat(&dead)
+            .await
+            .map_err(zk_error("stat", dead.clone()))?
+            .is_some();
+        let mut multi = self.client.new_multi_writer();
+        let first = usize::from(
+            self.add_fence(&mut multi)
+                .map_err(zk_error("declare dead", dead.clone()))?,
+        );
+        let text = record.encode();
+        multi
+            .add_set_data(&epoch, record.epoch.0.to_string().as_bytes(), Some(version))
+            .and_then(|()| {
+                if listed {
+                    multi.add_delete(&live, None)
+                } else {
+                    Ok(())
+                }
+            })
+            .and_then(|()| {
+                if recorded {
+                    multi.add_set_data(&dead, text.as_bytes(), None)
+                } else {
+                    multi.add_create(&dead, text.as_bytes(), &persistent())
+                }
+            })
+            .map_err(zk_error("declare dead", dead.clone()))?;
+        match multi.commit().await {
+            Ok(_) => {
+                self.epoch_version
+                    .store(version + 1, std::sync::atomic::Ordering::Release);
+                Ok(())
+            }
+            Err(zk::MultiWriteError::OperationFailed {
+                index,
+                source: zk::Error::BadVersion | zk::Error::NoNode,
+            }) if index <= first => Err(StoreError::Fenced { path: epoch }),
+            Err(e) => Err(zk_error("declare dead", dead)(e.into())),
+        }
+    }
+
     async fn load_gat_once(&self) -> Result<LoadedGat, StoreError> {
+        let dead = self.dead_nodes().await?;
         let gat = self.path("gat");
         let mut paths = vec![];
         for worker in self.children(&gat).await? {
@@ -369,6 +486,7 @@ impl Store {
             chunks: paths.len(),
             ..LoadedGat::default()
         };
+        out.dead = dead;
         let mut seen = std::collections::HashSet::new();
         for (path, result) in paths.iter().zip(results) {
             let (data, _) = result.map_err(zk_error("get", path.clone()))?;
@@ -384,6 +502,8 @@ impl Store {
                     });
                 }
                 out.max_page_id = out.max_page_id.max(m.page_id.0);
+                let mut m = m;
+                out.dropped_replicas += out.dead.apply(&mut m);
                 out.mappings.push(m);
             }
         }

@@ -308,3 +308,78 @@ async fn one_monitor_leads_standbys_wait_and_a_deposed_one_writes_nothing() {
     }
     assert!(gone, "the leader znode outlived its monitor's session");
 }
+
+#[tokio::test]
+async fn a_node_declared_dead_leaves_the_view_with_the_epoch_moved_on() {
+    use pmgas_layout::Epoch;
+    use pmgas_layout::gat::DeadNode;
+    let s = store("dead").await;
+    s.campaign("10.0.0.4:7000").await.unwrap();
+    assert_eq!(s.epoch().await.unwrap(), Epoch(0));
+    for n in [1, 2, 3] {
+        s.register_node(n, "joined").await.unwrap();
+    }
+    let mut writer = GatWriter::open(&s, 0).await.unwrap();
+    writer
+        .append(&[
+            mapping(1, &[3, 1, 2]),
+            mapping(2, &[1, 3]),
+            mapping(3, &[3]),
+        ])
+        .await
+        .unwrap();
+    let record = DeadNode {
+        epoch: Epoch(1),
+        max_page_id: 3,
+    };
+    s.declare_dead(NodeId(3), record).await.unwrap();
+    // Asked again (as after an unknown outcome): already done, nothing moves twice.
+    s.declare_dead(NodeId(3), record).await.unwrap();
+    assert_eq!(s.epoch().await.unwrap(), Epoch(1));
+    assert_eq!(s.live_nodes().await.unwrap(), vec!["node1", "node2"]);
+    // A page allocated after the declaration keeps node 3 (it may rejoin).
+    writer.append(&[mapping(4, &[3, 2])]).await.unwrap();
+    let gat = s.load_gat().await.unwrap();
+    let view: Vec<(u32, Vec<u32>)> = gat
+        .mappings
+        .iter()
+        .map(|m| (m.page_id.0, m.replicas.iter().map(|r| r.node.0).collect()))
+        .collect();
+    assert_eq!(
+        view,
+        [(1, vec![1, 2]), (2, vec![1]), (3, vec![]), (4, vec![3, 2])],
+        "primaries promoted in order, a page with no replica left kept (its id is never reused)"
+    );
+    assert_eq!(gat.dropped_replicas, 3);
+    assert_eq!(gat.max_page_id, 4);
+    assert_eq!(s.dead_nodes().await.unwrap().0[&NodeId(3)], record);
+    // Only the elected monitor declares, and only in the epoch it read: a standby is
+    // refused, and so is the leader once the epoch moved on under it.
+    let late = store("dead").await;
+    late.epoch().await.unwrap();
+    let next = DeadNode {
+        epoch: Epoch(2),
+        max_page_id: 4,
+    };
+    assert!(matches!(
+        late.declare_dead(NodeId(2), next).await,
+        Err(StoreError::Fenced { .. })
+    ));
+    late.client()
+        .set_data("/pmgas/dead/epoch", b"2", None)
+        .await
+        .unwrap();
+    assert!(matches!(
+        s.declare_dead(
+            NodeId(2),
+            DeadNode {
+                epoch: Epoch(3),
+                ..next
+            }
+        )
+        .await,
+        Err(StoreError::Fenced { .. })
+    ));
+    assert_eq!(s.live_nodes().await.unwrap(), vec!["node1", "node2"]);
+    assert!(!s.dead_nodes().await.unwrap().0.contains_key(&NodeId(2)));
+}

@@ -988,50 +988,23 @@ impl Service<'_> {
             Incoming::Response {
                 request_id,
                 payload,
-            } => match self.outstanding.remove(&request_id) {
-                Some(Outstanding::Alloc(p)) => self.alloc_answer(p, &payload),
-                Some(Outstanding::Resolve(p, page_id)) => {
-                    let answer = match Message::decode(&payload).map(|m| m.body) {
-                        Ok(Body::Mapping {
-                            page_id: got,
-                            replicas,
-                        }) if got == page_id => {
-                            self.shared.remember(page_id, self.epoch, &replicas);
-                            Ok(GlobalPage {
-                                page_id,
-                                page: p.page,
-                                replicas,
-                                epoch: self.epoch,
-                            })
-                        }
-                        other => Err(ClientError::Local {
-                            node: self.me,
-                            reason: format!(
-                                "page {} was committed as page id {} but its mapping could not be read: {other:?}",
-                                p.page.0, page_id.0
-                            ),
-                        }),
-                    };
-                    let _ = p.reply.send(answer);
+            } => {
+                // Every monitor message carries its epoch: a newer one is adopted.
+                let newer = Message::decode(&payload)
+                    .ok()
+                    .filter(|m| m.header.epoch > self.epoch);
+                if let Some(m) = &newer {
+                    self.adopt(m.header.epoch);
                 }
-                Some(Outstanding::Lookup(page_id, reply)) => {
-                    let answer = match Message::decode(&payload).map(|m| m.body) {
-                        Ok(Body::Mapping {
-                            page_id: got,
-                            replicas,
-                        }) if got == page_id => Ok(Mapping { page_id, replicas }),
-                        Ok(Body::Error { code, detail }) => {
-                            Err(ClientError::Refused { code, detail })
-                        }
-                        other => Err(ClientError::Refused {
-                            code: ErrorCode::Malformed,
-                            detail: format!("unexpected answer to a lookup: {other:?}"),
-                        }),
-                    };
-                    let _ = reply.send(answer);
-                }
-                None => {}
-            },
+                let refused_stale = matches!(
+                    newer.map(|m| m.body),
+                    Some(Body::Error {
+                        code: ErrorCode::StaleEpoch,
+                        ..
+                    })
+                );
+                self.response(request_id, &payload, refused_stale)?;
+            }
             Incoming::TimedOut { request_id } => match self.outstanding.remove(&request_id) {
                 // Retry with the same wire request id: the monitor answers it once.
                 Some(Outstanding::Alloc(p)) => self.send_alloc(p)?,
@@ -1044,6 +1017,77 @@ impl Service<'_> {
                 }
                 None => {}
             },
+        }
+        Ok(())
+    }
+
+    /// The monitor's answer to one of our requests. `refused_stale`: refused because the
+    /// epoch moved on (just adopted): the monitor did not look at it, so an allocation is
+    /// asked again in the new epoch with its page still PREALLOCATED.
+    fn response(
+        &mut self,
+        request_id: u64,
+        payload: &[u8],
+        refused_stale: bool,
+    ) -> Result<(), String> {
+        match self.outstanding.remove(&request_id) {
+            Some(Outstanding::Alloc(p)) if refused_stale => self.send_alloc(p)?,
+            Some(Outstanding::Resolve(p, page_id)) if refused_stale => {
+                self.lookup_for(p, page_id)?
+            }
+            Some(Outstanding::Lookup(page_id, reply)) if refused_stale => {
+                match self.send_lookup(page_id) {
+                    Ok(id) => {
+                        self.outstanding
+                            .insert(id, Outstanding::Lookup(page_id, reply));
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(ClientError::Stopped(format!(
+                            "sending MappingLookup: {e}"
+                        ))));
+                    }
+                }
+            }
+            Some(Outstanding::Alloc(p)) => self.alloc_answer(p, payload),
+            Some(Outstanding::Resolve(p, page_id)) => {
+                let answer = match Message::decode(payload).map(|m| m.body) {
+                    Ok(Body::Mapping {
+                        page_id: got,
+                        replicas,
+                    }) if got == page_id => {
+                        self.shared.remember(page_id, self.epoch, &replicas);
+                        Ok(GlobalPage {
+                            page_id,
+                            page: p.page,
+                            replicas,
+                            epoch: self.epoch,
+                        })
+                    }
+                    other => Err(ClientError::Local {
+                        node: self.me,
+                        reason: format!(
+                            "page {} was committed as page id {} but its mapping could not be read: {other:?}",
+                            p.page.0, page_id.0
+                        ),
+                    }),
+                };
+                let _ = p.reply.send(answer);
+            }
+            Some(Outstanding::Lookup(page_id, reply)) => {
+                let answer = match Message::decode(payload).map(|m| m.body) {
+                    Ok(Body::Mapping {
+                        page_id: got,
+                        replicas,
+                    }) if got == page_id => Ok(Mapping { page_id, replicas }),
+                    Ok(Body::Error { code, detail }) => Err(ClientError::Refused { code, detail }),
+                    other => Err(ClientError::Refused {
+                        code: ErrorCode::Malformed,
+                        detail: format!("unexpected answer to a lookup: {other:?}"),
+                    }),
+                };
+                let _ = reply.send(answer);
+            }
+            None => {}
         }
         Ok(())
     }
@@ -1109,6 +1153,9 @@ impl Service<'_> {
             }
             Ok(m) => m,
         };
+        if m.header.epoch > self.epoch {
+            self.adopt(m.header.epoch);
+        }
         if m.header.epoch != self.epoch {
             return Body::Error {
                 code: ErrorCode::StaleEpoch,
@@ -1179,10 +1226,36 @@ impl Service<'_> {
                     Err(e) => failed(ErrorCode::Internal, format!("reconcile: {e}")),
                 }
             }
+            Body::EpochChanged { dead_node } => {
+                tracing::warn!(%dead_node, epoch = self.epoch.0, "a data server was declared dead");
+                Body::EpochChanged { dead_node }
+            }
             other => failed(
                 ErrorCode::Malformed,
                 format!("{} is not a request to a node", other.name()),
             ),
+        }
+    }
+
+    /// Moves to a newer config epoch, announced by the monitor (a data server was declared
+    /// dead): requests go out in it, and mappings cached in older epochs are looked up
+    /// again ([`Client::lookup`]).
+    fn adopt(&mut self, epoch: Epoch) {
+        if epoch > self.epoch {
+            tracing::info!(
+                from = self.epoch.0,
+                to = epoch.0,
+                "adopted a new config epoch"
+            );
+            self.epoch = epoch;
+            self.shared.epoch.store(epoch.0, Ordering::Release);
+            let mut cache = self.shared.cache.write().unwrap_or_else(|p| p.into_inner());
+            let before = cache.len();
+            cache.retain(|_, (e, _)| *e >= epoch);
+            tracing::debug!(
+                dropped = before - cache.len(),
+                "mapping cache entries of older epochs dropped"
+            );
         }
     }
 }

@@ -31,6 +31,10 @@ pub const POINTS: &[(&str, &str)] = &[
     ),
     ("monitor.abort-sent", "an Abort sent"),
     (
+        "monitor.node-declared-dead",
+        "a data server's death and the new epoch stored, before the nodes hear of it",
+    ),
+    (
         "monitor.elected",
         "won the election, before reloading the GAT",
     ),

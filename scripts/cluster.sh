@@ -26,9 +26,10 @@
 #                      standby is elected, reloads the GAT from ZooKeeper, the nodes find it
 #                      there, rejoin, reconcile, and go on allocating; the killed one comes
 #                      back as a standby. Prints the takeover time.
-#   --lose-node3-after S  node 3 is killed (-9) S seconds into the run and never comes
-#                      back; the monitors run with a 1.5 s node timeout and pages have one
-#                      backup. The active monitor declares it dead: the epoch moves on, it
+#   --lose-node3-after S  node 3 is killed (-9) S seconds after it finished its own
+#                      allocations, and never comes back; nodes 1 and 2 allocate six times
+#                      as many pages, paced (still at it when node 3 is declared dead), the
+#                      monitors run with a 5 s node timeout and pages have one backup. The active monitor declares it dead: the epoch moves on, it
 #                      leaves the live list, its replicas leave the GAT (the backup of every
 #                      page it was primary of is promoted), the surviving nodes adopt the
 #                      new epoch and go on allocating. The check compares the GAT taken
@@ -59,7 +60,7 @@ freeze=0
 depose=0
 kill3=0
 killm=0
-lose3=0
+lose3=
 crash=
 crash_again=
 retry_ms=0
@@ -118,7 +119,7 @@ leader() {
 }
 mopts=()
 backups=2
-if ((lose3 > 0)); then mopts=(--node-timeout-ms 1500); backups=1; fi
+if [[ -n $lose3 ]]; then mopts=(--node-timeout-ms 5000); backups=1; fi
 # start_monitor M [env...]: monitor M (log monitorM.log, appended) as a candidate.
 start_monitor() {
   local m=$1; shift
@@ -187,11 +188,14 @@ for h in $h1 $h2 $h3; do
   i=$((i + 1))
   extra=()
   ((i == 1 && objects > 0)) && extra=(--alloc-objects "$objects")
+  n_pages=$per_node
+  pace=(--concurrency "$concurrency")
+  [[ -n $lose3 ]] && ((i < 3)) && n_pages=$((per_node * 6)) && pace=(--concurrency 1 --pause-ms 20)
   nenv=()
   ((i == 3)) && [[ $crash_who == node3 ]] && nenv=("PMGAS_CRASH_AT=$crash_point")
   env "${nenv[@]}" "$bin/pmgas-node" serve --pm "/dev/shm/pmgas-$cluster-node$i" --cluster-id 7 --node-id $i \
-    --page-size $page_size --zk "$zk" --cluster "$cluster" --bind "$h" --alloc-pages "$per_node" --backups $backups \
-    --concurrency "$concurrency" --start-delay-ms 3000 --retry-ms "$retry_ms" "${extra[@]}" >"$work/node$i.log" 2>&1 &
+    --page-size $page_size --zk "$zk" --cluster "$cluster" --bind "$h" --alloc-pages "$n_pages" --backups $backups \
+    "${pace[@]}" --start-delay-ms 3000 --retry-ms "$retry_ms" "${extra[@]}" >"$work/node$i.log" 2>&1 &
   pids[$i]=$!
 done
 if ((freeze > 0)); then
@@ -217,15 +221,20 @@ wait_dead() {
 takeover() { # takeover FROM_MS NEW_LEADER: ms from FROM_MS to the new leader's READY
   echo $(($(stamp "$work/monitor$2.log" "MONITOR READY") - $1))
 }
-if ((lose3 > 0)); then
+if [[ -n $lose3 ]]; then
+  for _ in $(seq 1 600); do grep -q "ALLOC DONE\|pmgas-node:" "$work/node3.log" && break; sleep 0.1; done
+  grep -q "ALLOC DONE" "$work/node3.log" || { echo "cluster: node 3 did not finish its allocations"; tail -n 20 "$work/node3.log"; exit 1; }
   sleep "$lose3"
   "$bin/pmgas-monitor" gat-dump --zk "$zk" --cluster "$cluster" --json >"$work/gat-before.jsonl"
   echo "cluster: kill -9 node 3 for good ($(($(wc -l <"$work/gat-before.jsonl") - 1)) mappings before)"
+  lost_at=$(date +%s%3N)
   kill -9 "${pids[3]}"
   # (A monitor with the crash point node-declared-dead dies before it reports.)
   declared="^NODE DEAD\|CRASH POINT monitor.node-declared-dead"
   for _ in $(seq 1 300); do grep -q "$declared" "$work"/monitor*.log && break; sleep 0.1; done
   grep -h "$declared" "$work"/monitor*.log | sed 's/^/cluster: /' | grep . || { echo "cluster: node 3 was never declared dead"; tail -n 20 "$work"/monitor*.log; exit 1; }
+  declared_at=$(grep -h "$declared" "$work"/monitor*.log | head -1 | sed -n 's/.*unix_ms=\([0-9]*\).*/\1/p')
+  echo "cluster: node 3 declared dead $((declared_at - lost_at)) ms after the kill (node timeout 5000 ms)"
 fi
 if [[ $crash_who == monitor ]]; then
   wait_dead "${mpids[1]}" 120 || { echo "cluster: monitor 1 never reached crash point $crash_point"; tail -n 5 "$work"/monitor1.log "$work"/node*.log; exit 1; }
@@ -302,7 +311,7 @@ fi
 done_re="ALLOC DONE"
 ((objects > 0)) && done_re="OBJECTS DONE"
 alloc_nodes="1 2 3"
-((kill3 > 0 || lose3 > 0)) && alloc_nodes="1 2"
+((kill3 > 0)) && alloc_nodes="1 2"
 [[ $crash_who == node3 ]] && alloc_nodes="1 2"
 for i in $alloc_nodes; do
   want="ALLOC DONE"
@@ -335,23 +344,24 @@ if ((print_gat)); then
   head -8 "$work/gat.txt" | sed 's/^/  /'
 fi
 art_nodes="1 2 3"
-((lose3 > 0)) && art_nodes="1 2"
+[[ -n $lose3 ]] && art_nodes="1 2"
 for i in $art_nodes; do
   "$bin/pmgas-node" art-dump --pm "/dev/shm/pmgas-$cluster-node$i" --json >"$work/art$i.jsonl"
 done
 check_ok=0
 expect_failures=0
 ((freeze > 0 || depose > 0 || kill3 > 0)) && expect_failures=1
-node3_gone=$((kill3 + lose3))
+node3_gone=$kill3
+[[ -n $lose3 ]] && node3_gone=1
 [[ $crash_who == node3 ]] && node3_gone=1
 monitor_gone=$killm
 [[ $crash_who == monitor ]] && monitor_gone=1
-python3 - "$work" "$pages" "$pool_mib" "$expect_failures" "$node3_gone" "$monitor_gone" "$retry_ms" "$lose3" <<'PY' || check_ok=1
+python3 - "$work" "$pages" "$pool_mib" "$expect_failures" "$node3_gone" "$monitor_gone" "$retry_ms" "${lose3:+1}" <<'PY' || check_ok=1
 import json, sys
 work, pages, pool_mib, expect_failures = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
 node3_killed, monitor_killed = int(sys.argv[5]) > 0, int(sys.argv[6]) > 0
 retrying = int(sys.argv[7]) > 0
-lost3 = int(sys.argv[8]) > 0
+lost3 = sys.argv[8] == "1"
 gat = [json.loads(l) for l in open(f"{work}/gat.jsonl")]
 head, maps = gat[0], gat[1:]
 done = [l for i in (1, 2, 3) for l in open(f"{work}/node{i}.log") if "ALLOC DONE" in l]
@@ -404,11 +414,13 @@ if lost3:
         want = [(r["node"], r["page_index"]) for r in m["replicas"] if r["node"] != 3]
         promoted += m["replicas"][0]["node"] == 3
         if now.get(m["page_id"]) != want: errors.append(f"page {m['page_id']}: {now.get(m['page_id'])} after node 3 died, expected {want}")
+    if max(now, default=0) <= int(dead.get("3", {}).get("max_page_id", 0)): errors.append("no page was allocated after node 3 was declared dead")
     for pid, reps in now.items():
         if any(n == 3 for n, _ in reps): errors.append(f"page {pid}: a replica on the dead node 3")
         if not reps: errors.append(f"page {pid}: no replica left")
         if len(reps) != 2 and pid > int(dead.get("3", {}).get("max_page_id", 0)): errors.append(f"page {pid}: {len(reps)} replicas")
-    for i in (1, 2):
+    # (With the declaring monitor killed, the nodes learn the epoch when they rejoin.)
+    for i in (() if monitor_killed else (1, 2)):
         if not any("declared dead" in l for l in open(f"{work}/node{i}.log")): errors.append(f"node {i} never heard of the new epoch")
     print(f"cluster check: node 3 dead: {len(before) - 1} mappings before, {promoted} of them had node 3 as primary (backup promoted)")
 # A killed monitor may fail callers whose requests queue while the nodes reconnect, or

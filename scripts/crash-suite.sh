@@ -45,8 +45,8 @@ scenarios=(
   "node dies as primary after committing|--crash node3:node.primary-committed:10"
   "node dies; dies again halfway through reconciling|--crash node3:node.prepared:15 --crash-again node.reconciling:1"
   "node dies; dies again once reconciled, before answering|--crash node3:node.preallocated:15 --crash-again node.reconciled"
-  "node dies for good: declared dead, backups promoted|--lose-node3-after 4"
-  "node dies for good; monitor dies having declared it|--lose-node3-after 4 --crash monitor:monitor.node-declared-dead"
+  "node dies for good: declared dead, backups promoted|--lose-node3-after 0"
+  "node dies for good; monitor dies having declared it|--lose-node3-after 0 --crash monitor:monitor.node-declared-dead"
 )
 
 echo "crash-suite: starting ZooKeeper"
@@ -73,7 +73,7 @@ for s in "${scenarios[@]}"; do
     verdict=FAIL
   fi
   echo "crash-suite: $verdict [$(($(date +%s) - t0)) s] $name (${opts[*]})"
-  grep -h "^cluster: crash\|^cluster check" "$log" | sed 's/^/    /' || true
+  grep -h "^cluster: crash\|^cluster check\|^cluster: NODE DEAD\|^cluster: node 3 declared" "$log" | sed 's/^/    /' || true
   if [[ $verdict == FAIL ]]; then sed 's/^/    | /' "$log" | tail -60; fi
   rm -f "$log"
 done

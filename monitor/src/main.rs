@@ -75,7 +75,13 @@ enum Command {
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        // Warnings and errors unless RUST_LOG says otherwise: failures of peers, nodes
+        // declared dead and replicas lost must reach an operator by default.
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::builder()
+                .with_default_directive(tracing_subscriber::filter::LevelFilter::WARN.into())
+                .from_env_lossy(),
+        )
         .init();
     let result = match Cli::parse().command {
         Command::GatDump { zk, cluster, json } => gat_dump(&zk, &cluster, json),

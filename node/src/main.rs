@@ -101,6 +101,10 @@ enum Command {
         /// Serve only for this long after joining before allocating.
         #[arg(long, default_value_t = 0)]
         start_delay_ms: u64,
+        /// Each allocating thread pauses this long after each allocation (paces a run
+        /// that must outlast an event, such as a node being declared dead).
+        #[arg(long, default_value_t = 0)]
+        pause_ms: u64,
         /// After the pages, allocate this many objects through the client API (new slabs
         /// on replicated pages), check them, free half, print `OBJECTS DONE …`.
         #[arg(long, default_value_t = 0)]
@@ -140,7 +144,13 @@ struct ExerciseArgs {
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        // Warnings and errors unless RUST_LOG says otherwise: failures of peers, nodes
+        // declared dead and replicas lost must reach an operator by default.
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::builder()
+                .with_default_directive(tracing_subscriber::filter::LevelFilter::WARN.into())
+                .from_env_lossy(),
+        )
         .init();
     let result = match Cli::parse().command {
         Command::CheckPm { pm, size_bytes } => pmgas_node::MappedRegion::open(&pm, size_bytes)
@@ -182,6 +192,7 @@ fn main() -> ExitCode {
             backups,
             concurrency,
             start_delay_ms,
+            pause_ms,
             alloc_objects,
             retry_ms,
         } => {
@@ -203,6 +214,7 @@ fn main() -> ExitCode {
                 backups,
                 threads: concurrency.max(1),
                 start_delay: std::time::Duration::from_millis(start_delay_ms),
+                pause: std::time::Duration::from_millis(pause_ms),
                 objects: alloc_objects,
                 retry_for: std::time::Duration::from_millis(retry_ms),
             };
@@ -367,6 +379,7 @@ struct Load {
     backups: u8,
     threads: usize,
     start_delay: std::time::Duration,
+    pause: std::time::Duration,
     objects: u64,
     retry_for: std::time::Duration,
 }
@@ -435,6 +448,7 @@ fn serve(
                             let mut lat = vec![];
                             let mut failures = std::collections::BTreeMap::new();
                             while next.fetch_add(1, Ordering::Relaxed) < load.pages {
+                                std::thread::sleep(load.pause);
                                 let t = std::time::Instant::now();
                                 let mut result = client.alloc_page(load.backups);
                                 while let Err(e) = &result

@@ -400,6 +400,14 @@ for m in maps:
 for k, e in art.items():
     if e["state"] == "PREALLOCATED": errors.append(f"{k} left PREALLOCATED")
     if e["state"] == "ALLOCATED" and k not in claimed: errors.append(f"{k} ALLOCATED but not in the GAT")
+# The monitors read each rejoined node's ART one-sided and check it against the GAT.
+checks = [l for m in (1, 2, 3) for l in open(f"{work}/monitor{m}.log") if l.startswith("ART CHECK")]
+if len(checks) < 3: errors.append(f"only {len(checks)} one-sided ART checks (every join makes one)")
+for l in checks:
+    f = dict(kv.split("=") for kv in l.split()[2:])
+    if int(f["mismatched"]) or int(f["corrupt"]): errors.append(f"ART read one-sided disagrees with the GAT: {l.strip()}")
+art_us = sorted(int(dict(kv.split("=") for kv in l.split()[2:])["us"]) for l in checks)
+if art_us: print(f"cluster check: {len(checks)} one-sided ART checks, all agree with the GAT; READ + check p50 {art_us[len(art_us) // 2]} us, max {art_us[-1]} us")
 if lost3:
     # Node 3 declared dead: the epoch moved on once, node 3 is in no mapping, every page
     # allocated before keeps its surviving replica in order (node 3's backup promoted where

@@ -104,13 +104,17 @@ pub struct Join {
     pub page_size_bytes: u64,
     pub page_count: u32,
     pub free_pages: u32,
-    /// The node's registered region (its whole PM mapping), for one-sided access.
+    /// The node's whole PM mapping (header, ART, pages) as registered for RDMA:
+    /// `rkey` grants remote read, write and atomics on the pages (from the pool's data
+    /// offset on), `art_rkey` remote read only of the header and ART before it (the
+    /// monitor's one-sided cross-check; nobody may write a node's ART remotely).
     pub region_addr: u64,
     pub region_len: u64,
     pub rkey: u32,
     /// Where the node accepts rdma_cm connections.
     pub cm_ip: [u8; 4],
     pub cm_port: u16,
+    pub art_rkey: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -358,7 +362,8 @@ impl Message {
                 w.u32(j.rkey);
                 w.0.extend_from_slice(&j.cm_ip);
                 w.u16(j.cm_port);
-                w.zeros(6);
+                w.u32(j.art_rkey);
+                w.zeros(2);
             }
             Body::JoinAck { live_nodes } => {
                 w.u32(*live_nodes);
@@ -498,8 +503,9 @@ impl Message {
                         [b[0], b[1], b[2], b[3]]
                     },
                     cm_port: r.u16()?,
+                    art_rkey: r.u32()?,
                 };
-                r.zeros(6)?;
+                r.zeros(2)?;
                 if j.free_pages > j.page_count {
                     return corrupt(format!("{} free pages of {}", j.free_pages, j.page_count));
                 }
@@ -661,6 +667,7 @@ mod tests {
                 rkey: 0x1234,
                 cm_ip: [10, 0, 0, 2],
                 cm_port: 7100,
+                art_rkey: 0x77,
             })),
             msg(Body::JoinAck { live_nodes: 3 }),
             msg(Body::AllocPage {
@@ -776,7 +783,7 @@ mod tests {
     /// Frozen encodings of every message kind (format version 1). A change here is a wire
     /// format change: bump `WIRE_VERSION` and keep decoding the old one, or do not make it.
     const GOLDEN: [&str; 15] = [
-        "5047010138000000050000000000000002000000000000004433221100000000bc0a0000000000000000200000000000ff010000f401000000000000007f00000000004000000000341200000a000002bc1b000000000000",
+        "5047010138000000050000000000000002000000000000004433221100000000bc0a0000000000000000200000000000ff010000f401000000000000007f00000000004000000000341200000a000002bc1b770000000000",
         "50470102080000000500000000000000020000000000000044332211000000000300000000000000",
         "50470103080000000500000000000000020000000000000044332211000000001100000002000000",
         "50470104080000000500000000000000020000000000000044332211000000006300000000000000",

@@ -34,9 +34,10 @@ fn body() -> impl Strategy<Value = Body> {
             any::<u64>(),
             any::<u32>(),
             any::<[u8; 4]>(),
-            any::<u16>()
+            any::<u16>(),
+            any::<u32>()
         )
-            .prop_flat_map(|(c, ps, pc, ra, rl, rk, ip, port)| {
+            .prop_flat_map(|(c, ps, pc, ra, rl, rk, ip, port, art)| {
                 (0..=pc).prop_map(move |free| {
                     Body::Join(Join {
                         cluster_id: ClusterId(c),
@@ -48,6 +49,7 @@ fn body() -> impl Strategy<Value = Body> {
                         rkey: rk,
                         cm_ip: ip,
                         cm_port: port,
+                        art_rkey: art,
                     })
                 })
             }),

@@ -17,7 +17,7 @@ use pmgas_layout::{ClusterId, Epoch, NodeId, PageId, PageIndex};
 use pmgas_verbs::fault;
 use pmgas_verbs::msg::{Endpoint, Incoming, MsgConfig};
 use pmgas_verbs::wait::Notifier;
-use pmgas_verbs::{ConnectionConfig, Listener, ProtectionDomain};
+use pmgas_verbs::{ConnectionConfig, Listener, ProtectionDomain, RemoteRegion};
 
 use crate::coordinator::{Action, Coordinator, Input, NodeView, Timeouts};
 use crate::store::{GatWriter, Store, StoreError};
@@ -57,6 +57,109 @@ struct Peer {
     /// Set from the join until the node has reconciled its ART with the GAT; only then
     /// does it take part in transactions.
     reconcile: Option<Reconciling>,
+    /// The node's ART as it exports it (read-only), from its Join: (region, page count).
+    art: Option<(RemoteRegion, u32)>,
+}
+
+/// Most bytes of ART one READ fetches.
+const ART_READ_CHUNK: usize = 1 << 20;
+
+/// What the one-sided read of a node's ART found, against the GAT.
+#[derive(Debug, Default)]
+struct ArtCheck {
+    entries: u32,
+    /// GAT replicas on the node that are ALLOCATED there under their page id.
+    confirmed: u32,
+    /// GAT replicas on the node that are not (any state, or another page id).
+    mismatched: u32,
+    unknown_allocated: u32,
+    preallocated: u32,
+    corrupt: u32,
+    first_mismatches: Vec<String>,
+}
+
+/// Reads the whole ART of a node that has just reconciled, with one-sided RDMA READs over
+/// its message connection (the node exports it read-only), and checks it against the
+/// GAT: every replica the GAT places on the node must be ALLOCATED there with its page id.
+/// A READ the node's region refuses fails the connection (the caller drops it).
+fn check_art(
+    ep: &mut Endpoint,
+    node: NodeId,
+    region: &RemoteRegion,
+    page_count: u32,
+    mappings: &HashMap<PageId, Mapping>,
+) -> Result<ArtCheck, String> {
+    use pmgas_layout::pool::{ART_ENTRY_BYTES, ART_OFFSET};
+    let total = page_count as usize * ART_ENTRY_BYTES as usize;
+    let chunk = total.clamp(ART_ENTRY_BYTES as usize, ART_READ_CHUNK);
+    let local = ep
+        .connection()
+        .pd()
+        .register(
+            pmgas_verbs::AlignedBuf::zeroed(chunk).map_err(|e| e.to_string())?,
+            pmgas_verbs::Access::LOCAL,
+        )
+        .map_err(|e| e.to_string())?;
+    let expected: HashMap<PageIndex, PageId> = mappings
+        .values()
+        .flat_map(|m| {
+            m.replicas
+                .iter()
+                .filter(|r| r.node == node)
+                .map(|r| (r.page, m.page_id))
+        })
+        .collect();
+    let mut check = ArtCheck::default();
+    let mut bytes = vec![0u8; chunk];
+    let mut offset = 0usize;
+    while offset < total {
+        let n = chunk.min(total - offset);
+        ep.read(
+            &local,
+            0,
+            region,
+            ART_OFFSET + offset as u64,
+            n,
+            Duration::from_secs(5),
+        )
+        .map_err(|e| format!("reading the ART of {node}: {e}"))?;
+        local
+            .read_at(0, &mut bytes[..n])
+            .map_err(|e| e.to_string())?;
+        for (i, entry) in bytes[..n]
+            .chunks_exact(ART_ENTRY_BYTES as usize)
+            .enumerate()
+        {
+            let page = PageIndex(((offset / ART_ENTRY_BYTES as usize) + i) as u32);
+            check.entries += 1;
+            let want = expected.get(&page).copied();
+            match pmgas_layout::ArtRecord::decode_entry(entry, page) {
+                Err(_) => check.corrupt += 1,
+                Ok(rec) => {
+                    let state = rec.state;
+                    match (want, state) {
+                        (Some(id), pmgas_layout::PageState::Allocated) if rec.page_id == id => {
+                            check.confirmed += 1
+                        }
+                        (Some(id), _) => {
+                            check.mismatched += 1;
+                            if check.first_mismatches.len() < 8 {
+                                check.first_mismatches.push(format!(
+                                    "page {} (GAT: id {}): {state:?} id {}",
+                                    page.0, id.0, rec.page_id.0
+                                ));
+                            }
+                        }
+                        (None, pmgas_layout::PageState::Allocated) => check.unknown_allocated += 1,
+                        (None, pmgas_layout::PageState::Preallocated) => check.preallocated += 1,
+                        (None, _) => {}
+                    }
+                }
+            }
+        }
+        offset += n;
+    }
+    Ok(check)
 }
 
 /// A joined node's reconciliation: the GAT's entries for it, sent in Reconcile messages.
@@ -148,6 +251,27 @@ pub fn serve(
             dead,
         )
     })
+}
+
+fn report_art_check(node: NodeId, c: &ArtCheck, took: Duration) {
+    println!(
+        "ART CHECK node={} entries={} confirmed={} mismatched={} unknown_allocated={} \
+         preallocated={} corrupt={} us={}",
+        node.0,
+        c.entries,
+        c.confirmed,
+        c.mismatched,
+        c.unknown_allocated,
+        c.preallocated,
+        c.corrupt,
+        took.as_micros()
+    );
+    if c.mismatched + c.corrupt > 0 {
+        tracing::error!(
+            %node, mismatched = c.mismatched, corrupt = c.corrupt, first = ?c.first_mismatches,
+            "the node's ART, read one-sided, disagrees with the GAT"
+        );
+    }
 }
 
 /// Data servers away (since when) and those declared dead.
@@ -297,6 +421,7 @@ fn run_loop(
                             node: None,
                             sent: HashMap::new(),
                             reconcile: None,
+                            art: None,
                         }),
                         Err(e) => tracing::warn!(error = %e, "endpoint setup failed"),
                     },
@@ -408,6 +533,23 @@ fn run_loop(
                                 Sent::Reconcile { last: true },
                             ) => {
                                 if let Some(mut r) = peer.reconcile.take() {
+                                    if let Some((region, page_count)) = peer.art {
+                                        let t = Instant::now();
+                                        match check_art(
+                                            &mut peer.ep,
+                                            node,
+                                            &region,
+                                            page_count,
+                                            &mappings,
+                                        ) {
+                                            Ok(c) => report_art_check(node, &c, t.elapsed()),
+                                            Err(e) => {
+                                                tracing::error!(%node, error = %e, "one-sided ART cross-check failed; dropping the connection");
+                                                dead.push(i);
+                                                break;
+                                            }
+                                        }
+                                    }
                                     r.view.free_pages = r.view.free_pages.saturating_add(freed);
                                     coord.set_node(node, r.view);
                                     let ms = r.started.elapsed().as_secs_f64() * 1e3;
@@ -1096,6 +1238,32 @@ fn handle_request(
             }
             peer.node = Some(node);
             by_node.insert(node, index);
+            // The ART region a node exports: used only if it is consistent with the pool
+            // geometry it declared (a forged or old join gets no one-sided check).
+            let art_end = u64::from(j.page_count)
+                .checked_mul(pmgas_layout::pool::ART_ENTRY_BYTES)
+                .and_then(|b| b.checked_add(pmgas_layout::pool::ART_OFFSET));
+            peer.art = match art_end {
+                Some(end)
+                    if j.art_rkey != 0
+                        && j.region_addr != 0
+                        && end <= j.region_len
+                        && j.page_count <= 1 << 26 =>
+                {
+                    Some((
+                        RemoteRegion {
+                            addr: j.region_addr,
+                            len: end,
+                            rkey: j.art_rkey,
+                        },
+                        j.page_count,
+                    ))
+                }
+                _ => {
+                    tracing::warn!(%node, "the node exports no usable ART region: no one-sided cross-check");
+                    None
+                }
+            };
             peer.reconcile = Some(Reconciling {
                 view: NodeView {
                     free_pages: j.free_pages,

@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 use pmgas_layout::wire::{Body, ErrorCode, Join, Message, Replica};
 use pmgas_layout::{ClusterId, Epoch, NodeId, PageId, PageIndex};
 use pmgas_verbs::msg::{Endpoint, Incoming, MsgConfig};
-use pmgas_verbs::{ConnectionConfig, Connector, Listener, ProtectionDomain};
+use pmgas_verbs::{
+    Access, AlignedBuf, ConnectionConfig, Connector, Listener, ProtectionDomain, RemoteRegion,
+};
 
 const CLUSTER_ID: u64 = 7;
 const PAGE: u64 = 65536;
@@ -155,6 +157,8 @@ fn join_msg(node: u32, cluster: u64, page: u64) -> Vec<u8> {
         rkey: 1,
         cm_ip: [10, 0, 0, 1],
         cm_port: 0,
+        // No ART exported: the monitor skips its one-sided cross-check.
+        art_rkey: 0,
     };
     Message::new(Epoch(0), NodeId(node), 1, Body::Join(j)).encode()
 }
@@ -481,6 +485,56 @@ fn a_node_refuses_bad_monitor_requests_without_touching_its_pool() {
             unknown_allocated: 0,
             conflicting: 0
         }
+    );
+
+    // The node exports its header and ART read-only and its pages read/write: a
+    // one-sided READ shows the committed page as the monitor's cross-check sees it, a
+    // WRITE into a page lands, and a WRITE into the ART is refused by the node's NIC (it
+    // breaks the connection, as any remote access error on RC) and changes nothing.
+    assert_ne!(joined.art_rkey, 0, "the node exports no ART region");
+    let local = pd
+        .register(AlignedBuf::zeroed(4096).unwrap(), Access::LOCAL)
+        .unwrap();
+    let art = RemoteRegion {
+        addr: joined.region_addr,
+        len: 4096 + 64 * u64::from(joined.page_count),
+        rkey: joined.art_rkey,
+    };
+    let t = Duration::from_secs(5);
+    ep.read(&local, 0, &art, 0, 4096, t)
+        .expect("READ the header");
+    let mut header = [0u8; 4096];
+    local.read_at(0, &mut header).unwrap();
+    let header = pmgas_layout::PoolHeader::decode(&header[..128]).expect("a pool header");
+    let entry_at = header.art_entry_offset(keep).unwrap();
+    ep.read(&local, 0, &art, entry_at, 64, t)
+        .expect("READ an ART entry");
+    let mut entry = [0u8; 64];
+    local.read_at(0, &mut entry).unwrap();
+    let rec = pmgas_layout::ArtRecord::decode_entry(&entry, keep).unwrap();
+    assert_eq!(
+        (rec.state, rec.page_id),
+        (pmgas_layout::PageState::Allocated, PageId(500))
+    );
+    let pages = RemoteRegion {
+        addr: joined.region_addr,
+        len: joined.region_len,
+        rkey: joined.rkey,
+    };
+    let page_at = header.page_offset(keep).unwrap();
+    local.write_at(0, b"one-side").unwrap();
+    ep.write(&local, 0, &pages, page_at, 8, t)
+        .expect("WRITE into a page");
+    assert!(
+        ep.write(&local, 0, &art, entry_at, 8, t).is_err(),
+        "a peer wrote into the node's ART"
+    );
+    let file = std::fs::read(&pm).unwrap();
+    assert_eq!(&file[page_at as usize..page_at as usize + 8], b"one-side");
+    assert_eq!(
+        &file[entry_at as usize..entry_at as usize + 64],
+        &entry,
+        "the ART entry changed"
     );
 
     drop(node);

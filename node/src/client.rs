@@ -375,15 +375,38 @@ impl Client {
     }
 }
 
-/// Registers the pool's whole mapping (header, ART and pages) for one-sided access.
+/// The pool's mapping as registered for RDMA, in two regions: the header and ART,
+/// readable by peers and never writable by them (the monitor's one-sided cross-check
+/// reads it), and the pages, readable, writable and atomically updatable.
+struct PoolRegions {
+    art: MemoryRegion,
+    data: MemoryRegion,
+}
+
+/// Registers the pool's whole mapping for one-sided access ([`PoolRegions`]).
 #[allow(unsafe_code)]
-fn register_pool(pd: &ProtectionDomain, pool: &Pool) -> Result<MemoryRegion, String> {
+fn register_pool(pd: &ProtectionDomain, pool: &Pool) -> Result<PoolRegions, String> {
     let region = pool.region();
+    let data_offset = pool
+        .header()
+        .page_offset(PageIndex(0))
+        .map_or(region.len(), |o| o as usize)
+        .min(region.len());
     // SAFETY: the mapping belongs to `pool`, which the caller keeps alive (and mapped)
-    // for as long as the returned region: `run` holds an Arc of the pool and drops the
-    // region before returning.
-    unsafe { pd.register_raw(region.as_ptr(), region.len(), Access::ALL_REMOTE) }
-        .map_err(|e| e.to_string())
+    // for as long as the returned regions: `run` holds an Arc of the pool and drops the
+    // regions before returning. Both ranges lie inside the mapping.
+    let art = unsafe { pd.register_raw(region.as_ptr(), data_offset, Access::REMOTE_READ) }
+        .map_err(|e| format!("registering the ART read-only: {e}"))?;
+    // SAFETY: as above; `data_offset` is at most the mapping's length.
+    let data = unsafe {
+        pd.register_raw(
+            region.as_ptr().add(data_offset),
+            region.len() - data_offset,
+            Access::ALL_REMOTE,
+        )
+    }
+    .map_err(|e| format!("registering the pages: {e}"))?;
+    Ok(PoolRegions { art, data })
 }
 
 /// An allocation this node asked the monitor for, as primary.
@@ -423,7 +446,7 @@ fn join(
     ep: &mut Endpoint,
     config: &ClientConfig,
     pool: &Pool,
-    mr: &MemoryRegion,
+    mr: &PoolRegions,
 ) -> Result<Epoch, ClientError> {
     let me = config.node_id;
     let header = *pool.header();
@@ -436,11 +459,12 @@ fn join(
         page_size_bytes: header.page_size_bytes,
         page_count: header.page_count,
         free_pages: pool.art().free_count(),
-        region_addr: mr.addr(),
-        region_len: mr.len() as u64,
-        rkey: mr.rkey(),
+        region_addr: mr.art.addr(),
+        region_len: (mr.art.len() + mr.data.len()) as u64,
+        rkey: mr.data.rkey(),
         cm_ip: ip,
         cm_port: 0,
+        art_rkey: mr.art.rkey(),
     };
     let stopped = |e: String| ClientError::Stopped(e);
     let reply = ep
@@ -463,6 +487,10 @@ fn join(
     }
 }
 
+/// How long a starting node looks for a reachable monitor through ZooKeeper (one may be
+/// taking over) before its start fails.
+const FIRST_JOIN_PATIENCE: Duration = Duration::from_secs(30);
+
 fn run(
     config: &ClientConfig,
     pool: &Pool,
@@ -475,8 +503,10 @@ fn run(
     let mut finder: Option<MonitorFinder> = None;
     // Allocations in flight when a connection ended: answered after the next join.
     let mut carried: Vec<Pending> = vec![];
-    let mut registered: Option<(ProtectionDomain, MemoryRegion)> = None;
+    let mut registered: Option<(ProtectionDomain, PoolRegions)> = None;
+    let started = Instant::now();
     loop {
+        let patient = config.rediscover.is_some() && started.elapsed() < FIRST_JOIN_PATIENCE;
         let result = connection(
             config,
             monitor,
@@ -485,16 +515,19 @@ fn run(
             &commands,
             &ready,
             first,
+            patient,
             &mut carried,
             &mut registered,
         );
         let (why, was_joined) = match result {
             Ok(()) => return Ok(()),
             Err(Lost::BeforeReady(e)) => return Err(e),
-            Err(Lost::After(e)) => (e, true),
+            Err(Lost::After(e)) => {
+                first = false;
+                (e, true)
+            }
             Err(Lost::Unreachable(e)) => (e, false),
         };
-        first = false;
         let Some((zk, cluster)) = &config.rediscover else {
             for p in carried.drain(..) {
                 let _ = p.reply.send(Err(ClientError::Stopped(format!(
@@ -556,8 +589,11 @@ fn connection(
     commands: &Receiver<Command>,
     ready: &SyncSender<Result<(), ClientError>>,
     first: bool,
+    // The first join may wait for a monitor found through ZooKeeper: an unreachable
+    // one is looked up again instead of failing the start.
+    patient: bool,
     carried: &mut Vec<Pending>,
-    registered: &mut Option<(ProtectionDomain, MemoryRegion)>,
+    registered: &mut Option<(ProtectionDomain, PoolRegions)>,
 ) -> Result<(), Lost> {
     let mut setup = || -> Result<_, ClientError> {
         let stopped = |e: pmgas_verbs::Error| ClientError::Stopped(e.to_string());
@@ -600,6 +636,10 @@ fn connection(
         Ok(s) => s,
         Err(e) => {
             let why = e.to_string();
+            if first && patient && matches!(e, ClientError::Stopped(_)) {
+                tracing::warn!(error = %why, "the announced monitor is not reachable (yet); looking again");
+                return Err(Lost::Unreachable(why));
+            }
             if first {
                 let _ = ready.send(Err(e));
                 return Err(Lost::BeforeReady(why));

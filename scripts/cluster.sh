@@ -117,9 +117,13 @@ leader() {
     if kill -0 "${mpids[$m]}" 2>/dev/null && grep -q "MONITOR READY" "$work/monitor$m.log"; then echo "$m"; return; fi
   done
 }
-mopts=()
+# Monitors' ZooKeeper session: 2 s here, not the 600 ms default. Under TCG emulation a
+# burst of process starts can starve a monitor for over half a second, and a 600 ms
+# session then expires (seen twice in CI: the active monitor lost its leadership at
+# start). The takeover benchmark (scripts/bench-recovery.sh) measures with 600 ms.
+mopts=(--session-timeout-ms "${PMGAS_MONITOR_SESSION_MS:-2000}")
 backups=2
-if [[ -n $lose3 ]]; then mopts=(--node-timeout-ms 5000); backups=1; fi
+if [[ -n $lose3 ]]; then mopts+=(--node-timeout-ms 5000); backups=1; fi
 # start_monitor M [env...]: monitor M (log monitorM.log, appended) as a candidate.
 start_monitor() {
   local m=$1; shift

@@ -489,7 +489,7 @@ fn join(
 
 /// How long a starting node looks for a reachable monitor through ZooKeeper (one may be
 /// taking over) before its start fails.
-const FIRST_JOIN_PATIENCE: Duration = Duration::from_secs(30);
+pub const FIRST_JOIN_PATIENCE: Duration = Duration::from_secs(30);
 
 fn run(
     config: &ClientConfig,
@@ -725,8 +725,25 @@ fn refuse_waiting(commands: &Receiver<Command>, pool: &Pool, why: &str) {
 }
 
 /// Reads the active monitor's rdma_cm address from `/pmgas/<cluster>/leader`.
-pub fn find_monitor(zk: &str, cluster: &str) -> Result<SocketAddr, String> {
-    MonitorFinder::new(zk, cluster)?.find()
+/// Looks up the active monitor, waiting up to `patience` for one to be announced (the
+/// cluster may be starting, or a standby taking over).
+pub fn find_monitor(zk: &str, cluster: &str, patience: Duration) -> Result<SocketAddr, String> {
+    let deadline = Instant::now() + patience;
+    let mut finder: Option<MonitorFinder> = None;
+    loop {
+        let attempt = match &mut finder {
+            Some(f) => f.find(),
+            None => MonitorFinder::new(zk, cluster).and_then(|f| finder.insert(f).find()),
+        };
+        match attempt {
+            Ok(addr) => return Ok(addr),
+            Err(e) if Instant::now() >= deadline => return Err(e),
+            Err(e) => {
+                tracing::debug!(error = %e, "no active monitor yet; looking again");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
 }
 
 /// Looks up the active monitor in ZooKeeper, keeping one session for repeated lookups (a

@@ -199,7 +199,11 @@ fn main() -> ExitCode {
             let rediscover = zk.clone().zip(cluster.clone());
             let monitor = match (monitor, zk, cluster) {
                 (Some(m), _, _) => Ok(m),
-                (None, Some(zk), Some(cluster)) => pmgas_node::client::find_monitor(&zk, &cluster),
+                (None, Some(zk), Some(cluster)) => pmgas_node::client::find_monitor(
+                    &zk,
+                    &cluster,
+                    pmgas_node::client::FIRST_JOIN_PATIENCE,
+                ),
                 _ => Err("give --monitor, or --zk and --cluster".to_string()),
             };
             let monitor = match monitor {

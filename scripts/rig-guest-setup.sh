@@ -72,7 +72,33 @@ done
 # pmem region; reconfigure its namespace as devdax so rxe can register it (fsdax cannot
 # be pinned for RDMA).
 pm_device=""
-if modprobe nd_e820 2>/dev/null && modprobe nd_pmem && modprobe dax_pmem; then
+pm_devices=""
+if [[ ${2:-} == nvdimm ]]; then
+  # File-backed NVDIMMs (ACPI NFIT): one region and raw namespace each. A namespace a
+  # previous boot made devdax comes back as devdax (its info block is on the NVDIMM) and
+  # is left alone: the pools on it survive.
+  modprobe nfit && modprobe nd_pmem && modprobe dax_pmem || { echo "rig: no NVDIMM drivers" >&2; exit 1; }
+  # namespaces [MODE-TO-SKIP]: the NVDIMM namespaces, but those in that mode.
+  namespaces() {
+    ndctl list -N 2>/dev/null | python3 -c '
+import json, sys
+text = sys.stdin.read().strip()
+d = json.loads(text) if text else []
+d = d if isinstance(d, list) else [d]
+print(" ".join(n["dev"] for n in d if n.get("mode") != sys.argv[1]))' "${1:-none}"
+  }
+  for _ in $(seq 1 20); do
+    (($(namespaces | wc -w) >= 3)) && break
+    sleep 0.5
+  done
+  for ns in $(namespaces devdax); do
+    ndctl create-namespace -f -e "$ns" -m devdax -a 2M >/dev/null || { echo "rig: $ns cannot be devdax" >&2; exit 1; }
+  done
+  for _ in $(seq 1 20); do (($(ls /dev/dax*.0 2>/dev/null | wc -l) >= 3)) && break; sleep 0.5; done
+  pm_devices=$(ls /dev/dax*.0 2>/dev/null | sort | tr '\n' ' ')
+  (($(wc -w <<<"$pm_devices") >= 3)) || { echo "rig: expected 3 NVDIMM devdax devices, found: $pm_devices" >&2; ndctl list -RN >&2; exit 1; }
+  pm_device=${pm_devices%% *}
+elif modprobe nd_e820 2>/dev/null && modprobe nd_pmem && modprobe dax_pmem; then
   for _ in 1 2 3 4 5 6 7 8 9 10; do
     ndctl list -N 2>/dev/null | grep -q namespace0.0 && break
     sleep 0.5
@@ -89,6 +115,7 @@ fi
   echo "export PMGAS_HOSTS='${hosts[*]}'"
   echo "export PMGAS_DEVICES='${devices[*]}'"
   echo "export PMGAS_PM_DEVICE='$pm_device'"
+  echo "export PMGAS_PM_DEVICES='$pm_devices'"
 } >/tmp/pmgas-rig.env
-echo "rig: hosts=${hosts[*]} devices=${devices[*]} pm=${pm_device:-none}"
+echo "rig: hosts=${hosts[*]} devices=${devices[*]} pm=${pm_devices:-${pm_device:-none}}"
 rdma link show

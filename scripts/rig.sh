@@ -9,14 +9,21 @@
 # the host's own root filesystem and builds the rig inside. A rig that cannot start is an
 # error (exit 90), never a skip.
 #
-# Usage: scripts/rig.sh [--hosts N] [--vm|--native] -- COMMAND [ARGS…]
+# --nvdimm DIR (VM only): instead of the memmap range, three file-backed NVDIMMs whose
+# contents live in DIR/nvdimm{1,2,3}.img on the host (256 MiB each, created once), so PM
+# survives the VM: the guest turns each into devdax (/dev/dax<r>.0, listed in
+# PMGAS_PM_DEVICES; kept as it is when a previous boot already did) and may write DIR.
+#
+# Usage: scripts/rig.sh [--hosts N] [--vm|--native] [--nvdimm DIR] -- COMMAND [ARGS…]
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 hosts=3
 mode=auto
+nvdimm=
 while (($#)); do
   case $1 in
     --hosts) hosts=$2; shift 2 ;;
+    --nvdimm) nvdimm=$2; mode=vm; shift 2 ;;
     --vm) mode=vm; shift ;;
     --native) mode=native; shift ;;
     --) shift; break ;;
@@ -34,8 +41,8 @@ trap 'rm -rf "$out"' EXIT
 {
   printf '#!/usr/bin/env bash\nset -uo pipefail\n'
   printf 'cd %q\n' "$PWD"
-  printf 'if ! bash %q %q; then echo "rig: setup failed" >&2; echo 90 >%q/rc; exit 90; fi\n' \
-    "$here/rig-guest-setup.sh" "$hosts" "$out"
+  printf 'if ! bash %q %q %q; then echo "rig: setup failed" >&2; echo 90 >%q/rc; exit 90; fi\n' \
+    "$here/rig-guest-setup.sh" "$hosts" "${nvdimm:+nvdimm}" "$out"
   printf 'source /tmp/pmgas-rig.env\n'
   printf 'export PATH=%q\n' "$PATH"
   printf 'export HOME=%q\n' "${HOME:-/root}"
@@ -69,7 +76,18 @@ echo "rig: booting $(basename "$kernel") under virtme-ng (TCG) for $hosts simula
 start=$(date +%s)
 # Output goes through a pipe: vng writing straight to a file loses lines.
 set +e
-vng --disable-kvm --run "$kernel" --cpus 2 --memory 3G --append 'memmap=1G!4G' \
+pm_opts=(--append 'memmap=1G!4G')
+if [[ -n $nvdimm ]]; then
+  mkdir -p "$nvdimm"
+  qemu="-machine nvdimm=on -m 3G,slots=4,maxmem=8G"
+  for i in 1 2 3; do
+    [[ -f $nvdimm/nvdimm$i.img ]] || truncate -s 256M "$nvdimm/nvdimm$i.img"
+    qemu+=" -object memory-backend-file,id=nv$i,share=on,mem-path=$nvdimm/nvdimm$i.img,size=256M"
+    qemu+=" -device nvdimm,id=nvdimm$i,memdev=nv$i"
+  done
+  pm_opts=(--qemu-opts="$qemu" --rwdir="$nvdimm")
+fi
+vng --disable-kvm --run "$kernel" --cpus 2 --memory 3G "${pm_opts[@]}" \
   --rwdir="$out" --exec "bash $out/run.sh" 2>&1 | cat
 vng_rc=${PIPESTATUS[0]}
 set -e

@@ -39,11 +39,18 @@ bash scripts/rig.sh --hosts 4 -- bash "$root/scripts/rig-tests.sh" "$logs/rig-bi
 rig_rc=${PIPESTATUS[0]}
 set -e
 
+echo "== whole-cluster restart across a VM reboot (file-backed NVDIMMs)"
+set +e
+PMGAS_BIN=$root/target/debug bash scripts/restart-cluster.sh 2>&1 | tee "$logs/restart.log"
+restart_rc=${PIPESTATUS[0]}
+set -e
+
 echo
 echo "== summary ($(($(date +%s) - start)) s)"
-python3 - "$logs/host.log" "$logs/rig.log" "$rig_rc" <<'PY'
+python3 - "$logs/host.log" "$logs/rig.log" "$rig_rc" "$restart_rc" <<'PY'
 import re, sys
 host, rig, rig_rc = open(sys.argv[1]).read(), open(sys.argv[2]).read(), int(sys.argv[3])
+restart_ok = int(sys.argv[4]) == 0
 def results(text):
     return re.findall(r"^test result: \w+\. (\d+) passed; (\d+) failed.*$", text, re.M)
 lines = re.findall(r"^test result: .*$", host, re.M) + re.findall(r"^test result: .*$", rig, re.M)
@@ -57,6 +64,9 @@ print(f"host: {sum(int(p) for p, _ in h)} passed; rig (rxe): {rig_passed} passed
 if rig_rc != 0 or rig_passed == 0:
     failed = max(failed, 1)
     print(f"rig: FAILED (exit {rig_rc}, {rig_passed} rxe tests passed)")
+print(f"whole-cluster restart across a VM reboot (scripts/restart-cluster.sh): {'ok' if restart_ok else 'FAILED'}")
+passed += restart_ok
+failed += not restart_ok
 print(f"{passed} passed, {failed} failed")
 sys.exit(1 if failed else 0)
 PY

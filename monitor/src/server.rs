@@ -61,6 +61,19 @@ struct Peer {
     art: Option<(RemoteRegion, u32)>,
 }
 
+/// The GAT's replicas on `node`: (its page, the page id).
+fn replicas_on(
+    mappings: &HashMap<PageId, Mapping>,
+    node: NodeId,
+) -> impl Iterator<Item = (PageIndex, PageId)> + '_ {
+    mappings.values().flat_map(move |m| {
+        m.replicas
+            .iter()
+            .filter(move |r| r.node == node)
+            .map(|r| (r.page, m.page_id))
+    })
+}
+
 /// Most bytes of ART one READ fetches.
 const ART_READ_CHUNK: usize = 1 << 20;
 
@@ -100,25 +113,17 @@ fn check_art(
             pmgas_verbs::Access::LOCAL,
         )
         .map_err(|e| e.to_string())?;
-    let expected: HashMap<PageIndex, PageId> = mappings
-        .values()
-        .flat_map(|m| {
-            m.replicas
-                .iter()
-                .filter(|r| r.node == node)
-                .map(|r| (r.page, m.page_id))
-        })
-        .collect();
+    let expected: HashMap<PageIndex, PageId> = replicas_on(mappings, node).collect();
     let mut check = ArtCheck::default();
     let mut bytes = vec![0u8; chunk];
     let mut offset = 0usize;
     while offset < total {
         let n = chunk.min(total - offset);
-        ep.read(
+        ep.one_sided(
+            pmgas_verbs::Opcode::Read,
             &local,
             0,
-            region,
-            ART_OFFSET + offset as u64,
+            (region, ART_OFFSET + offset as u64),
             n,
             Duration::from_secs(5),
         )
@@ -915,15 +920,7 @@ fn drive_reconciliations(
             if coord.persisting_involves(node) {
                 continue;
             }
-            let mut entries: Vec<(PageIndex, PageId)> = mappings
-                .values()
-                .flat_map(|m| {
-                    m.replicas
-                        .iter()
-                        .filter(|rep| rep.node == node)
-                        .map(|rep| (rep.page, m.page_id))
-                })
-                .collect();
+            let mut entries: Vec<(PageIndex, PageId)> = replicas_on(mappings, node).collect();
             entries.sort_unstable();
             r.entries = Some(entries);
         }

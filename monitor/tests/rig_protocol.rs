@@ -15,7 +15,8 @@ use pmgas_layout::wire::{Body, ErrorCode, Join, Message, Replica};
 use pmgas_layout::{ClusterId, Epoch, NodeId, PageId, PageIndex};
 use pmgas_verbs::msg::{Endpoint, Incoming, MsgConfig};
 use pmgas_verbs::{
-    Access, AlignedBuf, ConnectionConfig, Connector, Listener, ProtectionDomain, RemoteRegion,
+    Access, AlignedBuf, ConnectionConfig, Connector, Listener, Opcode, ProtectionDomain,
+    RemoteRegion,
 };
 
 const CLUSTER_ID: u64 = 7;
@@ -501,13 +502,13 @@ fn a_node_refuses_bad_monitor_requests_without_touching_its_pool() {
         rkey: joined.art_rkey,
     };
     let t = Duration::from_secs(5);
-    ep.read(&local, 0, &art, 0, 4096, t)
+    ep.one_sided(Opcode::Read, &local, 0, (&art, 0), 4096, t)
         .expect("READ the header");
     let mut header = [0u8; 4096];
     local.read_at(0, &mut header).unwrap();
     let header = pmgas_layout::PoolHeader::decode(&header[..128]).expect("a pool header");
     let entry_at = header.art_entry_offset(keep).unwrap();
-    ep.read(&local, 0, &art, entry_at, 64, t)
+    ep.one_sided(Opcode::Read, &local, 0, (&art, entry_at), 64, t)
         .expect("READ an ART entry");
     let mut entry = [0u8; 64];
     local.read_at(0, &mut entry).unwrap();
@@ -523,10 +524,11 @@ fn a_node_refuses_bad_monitor_requests_without_touching_its_pool() {
     };
     let page_at = header.page_offset(keep).unwrap();
     local.write_at(0, b"one-side").unwrap();
-    ep.write(&local, 0, &pages, page_at, 8, t)
+    ep.one_sided(Opcode::Write, &local, 0, (&pages, page_at), 8, t)
         .expect("WRITE into a page");
     assert!(
-        ep.write(&local, 0, &art, entry_at, 8, t).is_err(),
+        ep.one_sided(Opcode::Write, &local, 0, (&art, entry_at), 8, t)
+            .is_err(),
         "a peer wrote into the node's ART"
     );
     let file = std::fs::read(&pm).unwrap();

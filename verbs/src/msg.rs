@@ -27,9 +27,9 @@ const KIND_REQUEST: u8 = 1;
 const KIND_RESPONSE: u8 = 2;
 /// Send work requests carry this bit in their wr_id; receives do not.
 const SEND_BIT: u64 = 1 << 63;
-/// One-sided operations posted by [`Endpoint::read`] and [`Endpoint::write`] carry this bit too (and SEND_BIT: they
+/// One-sided operations posted by [`Endpoint::one_sided`] carry this bit too (and SEND_BIT: they
 /// take a send slot while in flight, so the send queue never overflows).
-const READ_BIT: u64 = 1 << 62;
+const ONE_SIDED_BIT: u64 = 1 << 62;
 
 #[derive(Debug, Clone)]
 pub struct MsgConfig {
@@ -73,7 +73,7 @@ pub struct MsgStats {
     pub malformed_frames: u64,
     pub late_responses: u64,
     pub timeouts: u64,
-    /// One-sided READs and WRITEs completed ([`Endpoint::read`], [`Endpoint::write`]).
+    /// One-sided READs and WRITEs completed ([`Endpoint::one_sided`]).
     pub reads: u64,
 }
 
@@ -146,8 +146,8 @@ pub struct Endpoint {
     pending: HashMap<u64, Instant>,
     /// Messages received while `call` waited for its own response.
     deferred: VecDeque<Incoming>,
-    /// Set when the READ in flight ([`Self::read`]) completes.
-    read_done: bool,
+    /// Set when the one-sided operation in flight ([`Self::one_sided`]) completes.
+    one_sided_done: bool,
     stats: MsgStats,
 }
 
@@ -170,7 +170,7 @@ impl Endpoint {
             next_request_id: 1,
             pending: HashMap::new(),
             deferred: VecDeque::new(),
-            read_done: false,
+            one_sided_done: false,
             stats: MsgStats::default(),
             config,
         };
@@ -298,11 +298,11 @@ impl Endpoint {
             return Err(Error::Disconnected);
         }
         if wc.wr_id & SEND_BIT != 0 {
-            if wc.wr_id & READ_BIT != 0 {
-                self.read_done = true;
+            if wc.wr_id & ONE_SIDED_BIT != 0 {
+                self.one_sided_done = true;
             }
             self.free_send_slots
-                .push((wc.wr_id & !(SEND_BIT | READ_BIT)) as usize);
+                .push((wc.wr_id & !(SEND_BIT | ONE_SIDED_BIT)) as usize);
             return Ok(true);
         }
         let slot = wc.wr_id as usize;
@@ -391,53 +391,35 @@ impl Endpoint {
         Ok(self.expire())
     }
 
-    /// Reads `len` bytes at `remote_offset` of the peer's `remote` region into `local` at
-    /// `local_offset` with a one-sided RDMA READ on this connection, and waits for it.
-    /// Messages that arrive meanwhile are kept for [`Endpoint::poll`]. A READ the peer's
-    /// region does not allow (a bad rkey, out of bounds) fails the connection, as any
-    /// remote access error does on RC.
-    pub fn read(
-        &mut self,
-        local: &MemoryRegion,
-        local_offset: usize,
-        remote: &crate::mr::RemoteRegion,
-        remote_offset: u64,
-        len: usize,
-        timeout: Duration,
-    ) -> Result<()> {
-        let what = (remote, remote_offset, len, timeout);
-        self.one_sided(Opcode::Read, local, local_offset, what)
-    }
-
-    /// Writes `len` bytes of `local` at `local_offset` to the peer's `remote` region at
-    /// `remote_offset` with a one-sided RDMA WRITE, and waits for its completion (the
-    /// data reached the peer's NIC; durability on PM is the peer's business). As
-    /// [`Self::read`] otherwise.
-    pub fn write(
-        &mut self,
-        local: &MemoryRegion,
-        local_offset: usize,
-        remote: &crate::mr::RemoteRegion,
-        remote_offset: u64,
-        len: usize,
-        timeout: Duration,
-    ) -> Result<()> {
-        let what = (remote, remote_offset, len, timeout);
-        self.one_sided(Opcode::Write, local, local_offset, what)
-    }
-
-    fn one_sided(
+    /// One-sided RDMA on this connection: `Opcode::Read` copies `len` bytes at `offset` of
+    /// the peer's `region` into `local` at `local_offset`; `Opcode::Write` copies them
+    /// the other way (complete when the data reached the peer's NIC; durability on PM is
+    /// the peer's business). Waits for the completion; messages that arrive meanwhile are
+    /// kept for [`Endpoint::poll`]. An access the peer's region does not allow (a bad
+    /// rkey, a read-only region, out of bounds) fails the connection, as any remote
+    /// access error does on RC.
+    pub fn one_sided(
         &mut self,
         opcode: Opcode,
         local: &MemoryRegion,
         local_offset: usize,
-        (remote, remote_offset, len, timeout): (&crate::mr::RemoteRegion, u64, usize, Duration),
+        (region, offset): (&crate::mr::RemoteRegion, u64),
+        len: usize,
+        timeout: Duration,
     ) -> Result<()> {
+        if !matches!(opcode, Opcode::Read | Opcode::Write) {
+            return Err(Error::InvalidArgument(format!(
+                "{opcode:?} is not a one-sided READ or WRITE"
+            )));
+        }
         let deadline = Instant::now() + timeout;
         while self.free_send_slots.is_empty() {
             if !self.progress()? && Instant::now() >= deadline {
                 return Err(Error::Timeout {
-                    what: format!("a send slot to read from {}", self.conn.peer()),
+                    what: format!(
+                        "a send slot for a one-sided {opcode:?} with {}",
+                        self.conn.peer()
+                    ),
                     timeout_ms: timeout.as_millis() as u64,
                 });
             }
@@ -445,24 +427,18 @@ impl Endpoint {
         let Some(slot) = self.free_send_slots.pop() else {
             unreachable!("a free send slot was just seen");
         };
-        let mut wr = WorkRequest::new(
-            opcode,
-            local,
-            local_offset,
-            len,
-            Some((remote, remote_offset)),
-        )
-        .inspect_err(|_| self.free_send_slots.push(slot))?;
-        wr.set_wr_id(SEND_BIT | READ_BIT | slot as u64);
-        self.read_done = false;
-        // SAFETY: `local` is borrowed until the READ completes below (or the connection
-        // fails, which flushes it).
+        let mut wr = WorkRequest::new(opcode, local, local_offset, len, Some((region, offset)))
+            .inspect_err(|_| self.free_send_slots.push(slot))?;
+        wr.set_wr_id(SEND_BIT | ONE_SIDED_BIT | slot as u64);
+        self.one_sided_done = false;
+        // SAFETY: `local` is borrowed until the operation completes below (or the
+        // connection fails, which flushes it).
         if let Err(e) = unsafe { self.conn.post(&mut wr) } {
             self.free_send_slots.push(slot);
             return Err(e);
         }
         let mut spins = 0u32;
-        while !self.read_done {
+        while !self.one_sided_done {
             self.progress()?;
             spins = spins.wrapping_add(1);
             if spins.is_multiple_of(CLOCK_EVERY) && Instant::now() >= deadline {

@@ -34,6 +34,8 @@
 #                      page it was primary of is promoted), the surviving nodes adopt the
 #                      new epoch and go on allocating. The check compares the GAT taken
 #                      just before the kill with the final one.
+#   --hang-node3-after S  the same, but node 3 hangs (SIGSTOP) instead: its connection
+#                      stays up, only unanswered heartbeats (2 s here) reveal it.
 #   --crash WHO:POINT[:N]  WHO (monitor: the first active one; node3) kills itself (SIGKILL)
 #                      the N-th time it passes crash point POINT (verbs/src/fault.rs lists
 #                      them); it is restarted (a monitor as a standby, node 3 serving only).
@@ -61,6 +63,7 @@ depose=0
 kill3=0
 killm=0
 lose3=
+lose_signal=KILL
 crash=
 crash_again=
 retry_ms=0
@@ -78,6 +81,7 @@ while (($#)); do
     --kill-node3-after) kill3=$2; shift 2 ;;
     --kill-monitor-after) killm=$2; shift 2 ;;
     --lose-node3-after) lose3=$2; shift 2 ;;
+    --hang-node3-after) lose3=$2; lose_signal=STOP; shift 2 ;;
     --crash) crash=$2; shift 2 ;;
     --crash-again) crash_again=$2; shift 2 ;;
     --retry-ms) retry_ms=$2; shift 2 ;;
@@ -123,7 +127,7 @@ leader() {
 # start). The takeover benchmark (scripts/bench-recovery.sh) measures with 600 ms.
 mopts=(--session-timeout-ms "${PMGAS_MONITOR_SESSION_MS:-2000}")
 backups=2
-if [[ -n $lose3 ]]; then mopts+=(--node-timeout-ms 5000); backups=1; fi
+if [[ -n $lose3 ]]; then mopts+=(--node-timeout-ms 5000 --heartbeat-timeout-ms 2000); backups=1; fi
 # start_monitor M [env...]: monitor M (log monitorM.log, appended) as a candidate.
 start_monitor() {
   local m=$1; shift
@@ -230,15 +234,16 @@ if [[ -n $lose3 ]]; then
   grep -q "ALLOC DONE" "$work/node3.log" || { echo "cluster: node 3 did not finish its allocations"; tail -n 20 "$work/node3.log"; exit 1; }
   sleep "$lose3"
   "$bin/pmgas-monitor" gat-dump --zk "$zk" --cluster "$cluster" --json >"$work/gat-before.jsonl"
-  echo "cluster: kill -9 node 3 for good ($(($(wc -l <"$work/gat-before.jsonl") - 1)) mappings before)"
+  echo "cluster: kill -$lose_signal node 3 for good ($(($(wc -l <"$work/gat-before.jsonl") - 1)) mappings before)"
   lost_at=$(date +%s%3N)
-  kill -9 "${pids[3]}"
+  kill -"$lose_signal" "${pids[3]}"
   # (A monitor with the crash point node-declared-dead dies before it reports.)
   declared="^NODE DEAD\|CRASH POINT monitor.node-declared-dead"
   for _ in $(seq 1 300); do grep -q "$declared" "$work"/monitor*.log && break; sleep 0.1; done
   grep -h "$declared" "$work"/monitor*.log | sed 's/^/cluster: /' | grep . || { echo "cluster: node 3 was never declared dead"; tail -n 20 "$work"/monitor*.log; exit 1; }
   declared_at=$(grep -h "$declared" "$work"/monitor*.log | head -1 | sed -n 's/.*unix_ms=\([0-9]*\).*/\1/p')
-  echo "cluster: node 3 declared dead $((declared_at - lost_at)) ms after the kill (node timeout 5000 ms)"
+  echo "cluster: node 3 declared dead $((declared_at - lost_at)) ms after the kill (node timeout 5000 ms, heartbeat timeout 2000 ms)"
+  kill -9 "${pids[3]}" 2>/dev/null || true # a hung node 3 never comes back either
 fi
 if [[ $crash_who == monitor ]]; then
   wait_dead "${mpids[1]}" 120 || { echo "cluster: monitor 1 never reached crash point $crash_point"; tail -n 5 "$work"/monitor1.log "$work"/node*.log; exit 1; }

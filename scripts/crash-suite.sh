@@ -47,6 +47,7 @@ scenarios=(
   "node dies; dies again once reconciled, before answering|--crash node3:node.preallocated:15 --crash-again node.reconciled"
   "node dies for good: declared dead, backups promoted|--lose-node3-after 0"
   "node dies for good; monitor dies having declared it|--lose-node3-after 0 --crash monitor:monitor.node-declared-dead"
+  "node hangs for good (SIGSTOP): heartbeats unanswered, declared dead|--hang-node3-after 0"
 )
 
 echo "crash-suite: starting ZooKeeper"

@@ -187,6 +187,12 @@ pub enum Body {
     EpochChanged {
         dead_node: NodeId,
     },
+    /// Monitor -> node, echoed back: the node is alive and its service answers. A node
+    /// that answers nothing (not even an error) for the monitor's heartbeat timeout is
+    /// disconnected, as if its connection had failed.
+    Heartbeat {
+        seq: u64,
+    },
 }
 
 impl Body {
@@ -207,6 +213,7 @@ impl Body {
             Self::Reconcile { .. } => 13,
             Self::Reconciled { .. } => 14,
             Self::EpochChanged { .. } => 15,
+            Self::Heartbeat { .. } => 16,
         }
     }
 
@@ -227,6 +234,7 @@ impl Body {
             Self::Reconcile { .. } => "Reconcile",
             Self::Reconciled { .. } => "Reconciled",
             Self::EpochChanged { .. } => "EpochChanged",
+            Self::Heartbeat { .. } => "Heartbeat",
         }
     }
 }
@@ -454,6 +462,7 @@ impl Message {
                 w.u32(dead_node.0);
                 w.zeros(4);
             }
+            Body::Heartbeat { seq } => w.u64(*seq),
         }
         let body_len = (w.0.len() - HEADER_BYTES) as u32;
         w.0[4..8].copy_from_slice(&body_len.to_le_bytes());
@@ -619,6 +628,7 @@ impl Message {
                 r.zeros(4)?;
                 Body::EpochChanged { dead_node }
             }
+            16 => Body::Heartbeat { seq: r.u64()? },
             other => return corrupt(format!("unknown message kind {other}")),
         };
         r.finish()?;
@@ -712,6 +722,7 @@ mod tests {
             msg(Body::EpochChanged {
                 dead_node: NodeId(3),
             }),
+            msg(Body::Heartbeat { seq: 9 }),
         ]
     }
 
@@ -782,7 +793,7 @@ mod tests {
 
     /// Frozen encodings of every message kind (format version 1). A change here is a wire
     /// format change: bump `WIRE_VERSION` and keep decoding the old one, or do not make it.
-    const GOLDEN: [&str; 15] = [
+    const GOLDEN: [&str; 16] = [
         "5047010138000000050000000000000002000000000000004433221100000000bc0a0000000000000000200000000000ff010000f401000000000000007f00000000004000000000341200000a000002bc1b770000000000",
         "50470102080000000500000000000000020000000000000044332211000000000300000000000000",
         "50470103080000000500000000000000020000000000000044332211000000001100000002000000",
@@ -798,6 +809,7 @@ mod tests {
         "5047010d18000000050000000000000002000000000000004433221100000000020000000100000003000000460000000900000047000000",
         "5047010e1000000005000000000000000200000000000000443322110000000002000000010000000000000000000000",
         "5047010f080000000500000000000000020000000000000044332211000000000300000000000000",
+        "50470110080000000500000000000000020000000000000044332211000000000900000000000000",
     ];
 
     #[test]

@@ -99,6 +99,10 @@ fn body() -> impl Strategy<Value = Body> {
             unknown_allocated: u,
             conflicting: x,
         }),
+        any::<u32>().prop_map(|n| Body::EpochChanged {
+            dead_node: NodeId(n)
+        }),
+        any::<u64>().prop_map(|seq| Body::Heartbeat { seq }),
     ]
 }
 

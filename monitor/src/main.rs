@@ -58,6 +58,12 @@ enum Command {
         /// just rejoins. Also counted from this monitor's start for nodes listed live.
         #[arg(long, default_value_t = 10_000)]
         node_timeout_ms: u64,
+        /// A joined data server that answers nothing for this long (the monitor sends a
+        /// heartbeat every 500 ms while it is otherwise silent) is disconnected, and then
+        /// declared dead after --node-timeout-ms unless it rejoins: a hung or partitioned
+        /// node is caught, not only one whose connection fails.
+        #[arg(long, default_value_t = 5_000)]
+        heartbeat_timeout_ms: u64,
     },
     /// Opens a GAT writer series as a new active monitor would, fencing off its current
     /// writer (internal: the deposed-monitor and ZooKeeper-write-failure tests).
@@ -99,6 +105,7 @@ fn main() -> ExitCode {
             max_batch,
             session_timeout_ms,
             node_timeout_ms,
+            heartbeat_timeout_ms,
         } => serve(
             &zk,
             &cluster,
@@ -108,6 +115,7 @@ fn main() -> ExitCode {
                 page_size_bytes: page_size,
                 max_batch,
                 node_timeout: Duration::from_millis(node_timeout_ms),
+                heartbeat_timeout: Duration::from_millis(heartbeat_timeout_ms),
             },
             Duration::from_millis(session_timeout_ms),
         ),

@@ -37,6 +37,8 @@ pub struct ServerConfig {
     pub max_batch: usize,
     /// A node disconnected this long is declared dead (see [`declare_dead`]).
     pub node_timeout: Duration,
+    /// A joined node silent this long (heartbeats unanswered) is disconnected.
+    pub heartbeat_timeout: Duration,
 }
 
 /// What an outstanding monitor → node request was for.
@@ -47,6 +49,7 @@ enum Sent {
     Commit,
     Abort,
     EpochNotice,
+    Heartbeat,
 }
 
 struct Peer {
@@ -59,7 +62,14 @@ struct Peer {
     reconcile: Option<Reconciling>,
     /// The node's ART as it exports it (read-only), from its Join: (region, page count).
     art: Option<(RemoteRegion, u32)>,
+    /// When the node last answered or asked anything, and when it was last sent a
+    /// heartbeat.
+    heard: Instant,
+    pinged: Instant,
 }
+
+/// How often an idle joined node is sent a heartbeat.
+const HEARTBEAT_EVERY: Duration = Duration::from_millis(500);
 
 /// The GAT's replicas on `node`: (its page, the page id).
 fn replicas_on(
@@ -427,6 +437,8 @@ fn run_loop(
                             sent: HashMap::new(),
                             reconcile: None,
                             art: None,
+                            heard: Instant::now(),
+                            pinged: Instant::now(),
                         }),
                         Err(e) => tracing::warn!(error = %e, "endpoint setup failed"),
                     },
@@ -464,7 +476,12 @@ fn run_loop(
         for (i, peer) in peers.iter_mut().enumerate() {
             loop {
                 let incoming = match peer.ep.poll() {
-                    Ok(Some(m)) => m,
+                    Ok(Some(m)) => {
+                        if !matches!(m, Incoming::TimedOut { .. }) {
+                            peer.heard = Instant::now();
+                        }
+                        m
+                    }
                     Ok(None) => break,
                     Err(e) => {
                         tracing::warn!(node = ?peer.node, error = %e, "node connection lost");
@@ -572,6 +589,7 @@ fn run_loop(
                             }
                             (Ok(Body::Reconciled { .. }), Sent::Reconcile { last: false }) => {}
                             (Ok(Body::EpochChanged { .. }), Sent::EpochNotice) => {}
+                            (_, Sent::Heartbeat) => {}
                             (Ok(Body::Prepared { txn_id, page }), _) => {
                                 inputs.push(Input::Prepared {
                                     from: node,
@@ -627,6 +645,32 @@ fn run_loop(
                 {
                     failures.missing.insert(node, Instant::now());
                     inputs.push(Input::NodeLeft { node });
+                }
+            }
+            // Heartbeats: a joined node that has answered nothing for the heartbeat
+            // timeout is dropped as if its connection had failed (a hung or partitioned
+            // node keeps its RC connection up as long as nothing is sent to it).
+            for i in (0..peers.len()).rev() {
+                let p = &mut peers[i];
+                if p.node.is_none() {
+                    continue;
+                }
+                if p.heard.elapsed() >= config.heartbeat_timeout {
+                    tracing::warn!(node = ?p.node, silent_ms = p.heard.elapsed().as_millis() as u64, "node answers no heartbeat; dropping its connection");
+                    if let Some(node) = remove_peer(&mut peers, &mut by_node, i) {
+                        failures.missing.insert(node, Instant::now());
+                        inputs.push(Input::NodeLeft { node });
+                    }
+                    continue;
+                }
+                if p.pinged.elapsed() >= HEARTBEAT_EVERY && p.heard.elapsed() >= HEARTBEAT_EVERY {
+                    p.pinged = Instant::now();
+                    let seq = start.elapsed().as_millis() as u64;
+                    let msg =
+                        Message::new(epoch, MONITOR_SENDER, 0, Body::Heartbeat { seq }).encode();
+                    if let Ok(id) = p.ep.request(&msg, config.heartbeat_timeout) {
+                        p.sent.insert(id, Sent::Heartbeat);
+                    }
                 }
             }
             // Nodes away past the node timeout are declared dead, one per tick.

@@ -45,7 +45,7 @@ fn crash_injection_suite_keeps_every_invariant() {
         .find_map(|p| p.strip_suffix(" failed"))
         .and_then(|n| n.parse::<u32>().ok())
         .expect("failed count");
-    assert!(ran >= 15, "only {ran} crash scenarios ran");
+    assert!(ran >= 16, "only {ran} crash scenarios ran");
     assert_eq!(
         failed, 0,
         "crash scenarios violated an invariant: {summary}"

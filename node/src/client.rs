@@ -1283,6 +1283,7 @@ impl Service<'_> {
                     Err(e) => failed(ErrorCode::Internal, format!("reconcile: {e}")),
                 }
             }
+            Body::Heartbeat { seq } => Body::Heartbeat { seq },
             Body::EpochChanged { dead_node } => {
                 tracing::warn!(%dead_node, epoch = self.epoch.0, "a data server was declared dead");
                 Body::EpochChanged { dead_node }

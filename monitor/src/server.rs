@@ -321,10 +321,9 @@ fn declare_dead(
     let (mut affected, mut promoted) = (0usize, 0usize);
     let mut remaining: BTreeMap<usize, usize> = BTreeMap::new();
     let mut lost: Vec<u32> = vec![];
+    let only_this = pmgas_layout::gat::DeadNodes([(node, record)].into_iter().collect());
     for m in mappings.values_mut() {
         let was_primary = m.replicas.first().is_some_and(|r| r.node == node);
-        let mut only_this = pmgas_layout::gat::DeadNodes::default();
-        only_this.0.insert(node, record);
         if only_this.apply(m) == 0 {
             continue;
         }
@@ -630,47 +629,35 @@ fn run_loop(
             }
         }
         for i in dead.into_iter().rev() {
-            if let Some(node) = remove_peer(&mut peers, &mut by_node, i) {
-                failures.missing.insert(node, Instant::now());
-                inputs.push(Input::NodeLeft { node });
-            }
+            remove_peer(&mut peers, &mut by_node, i, &mut failures, &mut inputs);
         }
         if last_tick.elapsed() >= Duration::from_millis(10) {
             last_tick = Instant::now();
             inputs.push(Input::Tick);
             // Drop connections whose peer has gone (a node restarting rejoins on a new one).
             for i in (0..peers.len()).rev() {
-                if peers[i].ep.connection().peer_disconnected().unwrap_or(true)
-                    && let Some(node) = remove_peer(&mut peers, &mut by_node, i)
-                {
-                    failures.missing.insert(node, Instant::now());
-                    inputs.push(Input::NodeLeft { node });
+                if peers[i].ep.connection().peer_disconnected().unwrap_or(true) {
+                    remove_peer(&mut peers, &mut by_node, i, &mut failures, &mut inputs);
                 }
             }
             // Heartbeats: a joined node that has answered nothing for the heartbeat
             // timeout is dropped as if its connection had failed (a hung or partitioned
             // node keeps its RC connection up as long as nothing is sent to it).
             for i in (0..peers.len()).rev() {
-                let p = &mut peers[i];
-                if p.node.is_none() {
+                let Some(node) = peers[i].node else {
+                    continue;
+                };
+                let silent = peers[i].heard.elapsed();
+                if silent >= config.heartbeat_timeout {
+                    tracing::warn!(%node, silent_ms = silent.as_millis() as u64, "node answers no heartbeat; dropping its connection");
+                    remove_peer(&mut peers, &mut by_node, i, &mut failures, &mut inputs);
                     continue;
                 }
-                if p.heard.elapsed() >= config.heartbeat_timeout {
-                    tracing::warn!(node = ?p.node, silent_ms = p.heard.elapsed().as_millis() as u64, "node answers no heartbeat; dropping its connection");
-                    if let Some(node) = remove_peer(&mut peers, &mut by_node, i) {
-                        failures.missing.insert(node, Instant::now());
-                        inputs.push(Input::NodeLeft { node });
-                    }
-                    continue;
-                }
-                if p.pinged.elapsed() >= HEARTBEAT_EVERY && p.heard.elapsed() >= HEARTBEAT_EVERY {
-                    p.pinged = Instant::now();
+                if peers[i].pinged.elapsed() >= HEARTBEAT_EVERY && silent >= HEARTBEAT_EVERY {
+                    peers[i].pinged = Instant::now();
                     let seq = start.elapsed().as_millis() as u64;
-                    let msg =
-                        Message::new(epoch, MONITOR_SENDER, 0, Body::Heartbeat { seq }).encode();
-                    if let Ok(id) = p.ep.request(&msg, config.heartbeat_timeout) {
-                        p.sent.insert(id, Sent::Heartbeat);
-                    }
+                    let body = Body::Heartbeat { seq };
+                    send(&mut peers, &by_node, node, body, Sent::Heartbeat, epoch);
                 }
             }
             // Nodes away past the node timeout are declared dead, one per tick.
@@ -696,19 +683,10 @@ fn run_loop(
                 ) {
                     Ok(new_epoch) => {
                         epoch = new_epoch;
-                        for p in peers.iter_mut() {
-                            if p.node.is_some() {
-                                let msg = Message::new(
-                                    epoch,
-                                    MONITOR_SENDER,
-                                    0,
-                                    Body::EpochChanged { dead_node: node },
-                                )
-                                .encode();
-                                if let Ok(id) = p.ep.request(&msg, REQUEST_TIMEOUT) {
-                                    p.sent.insert(id, Sent::EpochNotice);
-                                }
-                            }
+                        let joined: Vec<NodeId> = by_node.keys().copied().collect();
+                        for to in joined {
+                            let body = Body::EpochChanged { dead_node: node };
+                            send(&mut peers, &by_node, to, body, Sent::EpochNotice, epoch);
                         }
                         inputs.push(Input::NodeDead {
                             node,
@@ -1182,24 +1160,28 @@ fn record_join(
     })
 }
 
-/// Forgets a node's connection (it failed or the peer left). It stays in the live-node
-/// list until it rejoins or is declared dead.
+/// Forgets a node's connection (it failed, went silent, or the peer left). A joined node
+/// stays in the live-node list until it rejoins or is declared dead: it counts as away
+/// from now, and the coordinator hears that it left.
 fn remove_peer(
     peers: &mut Vec<Peer>,
     by_node: &mut BTreeMap<NodeId, usize>,
     i: usize,
-) -> Option<NodeId> {
+    failures: &mut Failures,
+    inputs: &mut Vec<Input>,
+) {
     let p = peers.remove(i);
     tracing::warn!(node = ?p.node, "node disconnected");
-    if let Some(n) = p.node {
-        by_node.remove(&n);
+    if let Some(node) = p.node {
+        by_node.remove(&node);
+        failures.missing.insert(node, Instant::now());
+        inputs.push(Input::NodeLeft { node });
     }
     for idx in by_node.values_mut() {
         if *idx > i {
             *idx -= 1;
         }
     }
-    p.node
 }
 
 fn send(
@@ -1219,7 +1201,7 @@ fn send(
         Ok(id) => {
             peers[i].sent.insert(id, sent);
         }
-        Err(e) => tracing::warn!(?to, error = %e, "send failed; the coordinator will retry"),
+        Err(e) => tracing::warn!(?to, error = %e, "send failed"),
     }
 }
 

@@ -58,6 +58,7 @@ trap 'bash "$root/scripts/zookeeper.sh" stop --dir "$zkdir" >/dev/null 2>&1 || t
 passed=0
 failed=0
 ran=0
+failures=()
 started=$(date +%s)
 for s in "${scenarios[@]}"; do
   name=${s%%|*}
@@ -75,8 +76,13 @@ for s in "${scenarios[@]}"; do
   fi
   echo "crash-suite: $verdict [$(($(date +%s) - t0)) s] $name (${opts[*]})"
   grep -h "^cluster: crash\|^cluster check\|^cluster: NODE DEAD\|^cluster: node 3 declared" "$log" | sed 's/^/    /' || true
-  if [[ $verdict == FAIL ]]; then sed 's/^/    | /' "$log" | tail -60; fi
+  if [[ $verdict == FAIL ]]; then
+    sed 's/^/    | /' "$log" | tail -60
+    # Repeated at the end: a CI log is often cut in the middle, and the end survives.
+    failures+=("$name (${opts[*]}): $(grep -v '^ *$' "$log" | tail -n 8 | tr '\n' '|' | cut -c1-1500)")
+  fi
   rm -f "$log"
 done
+for f in "${failures[@]}"; do echo "crash-suite: FAILED $f"; done
 echo "crash-suite: $ran scenarios executed in $(($(date +%s) - started)) s: $passed passed, $failed failed"
 ((ran > 0 && failed == 0))

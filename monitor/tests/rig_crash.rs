@@ -46,9 +46,15 @@ fn crash_injection_suite_keeps_every_invariant() {
         .and_then(|n| n.parse::<u32>().ok())
         .expect("failed count");
     assert!(ran >= 16, "only {ran} crash scenarios ran");
+    let which: Vec<&str> = stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("crash-suite: FAILED "))
+        .collect();
     assert_eq!(
-        failed, 0,
-        "crash scenarios violated an invariant: {summary}"
+        failed,
+        0,
+        "crash scenarios violated an invariant: {summary}\n{}",
+        which.join("\n")
     );
     assert!(out.status.success(), "the crash suite failed");
 }

@@ -2,6 +2,7 @@
 //! `gat-dump` (inspect the metadata in ZooKeeper).
 #![forbid(unsafe_code)]
 
+use std::io::Write;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -156,34 +157,83 @@ fn gat_dump(zk: &str, cluster: &str, json: bool) -> Result<(), String> {
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
-    rt.block_on(async {
-        let connect = tokio::time::timeout(Duration::from_secs(10), Store::connect(zk, cluster, Duration::from_secs(6)));
-        let store = connect.await.map_err(|_| format!("ZooKeeper at {zk} did not answer within 10 s"))?.map_err(|e| e.to_string())?;
+    let (epoch, nodes, gat) = rt.block_on(async {
+        let connect = tokio::time::timeout(
+            Duration::from_secs(10),
+            Store::connect(zk, cluster, Duration::from_secs(6)),
+        );
+        let store = connect
+            .await
+            .map_err(|_| format!("ZooKeeper at {zk} did not answer within 10 s"))?
+            .map_err(|e| e.to_string())?;
         let epoch = store.epoch().await.map_err(|e| e.to_string())?;
         let nodes = store.live_nodes().await.map_err(|e| e.to_string())?;
         let gat = store.load_gat().await.map_err(|e| e.to_string())?;
+        Ok::<_, String>((epoch, nodes, gat))
+    })?;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let written = (|| -> std::io::Result<()> {
         if json {
-            let dead: serde_json::Map<String, serde_json::Value> = gat.dead.0.iter()
-                .map(|(n, d)| (n.0.to_string(), serde_json::json!({"epoch": d.epoch.0, "max_page_id": d.max_page_id})))
+            let dead: serde_json::Map<String, serde_json::Value> = gat
+                .dead
+                .0
+                .iter()
+                .map(|(n, d)| {
+                    (
+                        n.0.to_string(),
+                        serde_json::json!({"epoch": d.epoch.0, "max_page_id": d.max_page_id}),
+                    )
+                })
                 .collect();
-            println!("{}", serde_json::json!({"epoch": epoch.0, "nodes": nodes, "dead": dead, "chunks": gat.chunks, "mappings": gat.mappings.len(), "dropped_replicas": gat.dropped_replicas}));
+            writeln!(
+                out,
+                "{}",
+                serde_json::json!({"epoch": epoch.0, "nodes": nodes, "dead": dead, "chunks": gat.chunks, "mappings": gat.mappings.len(), "dropped_replicas": gat.dropped_replicas})
+            )?;
             for m in &gat.mappings {
-                let replicas: Vec<_> =
-                    m.replicas.iter().map(|r| serde_json::json!({"node": r.node.0, "page_index": r.page.0})).collect();
-                println!("{}", serde_json::json!({"page_id": m.page_id.0, "replicas": replicas}));
+                let replicas: Vec<_> = m
+                    .replicas
+                    .iter()
+                    .map(|r| serde_json::json!({"node": r.node.0, "page_index": r.page.0}))
+                    .collect();
+                writeln!(
+                    out,
+                    "{}",
+                    serde_json::json!({"page_id": m.page_id.0, "replicas": replicas})
+                )?;
             }
         } else {
-            println!("cluster {cluster}: epoch {} nodes {:?} mappings {} in {} chunks", epoch.0, nodes, gat.mappings.len(), gat.chunks);
+            writeln!(
+                out,
+                "cluster {cluster}: epoch {} nodes {:?} mappings {} in {} chunks",
+                epoch.0,
+                nodes,
+                gat.mappings.len(),
+                gat.chunks
+            )?;
             for (n, d) in &gat.dead.0 {
-                println!("dead {n}: declared in epoch {}, its replicas of pages up to {} dropped", d.epoch.0, d.max_page_id);
+                writeln!(
+                    out,
+                    "dead {n}: declared in epoch {}, its replicas of pages up to {} dropped",
+                    d.epoch.0, d.max_page_id
+                )?;
             }
             for m in &gat.mappings {
-                let replicas: Vec<String> = m.replicas.iter().map(|r| format!("node{}:{}", r.node.0, r.page.0)).collect();
-                println!("page {:>10} -> {}", m.page_id.0, replicas.join(" "));
+                let replicas: Vec<String> = m
+                    .replicas
+                    .iter()
+                    .map(|r| format!("node{}:{}", r.node.0, r.page.0))
+                    .collect();
+                writeln!(out, "page {:>10} -> {}", m.page_id.0, replicas.join(" "))?;
             }
         }
-        Ok(())
-    })
+        out.flush()
+    })();
+    match written {
+        // A reader that stopped early (`gat-dump | head`) is not a failure.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => r.map_err(|e| format!("writing the dump: {e}")),
+    }
 }
 
 fn serve(

@@ -201,6 +201,22 @@ fn gat_dump_prints_json_lines() {
     assert_eq!(lines[1]["replicas"][1]["page_index"], 7);
     assert_eq!(lines[2]["page_id"], 8);
     assert_eq!(lines.len(), 3);
+    // A reader that stops early (`gat-dump | head`): the pipe is closed long before the
+    // dump connects to ZooKeeper, so every write fails with EPIPE; that is no failure.
+    let mut early = Command::new(env!("CARGO_BIN_EXE_pmgas-monitor"))
+        .args(["gat-dump", "--zk", zk(), "--cluster", "dump"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(early.stdout.take());
+    let early = early.wait_with_output().unwrap();
+    assert!(
+        early.status.success(),
+        "a closed pipe failed the dump: {:?} {}",
+        early.status,
+        String::from_utf8_lossy(&early.stderr)
+    );
     let bad = Command::new(env!("CARGO_BIN_EXE_pmgas-monitor"))
         .args(["gat-dump", "--zk", "127.0.0.1:1", "--cluster", "x"])
         .output()

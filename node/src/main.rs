@@ -242,15 +242,26 @@ fn main() -> ExitCode {
 
 fn art_dump(pm: &std::path::Path, json: bool) -> Result<(), String> {
     let pool = Pool::open(pm, None, OnBlank::Refuse, None).map_err(|e| e.to_string())?;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    match write_art(&mut out, pm, &pool, json).and_then(|()| out.flush()) {
+        // A reader that stopped early (`art-dump | head`) is not a failure.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => r.map_err(|e| format!("writing the dump: {e}")),
+    }
+}
+
+fn write_art(
+    out: &mut impl Write,
+    pm: &std::path::Path,
+    pool: &Pool,
+    json: bool,
+) -> std::io::Result<()> {
     let h = pool.header();
     let art = pool.art();
-    let mut out = std::io::stdout().lock();
-    let w = |out: &mut std::io::StdoutLock, line: String| {
-        writeln!(out, "{line}").map_err(|e| e.to_string())
-    };
+    let w = |out: &mut dyn Write, line: String| writeln!(out, "{line}");
     if json {
         w(
-            &mut out,
+            out,
             format!(
                 r#"{{"header":{{"cluster_id":{},"node_id":{},"page_size_bytes":{},"page_count":{},"data_offset":{},"pool_bytes":{},"free_pages":{}}}}}"#,
                 h.cluster_id.0,
@@ -264,7 +275,7 @@ fn art_dump(pm: &std::path::Path, json: bool) -> Result<(), String> {
         )?;
     } else {
         w(
-            &mut out,
+            out,
             format!(
                 "pool {}: cluster {} {} page_size {} pages {} free {} data_offset {}",
                 pm.display(),
@@ -297,7 +308,7 @@ fn art_dump(pm: &std::path::Path, json: bool) -> Result<(), String> {
                 rec.seq
             )
         };
-        w(&mut out, line)?;
+        w(out, line)?;
     }
     for c in pool.corrupt_entries() {
         let line = if json {
@@ -308,7 +319,7 @@ fn art_dump(pm: &std::path::Path, json: bool) -> Result<(), String> {
         } else {
             format!("page {:>6} CORRUPT      {}", c.page.0, c.reason)
         };
-        w(&mut out, line)?;
+        w(out, line)?;
     }
     Ok(())
 }

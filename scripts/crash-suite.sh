@@ -7,8 +7,10 @@
 # PREALLOCATED, no page id twice, no two replicas on one node, every acknowledged
 # allocation stored. Scenarios marked "again" crash the successor during recovery too.
 #
-# Every scenario must pass: one that violates an invariant (or never reaches its crash
-# point) fails the suite. All scenarios share one ZooKeeper (a cluster name each) and one
+# Every scenario must pass: one that violates an invariant fails the suite at once; one
+# that fails otherwise (never reaches its crash point, makes too little progress) is run a
+# second time, reported as RETRIED with its first failure, and fails the suite if it
+# fails again. All scenarios share one ZooKeeper (a cluster name each) and one
 # rig boot. Prints one line per scenario and a summary.
 #
 # Usage: scripts/crash-suite.sh [--only SUBSTRING] [--pages N]
@@ -59,6 +61,8 @@ passed=0
 failed=0
 ran=0
 failures=()
+retried=()
+second=0
 started=$(date +%s)
 for s in "${scenarios[@]}"; do
   name=${s%%|*}
@@ -67,15 +71,29 @@ for s in "${scenarios[@]}"; do
   ran=$((ran + 1))
   t0=$(date +%s)
   log=$(mktemp /tmp/pmgas-crash-scenario.XXXXXX)
-  if bash "$root/scripts/cluster.sh" --pages "$pages" --concurrency 4 --retry-ms 60000 "${opts[@]}" >"$log" 2>&1; then
+  note=
+  for attempt in 1 2; do
+    rc=0
+    bash "$root/scripts/cluster.sh" --pages "$pages" --concurrency 4 --retry-ms 60000 "${opts[@]}" >"$log" 2>&1 || rc=$?
+    # A violated invariant (exit 3) fails at once. Any other failure (a process that
+    # never reached its crash point, allocations that kept failing) may come from a
+    # guest starved by TCG: the scenario runs once more, and the first failure is shown.
+    ((rc == 0 || rc == 3 || attempt == 2)) && break
+    echo "crash-suite: RETRY $name: the first run failed (exit $rc) without violating an invariant:"
+    grep -v '^ *$' "$log" | tail -n 25 | sed 's/^/    ! /'
+    note=" (second run)"
+    retried+=("$name: $(grep -v '^ *$' "$log" | tail -n 4 | tr '\n' '|' | cut -c1-600)")
+  done
+  if ((rc == 0)); then
     passed=$((passed + 1))
+    [[ -n $note ]] && second=$((second + 1))
     verdict=PASS
   else
     failed=$((failed + 1))
     verdict=FAIL
   fi
-  echo "crash-suite: $verdict [$(($(date +%s) - t0)) s] $name (${opts[*]})"
-  grep -h "^cluster: crash\|^cluster check\|^cluster: NODE DEAD\|^cluster: node 3 declared" "$log" | sed 's/^/    /' || true
+  echo "crash-suite: $verdict$note [$(($(date +%s) - t0)) s] $name (${opts[*]})"
+  grep -h "^cluster: crash\|^cluster check\|^cluster: NODE DEAD\|^cluster: node 3 declared\|^cluster: logged" "$log" | sed 's/^/    /' || true
   if [[ $verdict == FAIL ]]; then
     sed 's/^/    | /' "$log" | tail -60
     # Repeated at the end: a CI log is often cut in the middle, and the end survives.
@@ -83,6 +101,7 @@ for s in "${scenarios[@]}"; do
   fi
   rm -f "$log"
 done
+for f in "${retried[@]}"; do echo "crash-suite: RETRIED $f"; done
 for f in "${failures[@]}"; do echo "crash-suite: FAILED $f"; done
-echo "crash-suite: $ran scenarios executed in $(($(date +%s) - started)) s: $passed passed, $failed failed"
+echo "crash-suite: $ran scenarios executed in $(($(date +%s) - started)) s: $passed passed ($second of them on a second run after a liveness failure), $failed failed"
 ((ran > 0 && failed == 0))

@@ -61,7 +61,7 @@ rig_passed = sum(int(p) for p, _ in r)
 for line in lines:
     print(line)
 # What failed, again at the very end (a CI log is often cut in the middle).
-for line in re.findall(r"^thread '.*' panicked at .*$|^crash-suite: FAILED .*$", host + rig, re.M):
+for line in re.findall(r"^thread '.*' panicked at .*$|^crash-suite: (?:FAILED|RETRIED) .*$", host + rig, re.M):
     print(line[:800])
 print(f"host: {sum(int(p) for p, _ in h)} passed; rig (rxe): {rig_passed} passed")
 if rig_rc != 0 or rig_passed == 0:

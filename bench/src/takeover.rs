@@ -109,7 +109,12 @@ fn spawn(bin: &Path, args: &[String], log: &Path) -> Result<Child, String> {
     let err = out.try_clone().map_err(|e| e.to_string())?;
     Command::new(bin)
         .args(args)
-        .env("RUST_LOG", "pmgas_monitor=info,pmgas_node=info")
+        // PMGAS_TAKEOVER_LOG (e.g. pmgas_node=debug) to see a rejoin step by step.
+        .env(
+            "RUST_LOG",
+            std::env::var("PMGAS_TAKEOVER_LOG")
+                .unwrap_or_else(|_| "pmgas_monitor=info,pmgas_node=info".into()),
+        )
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err)

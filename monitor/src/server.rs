@@ -428,19 +428,23 @@ fn run_loop(
                 .next_request(Duration::ZERO)
                 .map_err(|e| e.to_string())?
             {
-                match req.accept(&pd, &ConnectionConfig::default(), &[]) {
-                    Ok(conn) => match Endpoint::new(conn, MsgConfig::default()) {
-                        Ok(ep) => peers.push(Peer {
-                            ep,
-                            node: None,
-                            sent: HashMap::new(),
-                            reconcile: None,
-                            art: None,
-                            heard: Instant::now(),
-                            pinged: Instant::now(),
-                        }),
-                        Err(e) => tracing::warn!(error = %e, "endpoint setup failed"),
-                    },
+                // The receive ring is posted before accepting: the node's Join never
+                // waits out an RNR back-off.
+                match req.accept_endpoint(
+                    &pd,
+                    &ConnectionConfig::default(),
+                    &[],
+                    MsgConfig::default(),
+                ) {
+                    Ok(ep) => peers.push(Peer {
+                        ep,
+                        node: None,
+                        sent: HashMap::new(),
+                        reconcile: None,
+                        art: None,
+                        heard: Instant::now(),
+                        pinged: Instant::now(),
+                    }),
                     Err(e) => tracing::warn!(error = %e, "accept failed"),
                 }
             }

@@ -597,9 +597,12 @@ fn connection(
 ) -> Result<(), Lost> {
     let mut setup = || -> Result<_, ClientError> {
         let stopped = |e: pmgas_verbs::Error| ClientError::Stopped(e.to_string());
+        let t0 = Instant::now();
+        let ms = |t: Instant| format!("{:.1}", t.elapsed().as_secs_f64() * 1e3);
         let route = Connector::new(Some(config.bind), monitor)
             .resolve()
             .map_err(stopped)?;
+        tracing::debug!(%monitor, ms = ms(t0), "route resolved");
         // The pool stays registered across monitor connections on one device: pinning
         // it again is the slow part of a rejoin.
         let (pd, mr) = match registered.take() {
@@ -611,20 +614,30 @@ fn connection(
         };
         // Connect before registering the pool: while a standby takes over, joins to the
         // dead monitor's address fail here, fast.
-        let conn = match route.connect(&pd, &ConnectionConfig::default(), &[]) {
-            Ok(c) => c,
+        // (The endpoint's receive ring is posted before connecting: the monitor's first
+        // message never waits out an RNR back-off.)
+        let mut ep = match route.connect_endpoint(
+            &pd,
+            &ConnectionConfig::default(),
+            &[],
+            MsgConfig::default(),
+        ) {
+            Ok(ep) => ep,
             Err(e) => {
                 *registered = mr.map(|mr| (pd, mr));
                 return Err(stopped(e));
             }
         };
+        tracing::debug!(%monitor, ms = ms(t0), "connected");
         let mr = match mr {
             Some(mr) => mr,
             None => register_pool(&pd, pool).map_err(ClientError::Stopped)?,
         };
-        let mut ep = Endpoint::new(conn, MsgConfig::default()).map_err(stopped)?;
         match join(&mut ep, config, pool, &mr) {
-            Ok(epoch) => Ok((pd, mr, ep, epoch)),
+            Ok(epoch) => {
+                tracing::debug!(%monitor, ms = ms(t0), "join answered");
+                Ok((pd, mr, ep, epoch))
+            }
             Err(e) => {
                 drop(ep);
                 *registered = Some((pd, mr));

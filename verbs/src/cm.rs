@@ -17,6 +17,7 @@ use crate::cq::CompletionQueue;
 use crate::device::Context;
 use crate::error::{Error, Result};
 use crate::mr::ProtectionDomain;
+use crate::msg::{Endpoint, MsgConfig};
 
 /// Largest private data rdma_cm carries on a connect request (RC, IB CM): 56 bytes.
 pub const MAX_CONNECT_PRIVATE_DATA_BYTES: usize = 56;
@@ -351,27 +352,51 @@ impl ResolvedRoute {
         config: &ConnectionConfig,
         private_data: &[u8],
     ) -> Result<Connection> {
-        if private_data.len() > MAX_CONNECT_PRIVATE_DATA_BYTES {
-            return Err(Error::TooLarge {
-                what: "connect private data",
-                len_bytes: private_data.len(),
-                max_bytes: MAX_CONNECT_PRIVATE_DATA_BYTES,
-            });
-        }
-        let mut conn = Connection::create_qp(self.id, pd, config, self.dst)?;
-        let mut param = conn_param(config, private_data);
-        // SAFETY: the id has a QP; param points at live private data.
-        if unsafe { sys::rdma_connect(conn.id.as_ptr(), &mut param) } != 0 {
-            return Err(Error::last_os("rdma_connect", self.dst.to_string()));
-        }
-        let event = conn.id.channel.expect(
-            sys::rdma_cm_event_type::RDMA_CM_EVENT_ESTABLISHED,
-            &self.dst,
-            self.timeout_ms,
+        fits(
+            "connect private data",
+            private_data,
+            MAX_CONNECT_PRIVATE_DATA_BYTES,
         )?;
-        conn.remote_private_data = event.private_data;
+        let mut conn = Connection::create_qp(self.id, pd, config, self.dst)?;
+        conn.finish_connect(config, private_data, self.timeout_ms)?;
         Ok(conn)
     }
+
+    /// [`ResolvedRoute::connect`] for a message [`Endpoint`]: its receive ring is posted
+    /// while the QP is still in INIT, before the peer can send. (Posting it after the
+    /// connection is up races the peer's first SEND: the responder answers RNR NAK, and
+    /// the kernel's rdma_cm sets `min_rnr_timer` 0, which is the longest RNR wait,
+    /// 655 ms, before the sender tries again.)
+    pub fn connect_endpoint(
+        self,
+        pd: &ProtectionDomain,
+        config: &ConnectionConfig,
+        private_data: &[u8],
+        msg: MsgConfig,
+    ) -> Result<Endpoint> {
+        fits(
+            "connect private data",
+            private_data,
+            MAX_CONNECT_PRIVATE_DATA_BYTES,
+        )?;
+        let conn = Connection::create_qp(self.id, pd, config, self.dst)?;
+        let mut ep = Endpoint::new(conn, msg)?;
+        ep.connection_mut()
+            .finish_connect(config, private_data, self.timeout_ms)?;
+        Ok(ep)
+    }
+}
+
+/// Private data longer than the CM message carries is refused before anything is sent.
+fn fits(what: &'static str, private_data: &[u8], max_bytes: usize) -> Result<()> {
+    if private_data.len() > max_bytes {
+        return Err(Error::TooLarge {
+            what,
+            len_bytes: private_data.len(),
+            max_bytes,
+        });
+    }
+    Ok(())
 }
 
 fn conn_param(config: &ConnectionConfig, private_data: &[u8]) -> sys::rdma_conn_param {
@@ -492,27 +517,38 @@ impl ConnectRequest {
         config: &ConnectionConfig,
         private_data: &[u8],
     ) -> Result<Connection> {
-        if private_data.len() > MAX_ACCEPT_PRIVATE_DATA_BYTES {
-            return Err(Error::TooLarge {
-                what: "accept private data",
-                len_bytes: private_data.len(),
-                max_bytes: MAX_ACCEPT_PRIVATE_DATA_BYTES,
-            });
-        }
+        fits(
+            "accept private data",
+            private_data,
+            MAX_ACCEPT_PRIVATE_DATA_BYTES,
+        )?;
         let remote = self.private_data;
         let mut conn = Connection::create_qp(self.id, pd, config, self.listen_addr)?;
-        let mut param = conn_param(config, private_data);
-        // SAFETY: the id has a QP; param points at live private data.
-        if unsafe { sys::rdma_accept(conn.id.as_ptr(), &mut param) } != 0 {
-            return Err(Error::last_os("rdma_accept", self.listen_addr.to_string()));
-        }
-        conn.id.channel.expect(
-            sys::rdma_cm_event_type::RDMA_CM_EVENT_ESTABLISHED,
-            &self.listen_addr,
-            config.timeout_ms,
-        )?;
-        conn.remote_private_data = remote;
+        conn.finish_accept(config, private_data, remote)?;
         Ok(conn)
+    }
+
+    /// [`ConnectRequest::accept`] for a message [`Endpoint`]: its receive ring is posted
+    /// before the connection is accepted, so the peer's first SEND never meets an empty
+    /// receive queue (see [`ResolvedRoute::connect_endpoint`]).
+    pub fn accept_endpoint(
+        self,
+        pd: &ProtectionDomain,
+        config: &ConnectionConfig,
+        private_data: &[u8],
+        msg: MsgConfig,
+    ) -> Result<Endpoint> {
+        fits(
+            "accept private data",
+            private_data,
+            MAX_ACCEPT_PRIVATE_DATA_BYTES,
+        )?;
+        let remote = self.private_data;
+        let conn = Connection::create_qp(self.id, pd, config, self.listen_addr)?;
+        let mut ep = Endpoint::new(conn, msg)?;
+        ep.connection_mut()
+            .finish_accept(config, private_data, remote)?;
+        Ok(ep)
     }
 
     /// Refuses the connection, telling the peer why in the reject private data.
@@ -588,6 +624,49 @@ impl Connection {
             remote_private_data: Vec::new(),
             peer,
         })
+    }
+
+    /// Active side, after [`Connection::create_qp`]: connects and waits until established.
+    fn finish_connect(
+        &mut self,
+        config: &ConnectionConfig,
+        private_data: &[u8],
+        timeout_ms: u64,
+    ) -> Result<()> {
+        let mut param = conn_param(config, private_data);
+        // SAFETY: the id has a QP; param points at live private data.
+        if unsafe { sys::rdma_connect(self.id.as_ptr(), &mut param) } != 0 {
+            return Err(Error::last_os("rdma_connect", self.peer.to_string()));
+        }
+        let event = self.id.channel.expect(
+            sys::rdma_cm_event_type::RDMA_CM_EVENT_ESTABLISHED,
+            &self.peer,
+            timeout_ms,
+        )?;
+        self.remote_private_data = event.private_data;
+        Ok(())
+    }
+
+    /// Passive side, after [`Connection::create_qp`]: accepts and waits until established.
+    /// `remote` is the private data of the connect request.
+    fn finish_accept(
+        &mut self,
+        config: &ConnectionConfig,
+        private_data: &[u8],
+        remote: Vec<u8>,
+    ) -> Result<()> {
+        let mut param = conn_param(config, private_data);
+        // SAFETY: the id has a QP; param points at live private data.
+        if unsafe { sys::rdma_accept(self.id.as_ptr(), &mut param) } != 0 {
+            return Err(Error::last_os("rdma_accept", self.peer.to_string()));
+        }
+        self.id.channel.expect(
+            sys::rdma_cm_event_type::RDMA_CM_EVENT_ESTABLISHED,
+            &self.peer,
+            config.timeout_ms,
+        )?;
+        self.remote_private_data = remote;
+        Ok(())
     }
 
     /// The private data the peer sent with its connect request or accept.

@@ -184,6 +184,10 @@ impl Endpoint {
         &self.conn
     }
 
+    pub(crate) fn connection_mut(&mut self) -> &mut Connection {
+        &mut self.conn
+    }
+
     pub fn stats(&self) -> &MsgStats {
         &self.stats
     }

@@ -338,10 +338,9 @@ fn a_node_refuses_bad_monitor_requests_without_touching_its_pool() {
         .next_request(Duration::from_secs(60))
         .expect("listen")
         .expect("the node connects");
-    let conn = req
-        .accept(&pd, &ConnectionConfig::default(), &[])
+    let mut ep = req
+        .accept_endpoint(&pd, &ConnectionConfig::default(), &[], MsgConfig::default())
         .expect("accept");
-    let mut ep = Endpoint::new(conn, MsgConfig::default()).expect("endpoint");
     const EPOCH: u64 = 5;
     let join = serve_one(&mut ep, Epoch(EPOCH), NodeId(u32::MAX), |body| {
         assert!(matches!(body, Body::Join(_)), "expected Join, got {body:?}");

@@ -519,3 +519,81 @@ fn a_killed_peer_fails_requests_cleanly() {
     }
     assert!(failed, "reads kept succeeding after the peer died");
 }
+
+/// RNR NAKs the rxe devices have sent so far (a responder whose receive queue was empty).
+fn rnr_naks_sent() -> u64 {
+    let mut total = 0;
+    for dev in std::fs::read_dir("/sys/class/infiniband").expect("/sys/class/infiniband") {
+        let ports = dev.unwrap().path().join("ports");
+        for port in std::fs::read_dir(&ports).expect("device ports") {
+            let counter = port.unwrap().path().join("hw_counters/send_rnr_err");
+            let text = std::fs::read_to_string(&counter)
+                .unwrap_or_else(|e| panic!("{}: {e}", counter.display()));
+            total += text.trim().parse::<u64>().expect("a counter");
+        }
+    }
+    total
+}
+
+/// An endpoint's receive ring is posted before its connection is up, on both sides: a
+/// request sent the moment `connect_endpoint` returns never meets an empty receive queue.
+/// (Otherwise the responder answers RNR NAK and, since the kernel's rdma_cm sets
+/// `min_rnr_timer` 0, the sender waits 655 ms before trying again: a node's Join to a new
+/// monitor took that long.) Counted with the rxe devices' `send_rnr_err`.
+#[test]
+fn endpoints_post_their_receives_before_the_peer_can_send() {
+    const ROUNDS: u8 = 12;
+    let hosts = rig_hosts();
+    let listen = SocketAddr::new(hosts[1], 7391);
+    let before = rnr_naks_sent();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let server = std::thread::spawn(move || -> pmgas_verbs::Result<()> {
+        let listener = pmgas_verbs::Listener::bind(listen, 8)?;
+        let pd = ProtectionDomain::new(listener.context())?;
+        ready_tx.send(()).unwrap();
+        let mut kept = vec![];
+        for _ in 0..ROUNDS {
+            let req = listener
+                .next_request(TIMEOUT)?
+                .expect("the client connects");
+            let mut ep =
+                req.accept_endpoint(&pd, &ConnectionConfig::default(), &[], MsgConfig::default())?;
+            loop {
+                if let Some(Incoming::Request {
+                    request_id,
+                    payload,
+                }) = ep.poll()?
+                {
+                    ep.respond(request_id, &payload)?;
+                    break;
+                }
+            }
+            kept.push(ep);
+        }
+        // Keep every connection until the client has its answers.
+        let _ = done_rx.recv_timeout(Duration::from_secs(60));
+        Ok(())
+    });
+    ready_rx.recv().expect("the listener is up");
+    let mut kept = vec![];
+    for round in 0..ROUNDS {
+        let route = Connector::new(Some(hosts[0]), listen)
+            .resolve()
+            .expect("resolve route");
+        let pd = ProtectionDomain::new(route.context()).expect("pd");
+        let mut ep = route
+            .connect_endpoint(&pd, &ConnectionConfig::default(), &[], MsgConfig::default())
+            .expect("connect");
+        let reply = ep.call(&[round; 24], TIMEOUT).expect("echo");
+        assert_eq!(reply, vec![round; 24]);
+        kept.push((ep, pd));
+    }
+    done_tx.send(()).unwrap();
+    server.join().unwrap().expect("server side");
+    let naks = rnr_naks_sent() - before;
+    assert_eq!(
+        naks, 0,
+        "{naks} RNR NAKs in {ROUNDS} connections: a first message met an empty receive queue"
+    );
+}

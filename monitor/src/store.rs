@@ -17,7 +17,7 @@ use std::time::Duration;
 use pmgas_layout::gat::{
     self, CHUNK_HEADER_BYTES, CHUNK_MAX_BYTES, DeadNode, DeadNodes, GatError, Mapping,
 };
-use pmgas_layout::{Epoch, NodeId};
+use pmgas_layout::{Epoch, NodeId, PageId};
 use zookeeper_client as zk;
 
 #[derive(Debug, thiserror::Error)]
@@ -480,35 +480,59 @@ impl Store {
                 paths.push(format!("{dir}/{chunk}"));
             }
         }
-        let reads = paths.iter().map(|p| self.client.get_data(p));
-        let results = futures::future::join_all(reads).await;
+        // Every read is sent at once; each chunk is decoded as soon as it arrives, while
+        // the rest are still on their way.
+        let mut reads: futures::stream::FuturesUnordered<_> = paths
+            .iter()
+            .map(|p| async move { (p, self.client.get_data(p).await) })
+            .collect();
         let mut out = LoadedGat {
             chunks: paths.len(),
             ..LoadedGat::default()
         };
         out.dead = dead;
-        let mut seen = std::collections::HashSet::new();
-        for (path, result) in paths.iter().zip(results) {
+        while let Some((path, result)) = futures::StreamExt::next(&mut reads).await {
             let (data, _) = result.map_err(zk_error("get", path.clone()))?;
             let mappings = gat::decode_chunk(&data).map_err(|source| StoreError::Chunk {
                 path: path.clone(),
                 source,
             })?;
-            for m in mappings {
-                if !seen.insert(m.page_id) {
-                    return Err(StoreError::Corrupt {
-                        path: path.clone(),
-                        reason: format!("page id {} stored twice", m.page_id.0),
-                    });
-                }
+            for mut m in mappings {
                 out.max_page_id = out.max_page_id.max(m.page_id.0);
-                let mut m = m;
                 out.dropped_replicas += out.dead.apply(&mut m);
                 out.mappings.push(m);
             }
         }
-        out.mappings.sort_by_key(|m| m.page_id);
+        drop(reads);
+        // Sorted, a page id stored twice sits next to itself (a hash set of a million ids
+        // took as long as decoding them).
+        out.mappings.sort_unstable_by_key(|m| m.page_id);
+        if let Some(twice) = out
+            .mappings
+            .windows(2)
+            .find(|w| w[0].page_id == w[1].page_id)
+        {
+            let id = twice[0].page_id;
+            return Err(StoreError::Corrupt {
+                path: self.chunks_holding(&paths, id).await.join(" and "),
+                reason: format!("page id {} stored twice", id.0),
+            });
+        }
         Ok(out)
+    }
+
+    /// The chunks that hold a mapping for `id` (read again: only to report corruption).
+    async fn chunks_holding(&self, paths: &[String], id: PageId) -> Vec<String> {
+        let mut holding = vec![];
+        for path in paths {
+            if let Ok((data, _)) = self.client.get_data(path).await
+                && let Ok(mappings) = gat::decode_chunk(&data)
+                && mappings.iter().any(|m| m.page_id == id)
+            {
+                holding.push(path.clone());
+            }
+        }
+        holding
     }
 
     pub fn client(&self) -> &zk::Client {

@@ -168,6 +168,24 @@ async fn a_damaged_chunk_is_reported_not_skipped() {
     assert!(err.to_string().contains("d0000000000"), "{err}");
 }
 
+#[tokio::test]
+async fn a_page_id_in_two_series_is_reported_with_both_znodes() {
+    let s = store("twice").await;
+    let mut a = GatWriter::open(&s, 0).await.unwrap();
+    let mut b = GatWriter::open(&s, 1).await.unwrap();
+    a.append(&[mapping(1, &[1]), mapping(2, &[1])])
+        .await
+        .unwrap();
+    b.append(&[mapping(3, &[2]), mapping(2, &[2])])
+        .await
+        .unwrap();
+    let err = s.load_gat().await.unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, StoreError::Corrupt { .. }), "{text}");
+    assert!(text.contains("page id 2 stored twice"), "{text}");
+    assert!(text.contains("w0000/") && text.contains("w0001/"), "{text}");
+}
+
 #[test]
 fn gat_dump_prints_json_lines() {
     let rt = tokio::runtime::Builder::new_current_thread()

@@ -517,6 +517,21 @@ impl ConnectRequest {
         config: &ConnectionConfig,
         private_data: &[u8],
     ) -> Result<Connection> {
+        self.accept_prepared(pd, config, private_data, |_| Ok(()))
+            .map(|(conn, ())| conn)
+    }
+
+    /// [`ConnectRequest::accept`], running `prepare` on the new connection first: its QP
+    /// is in INIT, so receives posted there are in place before the peer can send (see
+    /// [`ResolvedRoute::connect_endpoint`]). What `prepare` returns (the buffers those
+    /// receives point into) must outlive the connection.
+    pub fn accept_prepared<T>(
+        self,
+        pd: &ProtectionDomain,
+        config: &ConnectionConfig,
+        private_data: &[u8],
+        prepare: impl FnOnce(&mut Connection) -> Result<T>,
+    ) -> Result<(Connection, T)> {
         fits(
             "accept private data",
             private_data,
@@ -524,8 +539,13 @@ impl ConnectRequest {
         )?;
         let remote = self.private_data;
         let mut conn = Connection::create_qp(self.id, pd, config, self.listen_addr)?;
-        conn.finish_accept(config, private_data, remote)?;
-        Ok(conn)
+        let prepared = prepare(&mut conn)?;
+        if let Err(e) = conn.finish_accept(config, private_data, remote) {
+            // The QP (and its receives) goes before the buffers they point into.
+            drop(conn);
+            return Err(e);
+        }
+        Ok((conn, prepared))
     }
 
     /// [`ConnectRequest::accept`] for a message [`Endpoint`]: its receive ring is posted

@@ -186,8 +186,20 @@ pub fn serve(bind: SocketAddr, spec: &RegionSpec, config: &ConnectionConfig) -> 
             let _ = request.reject(b"unknown mode");
             continue;
         }
-        let conn = match request.accept(&pd, config, &region.mr.remote().to_bytes()) {
-            Ok(c) => c,
+        // Receives are posted before accepting: a client's first message never meets an
+        // empty receive queue (an RNR NAK would cost it 655 ms).
+        let private = region.mr.remote().to_bytes();
+        let accepted = match mode {
+            MODE_ECHO => request
+                .accept_prepared(&pd, config, &private, post_echo_receives)
+                .map(|(conn, bufs)| Accepted::Echo(conn, bufs)),
+            MODE_MSG => request
+                .accept_endpoint(&pd, config, &private, MsgConfig::default())
+                .map(Accepted::Msg),
+            _ => request.accept(&pd, config, &private).map(Accepted::Write),
+        };
+        let accepted = match accepted {
+            Ok(a) => a,
             Err(e) => {
                 tracing::warn!(error = %e, "accept failed");
                 continue;
@@ -195,11 +207,13 @@ pub fn serve(bind: SocketAddr, spec: &RegionSpec, config: &ConnectionConfig) -> 
         };
         let region = Arc::clone(&region);
         std::thread::spawn(move || {
-            let peer = conn.peer();
-            let result = match mode {
-                MODE_ECHO => serve_echo(conn),
-                MODE_MSG => serve_msg(conn),
-                _ => serve_write_pingpong(conn, &region.mr, pingpong.0, pingpong.1),
+            let (peer, result) = match accepted {
+                Accepted::Echo(conn, bufs) => (conn.peer(), serve_echo(bufs, conn)),
+                Accepted::Msg(ep) => (ep.connection().peer(), serve_msg(ep)),
+                Accepted::Write(conn) => (
+                    conn.peer(),
+                    serve_write_pingpong(conn, &region.mr, pingpong.0, pingpong.1),
+                ),
             };
             if let Err(e) = result {
                 tracing::debug!(error = %e, %peer, "connection ended");
@@ -209,16 +223,32 @@ pub fn serve(bind: SocketAddr, spec: &RegionSpec, config: &ConnectionConfig) -> 
     }
 }
 
-fn serve_echo(mut conn: Connection) -> Result<()> {
+/// A connection accepted in one of the peer's modes.
+enum Accepted {
+    /// With its receive slots (posted before the accept).
+    Echo(Connection, MemoryRegion),
+    Msg(Endpoint),
+    Write(Connection),
+}
+
+/// The echo mode's receive slots, posted on a connection not yet accepted.
+fn post_echo_receives(conn: &mut Connection) -> Result<MemoryRegion> {
     let bufs = conn.pd().register(
         AlignedBuf::zeroed(ECHO_SLOTS * ECHO_SLOT_BYTES)?,
         Access::LOCAL,
     )?;
     for slot in 0..ECHO_SLOTS {
         // SAFETY: each slot is read only after its receive completes and reposted only
-        // after the echo that reads it completes.
+        // after the echo that reads it completes; the caller keeps `bufs` for as long as
+        // the connection lives.
         unsafe { conn.post_recv(slot as u64, &bufs, slot * ECHO_SLOT_BYTES, ECHO_SLOT_BYTES) }?;
     }
+    Ok(bufs)
+}
+
+// (Parameters drop in reverse order: the connection, with the receives posted into
+// `bufs`, goes first.)
+fn serve_echo(bufs: MemoryRegion, mut conn: Connection) -> Result<()> {
     let mut idle = IdleBackoff::default();
     loop {
         let Some(wc) = conn.poll()? else {
@@ -297,8 +327,7 @@ pub fn pingpong_marker(n: u64) -> u8 {
     (n % 255) as u8 + 1
 }
 
-fn serve_msg(conn: Connection) -> Result<()> {
-    let mut ep = Endpoint::new(conn, MsgConfig::default())?;
+fn serve_msg(mut ep: Endpoint) -> Result<()> {
     let mut idle = IdleBackoff::default();
     loop {
         match ep.poll()? {

@@ -352,14 +352,7 @@ impl ResolvedRoute {
         config: &ConnectionConfig,
         private_data: &[u8],
     ) -> Result<Connection> {
-        fits(
-            "connect private data",
-            private_data,
-            MAX_CONNECT_PRIVATE_DATA_BYTES,
-        )?;
-        let mut conn = Connection::create_qp(self.id, pd, config, self.dst)?;
-        conn.finish_connect(config, private_data, self.timeout_ms)?;
-        Ok(conn)
+        self.connect_into(pd, config, private_data, Ok, |c| c)
     }
 
     /// [`ResolvedRoute::connect`] for a message [`Endpoint`]: its receive ring is posted
@@ -374,16 +367,33 @@ impl ResolvedRoute {
         private_data: &[u8],
         msg: MsgConfig,
     ) -> Result<Endpoint> {
+        self.connect_into(
+            pd,
+            config,
+            private_data,
+            |conn| Endpoint::new(conn, msg),
+            Endpoint::connection_mut,
+        )
+    }
+
+    /// Creates the QP, wraps the connection with `build` while the QP is in INIT (the
+    /// wrapper may post receives), then connects the wrapped connection.
+    fn connect_into<W>(
+        self,
+        pd: &ProtectionDomain,
+        config: &ConnectionConfig,
+        private_data: &[u8],
+        build: impl FnOnce(Connection) -> Result<W>,
+        conn: impl FnOnce(&mut W) -> &mut Connection,
+    ) -> Result<W> {
         fits(
             "connect private data",
             private_data,
             MAX_CONNECT_PRIVATE_DATA_BYTES,
         )?;
-        let conn = Connection::create_qp(self.id, pd, config, self.dst)?;
-        let mut ep = Endpoint::new(conn, msg)?;
-        ep.connection_mut()
-            .finish_connect(config, private_data, self.timeout_ms)?;
-        Ok(ep)
+        let mut wrapped = build(Connection::create_qp(self.id, pd, config, self.dst)?)?;
+        conn(&mut wrapped).finish_connect(config, private_data, self.timeout_ms)?;
+        Ok(wrapped)
     }
 }
 
@@ -517,14 +527,14 @@ impl ConnectRequest {
         config: &ConnectionConfig,
         private_data: &[u8],
     ) -> Result<Connection> {
-        self.accept_prepared(pd, config, private_data, |_| Ok(()))
-            .map(|(conn, ())| conn)
+        self.accept_into(pd, config, private_data, Ok, |c| c)
     }
 
     /// [`ConnectRequest::accept`], running `prepare` on the new connection first: its QP
     /// is in INIT, so receives posted there are in place before the peer can send (see
     /// [`ResolvedRoute::connect_endpoint`]). What `prepare` returns (the buffers those
-    /// receives point into) must outlive the connection.
+    /// receives point into) must outlive the connection; the pair drops the connection
+    /// first.
     pub fn accept_prepared<T>(
         self,
         pd: &ProtectionDomain,
@@ -532,20 +542,16 @@ impl ConnectRequest {
         private_data: &[u8],
         prepare: impl FnOnce(&mut Connection) -> Result<T>,
     ) -> Result<(Connection, T)> {
-        fits(
-            "accept private data",
+        self.accept_into(
+            pd,
+            config,
             private_data,
-            MAX_ACCEPT_PRIVATE_DATA_BYTES,
-        )?;
-        let remote = self.private_data;
-        let mut conn = Connection::create_qp(self.id, pd, config, self.listen_addr)?;
-        let prepared = prepare(&mut conn)?;
-        if let Err(e) = conn.finish_accept(config, private_data, remote) {
-            // The QP (and its receives) goes before the buffers they point into.
-            drop(conn);
-            return Err(e);
-        }
-        Ok((conn, prepared))
+            |mut conn| {
+                let prepared = prepare(&mut conn)?;
+                Ok((conn, prepared))
+            },
+            |(conn, _)| conn,
+        )
     }
 
     /// [`ConnectRequest::accept`] for a message [`Endpoint`]: its receive ring is posted
@@ -558,17 +564,40 @@ impl ConnectRequest {
         private_data: &[u8],
         msg: MsgConfig,
     ) -> Result<Endpoint> {
+        self.accept_into(
+            pd,
+            config,
+            private_data,
+            |conn| Endpoint::new(conn, msg),
+            Endpoint::connection_mut,
+        )
+    }
+
+    /// Creates the QP, wraps the connection with `build` while the QP is in INIT (the
+    /// wrapper may post receives), then accepts on the wrapped connection. On failure the
+    /// wrapper drops, its connection (and with it any posted receive) first.
+    fn accept_into<W>(
+        self,
+        pd: &ProtectionDomain,
+        config: &ConnectionConfig,
+        private_data: &[u8],
+        build: impl FnOnce(Connection) -> Result<W>,
+        conn: impl FnOnce(&mut W) -> &mut Connection,
+    ) -> Result<W> {
         fits(
             "accept private data",
             private_data,
             MAX_ACCEPT_PRIVATE_DATA_BYTES,
         )?;
         let remote = self.private_data;
-        let conn = Connection::create_qp(self.id, pd, config, self.listen_addr)?;
-        let mut ep = Endpoint::new(conn, msg)?;
-        ep.connection_mut()
-            .finish_accept(config, private_data, remote)?;
-        Ok(ep)
+        let mut wrapped = build(Connection::create_qp(
+            self.id,
+            pd,
+            config,
+            self.listen_addr,
+        )?)?;
+        conn(&mut wrapped).finish_accept(config, private_data, remote)?;
+        Ok(wrapped)
     }
 
     /// Refuses the connection, telling the peer why in the reject private data.

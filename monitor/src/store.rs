@@ -503,7 +503,6 @@ impl Store {
                 out.mappings.push(m);
             }
         }
-        drop(reads);
         // Sorted, a page id stored twice sits next to itself (a hash set of a million ids
         // took as long as decoding them).
         out.mappings.sort_unstable_by_key(|m| m.page_id);

@@ -598,11 +598,11 @@ fn connection(
     let mut setup = || -> Result<_, ClientError> {
         let stopped = |e: pmgas_verbs::Error| ClientError::Stopped(e.to_string());
         let t0 = Instant::now();
-        let ms = |t: Instant| format!("{:.1}", t.elapsed().as_secs_f64() * 1e3);
+        let ms = || format!("{:.1}", t0.elapsed().as_secs_f64() * 1e3);
         let route = Connector::new(Some(config.bind), monitor)
             .resolve()
             .map_err(stopped)?;
-        tracing::debug!(%monitor, ms = ms(t0), "route resolved");
+        tracing::debug!(%monitor, ms = ms(), "route resolved");
         // The pool stays registered across monitor connections on one device: pinning
         // it again is the slow part of a rejoin.
         let (pd, mr) = match registered.take() {
@@ -628,14 +628,14 @@ fn connection(
                 return Err(stopped(e));
             }
         };
-        tracing::debug!(%monitor, ms = ms(t0), "connected");
+        tracing::debug!(%monitor, ms = ms(), "connected");
         let mr = match mr {
             Some(mr) => mr,
             None => register_pool(&pd, pool).map_err(ClientError::Stopped)?,
         };
         match join(&mut ep, config, pool, &mr) {
             Ok(epoch) => {
-                tracing::debug!(%monitor, ms = ms(t0), "join answered");
+                tracing::debug!(%monitor, ms = ms(), "join answered");
                 Ok((pd, mr, ep, epoch))
             }
             Err(e) => {

@@ -13,19 +13,23 @@
 # and still that every PREALLOCATED page went back to FREE and the GAT matches the ARTs.
 #
 # Fault cases (each must still end with GAT == ARTs and nothing PREALLOCATED):
-#   --freeze-node3 S   node 3 stops (SIGSTOP) for S seconds mid-run: an unreachable
-#                      backup; transactions that need it time out and abort, and it frees
-#                      what it prepared for them once it runs again;
-#   --depose-after S   after S seconds a new writer fences the GAT series: the monitor's
-#                      next ZooKeeper write fails, those transactions abort, the monitor
-#                      answers NotLeader, drains and stops;
-#   --kill-node3-after S  node 3 is killed (-9) S seconds into the run and restarted a
-#                      second later (serving only): it rejoins, reconciles its ART with the
-#                      GAT (PREALLOCATED pages committed or freed) and serves again;
-#   --kill-monitor-after S  the active monitor is killed (-9) S seconds into the run: a
-#                      standby is elected, reloads the GAT from ZooKeeper, the nodes find it
-#                      there, rejoin, reconcile, and go on allocating; the killed one comes
-#                      back as a standby. Prints the takeover time.
+#   --freeze-node3 S   node 3 hangs (SIGSTOP) for S seconds, caught as a backup that
+#                      has just prepared a page (its 15th; PMGAS_STOP_AT) and not yet
+#                      answered: an unreachable backup; that transaction (and any other
+#                      still preparing with it) times out and aborts, those already
+#                      prepared wait for its Commit ack, and it frees what it prepared
+#                      for the aborted ones once it runs again;
+#   --depose-after S   S seconds into the allocations a new writer fences the GAT
+#                      series: the monitor's next ZooKeeper write fails, those
+#                      transactions abort, the monitor answers NotLeader, drains and stops;
+#   --kill-node3-after S  node 3 is killed (-9) S seconds into the allocations and
+#                      restarted a second later (serving only): it rejoins, reconciles its
+#                      ART with the GAT (PREALLOCATED pages committed or freed) and serves
+#                      again;
+#   --kill-monitor-after S  the active monitor is killed (-9) S seconds into the
+#                      allocations: a standby is elected, reloads the GAT from ZooKeeper,
+#                      the nodes find it there, rejoin, reconcile, and go on allocating; the
+#                      killed one comes back as a standby. Prints the takeover time.
 #   --lose-node3-after S  node 3 is killed (-9) S seconds after it finished its own
 #                      allocations, and never comes back; nodes 1 and 2 allocate six times
 #                      as many pages, paced (still at it when node 3 is declared dead), the
@@ -205,15 +209,30 @@ for h in $h1 $h2 $h3; do
   [[ -n $lose3 ]] && ((i < 3)) && n_pages=$((per_node * 6)) && pace=(--concurrency 1 --pause-ms 20)
   nenv=()
   ((i == 3)) && [[ $crash_who == node3 ]] && nenv=("PMGAS_CRASH_AT=$crash_point")
+  ((i == 3 && freeze > 0)) && nenv+=("PMGAS_STOP_AT=node.prepared:15")
   env "${nenv[@]}" "$bin/pmgas-node" serve --pm "/dev/shm/pmgas-$cluster-node$i" --cluster-id 7 --node-id $i \
     --page-size $page_size --zk "$zk" --cluster "$cluster" --bind "$h" --alloc-pages "$n_pages" --backups $backups \
     "${pace[@]}" --start-delay-ms 3000 --retry-ms "$retry_ms" "${extra[@]}" >"$work/node$i.log" 2>&1 &
   pids[$i]=$!
 done
+# Faults are timed from the moment every node has begun allocating (ALLOC START), not
+# from their launch: a slow machine may take seconds to join, and a fault landing before
+# the allocations would test nothing.
+if ((kill3 > 0 || killm > 0 || depose > 0)); then
+  launched=$(date +%s%3N)
+  for i in 1 2 3; do
+    for _ in $(seq 1 600); do grep -q "ALLOC START\|pmgas-node:" "$work/node$i.log" && break; sleep 0.05; done
+    grep -q "ALLOC START" "$work/node$i.log" || { echo "cluster: node $i did not start allocating:"; tail -n 20 "$work/node$i.log"; exit 1; }
+  done
+  echo "cluster: all nodes allocating $(($(date +%s%3N) - launched)) ms after their launch (--start-delay-ms 3000 after joining)"
+fi
 if ((freeze > 0)); then
-  sleep 3.5
-  echo "cluster: freezing node 3 for $freeze s"
-  kill -STOP "${pids[3]}"
+  # Node 3 stops itself at its stop point; it is left stopped for S seconds from then.
+  for _ in $(seq 1 1200); do grep -q "STOP POINT\|pmgas-node:" "$work/node3.log" && break; sleep 0.05; done
+  grep -q "STOP POINT" "$work/node3.log" || { echo "cluster: node 3 never reached its stop point"; tail -n 20 "$work/node3.log"; exit 1; }
+  for _ in $(seq 1 100); do [[ $(awk '{print $3}' "/proc/${pids[3]}/stat" 2>/dev/null) == T ]] && break; sleep 0.01; done
+  [[ $(awk '{print $3}' "/proc/${pids[3]}/stat" 2>/dev/null) == T ]] || { echo "cluster: node 3 did not stop at its stop point"; exit 1; }
+  echo "cluster: node 3 stopped (SIGSTOP) after preparing a page as a backup, before answering; continuing it in $freeze s"
   sleep "$freeze"
   kill -CONT "${pids[3]}"
 fi
@@ -385,12 +404,12 @@ node3_gone=$kill3
 [[ $crash_who == node3 ]] && node3_gone=1
 monitor_gone=$killm
 [[ $crash_who == monitor ]] && monitor_gone=1
-python3 - "$work" "$pages" "$pool_mib" "$expect_failures" "$node3_gone" "$monitor_gone" "$retry_ms" "${lose3:+1}" <<'PY' || check_ok=$?
+python3 - "$work" "$pages" "$expect_failures" "$node3_gone" "$monitor_gone" "$retry_ms" "${lose3:+1}" <<'PY' || check_ok=$?
 import json, sys
-work, pages, pool_mib, expect_failures = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
-node3_killed, monitor_killed = int(sys.argv[5]) > 0, int(sys.argv[6]) > 0
-retrying = int(sys.argv[7]) > 0
-lost3 = sys.argv[8] == "1"
+work, pages, expect_failures = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
+node3_killed, monitor_killed = int(sys.argv[4]) > 0, int(sys.argv[5]) > 0
+retrying = int(sys.argv[6]) > 0
+lost3 = sys.argv[7] == "1"
 gat = [json.loads(l) for l in open(f"{work}/gat.jsonl")]
 head, maps = gat[0], gat[1:]
 done = [l for i in (1, 2, 3) for l in open(f"{work}/node{i}.log") if "ALLOC DONE" in l]
@@ -398,8 +417,13 @@ reconciled = [l.strip() for l in open(f"{work}/node3b.log")] if node3_killed and
 print("\n".join(l for l in reconciled if "NODE READY" in l))
 ok = sum(int(l.split("ok=")[1].split()[0]) for l in done)
 failed = sum(int(l.split("failed=")[1].split()[0]) for l in done)
-# Pages per pool, roughly: if the replicas cannot fit, allocations must fail cleanly.
-fits = pages * 3 <= 3 * (pool_mib << 20) // 65536 * 0.95
+slabs = [int(l.split("slabs=")[1].split()[0]) for l in open(f"{work}/node1.log") if "OBJECTS DONE" in l]
+slabs = slabs[0] if slabs else 0
+# With 2 backups among 3 nodes every node holds a replica of every page (and slab): if
+# the smallest pool has fewer pages, allocations must fail, cleanly.
+capacity = min(json.loads(next(open(f"{work}/art{i}.jsonl")))["header"]["page_count"]
+               for i in ((1, 2) if lost3 else (1, 2, 3)))
+fits = pages + slabs <= capacity
 # Two kinds of problem: a violated invariant (a mapping lost or wrong, a page or page id
 # handed out twice, a page leaked) is never excused; a run that made too little progress
 # (allocations failed after retries, too few joins) is a liveness problem, which the
@@ -408,8 +432,6 @@ errors = []
 slow = []
 ids = [m["page_id"] for m in maps]
 if len(ids) != len(set(ids)): errors.append("page id stored twice")
-slabs = [int(l.split("slabs=")[1].split()[0]) for l in open(f"{work}/node1.log") if "OBJECTS DONE" in l]
-slabs = slabs[0] if slabs else 0
 # A killed node's own successes are not counted: then every counted one must be stored.
 # Otherwise (a monitor killed too) exactly the acknowledged ones: an allocation whose
 # answer was lost with a monitor is answered after the node rejoins, never twice.

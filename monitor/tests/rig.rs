@@ -70,9 +70,10 @@ fn full_pools_abort_cleanly_and_leave_nothing_preallocated() {
 
 #[test]
 fn an_unreachable_backup_aborts_its_transactions_and_frees_what_it_prepared() {
-    // Node 3 is stopped for 3 s mid-run: with 2 backups among 3 nodes every transaction
-    // needs it, so those in flight time out and abort; once it runs again it frees what
-    // it prepared for them. Nothing may stay PREALLOCATED.
+    // Node 3 stops (SIGSTOP) for 3 s, caught having prepared a page as a backup but not
+    // yet answered: that transaction times out and aborts (as does any other still
+    // preparing with it); those it had answered wait for its Commit ack. Once it runs
+    // again it frees what it prepared for the aborted ones. Nothing may stay PREALLOCATED.
     let out = cluster(&[
         "--pages",
         "900",

@@ -71,8 +71,9 @@ enum Command {
     },
     /// Runs a data node: opens (or formats) the pool, joins the monitor over rdma_cm and
     /// serves the two-phase page allocation; with --alloc-pages, also allocates that many
-    /// replicated pages as a primary from --concurrency threads through the client API and
-    /// prints `ALLOC DONE …` with their latencies.
+    /// replicated pages as a primary from --concurrency threads through the client API:
+    /// prints `ALLOC START <node>` once --start-delay-ms has passed after its join, and
+    /// `ALLOC DONE …` with their latencies at the end.
     Serve {
         #[arg(long)]
         pm: PathBuf,
@@ -197,6 +198,7 @@ fn main() -> ExitCode {
             retry_ms,
         } => {
             let rediscover = zk.clone().zip(cluster.clone());
+            let t0 = std::time::Instant::now();
             let monitor = match (monitor, zk, cluster) {
                 (Some(m), _, _) => Ok(m),
                 (None, Some(zk), Some(cluster)) => pmgas_node::client::find_monitor(
@@ -207,7 +209,10 @@ fn main() -> ExitCode {
                 _ => Err("give --monitor, or --zk and --cluster".to_string()),
             };
             let monitor = match monitor {
-                Ok(m) => m,
+                Ok(m) => {
+                    tracing::debug!(%m, ms = ?t0.elapsed(), "monitor found");
+                    m
+                }
                 Err(e) => {
                     eprintln!("pmgas-node: {e}");
                     return ExitCode::FAILURE;
@@ -422,7 +427,9 @@ fn serve(
     load: &Load,
 ) -> Result<(), String> {
     use std::sync::atomic::{AtomicU64, Ordering};
+    let t0 = std::time::Instant::now();
     let pool = Pool::open(pm, size, OnBlank::Format(id), Some(id)).map_err(|e| e.to_string())?;
+    tracing::debug!(ms = ?t0.elapsed(), "pool opened");
     let pool = std::sync::Arc::new(pool);
     // A node restarting after a crash may find the monitor still holding its old
     // connection for a moment (DuplicateNode), or the monitor may fail to record the join
@@ -453,6 +460,9 @@ fn serve(
     let _ = std::io::stdout().flush();
     if load.pages > 0 {
         std::thread::sleep(load.start_delay);
+        // Fault injection (scripts/cluster.sh) times its faults from this line.
+        println!("ALLOC START {}", client.node_id());
+        let _ = std::io::stdout().flush();
         let next = AtomicU64::new(0);
         let start = std::time::Instant::now();
         let results: Vec<(Vec<u64>, std::collections::BTreeMap<String, u64>)> =

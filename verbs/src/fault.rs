@@ -2,8 +2,10 @@
 //!
 //! `PMGAS_CRASH_AT=<point>[:<n>]` makes the process kill itself with SIGKILL the `n`-th
 //! time (default: the first) it passes `point`: no destructor, no flush, no unwinding, as
-//! `kill -9` from outside, but at a chosen step of the protocol. Unset (production), a
-//! crash point costs one relaxed atomic load.
+//! `kill -9` from outside, but at a chosen step of the protocol. `PMGAS_STOP_AT` (same
+//! form) stops it there instead (SIGSTOP, every thread, as `kill -STOP` from outside)
+//! until someone sends SIGCONT: a hung process, caught at a chosen step. Unset
+//! (production), a crash point costs one relaxed atomic load.
 //!
 //! The points are named `<process>.<step>`; the list is in [`POINTS`] and every one is
 //! exercised by the suite.
@@ -72,12 +74,17 @@ struct Plan {
     point: String,
     at: u64,
     seen: AtomicU64,
+    /// SIGSTOP (PMGAS_STOP_AT) rather than SIGKILL (PMGAS_CRASH_AT).
+    stop: bool,
 }
 
 fn plan() -> Option<&'static Plan> {
     static PLAN: OnceLock<Option<Plan>> = OnceLock::new();
     PLAN.get_or_init(|| {
-        let spec = std::env::var("PMGAS_CRASH_AT").ok()?;
+        let (spec, stop) = match std::env::var("PMGAS_CRASH_AT") {
+            Ok(spec) => (spec, false),
+            Err(_) => (std::env::var("PMGAS_STOP_AT").ok()?, true),
+        };
         let (point, at) = match spec.rsplit_once(':') {
             Some((p, n)) => (p.to_owned(), n.parse().ok()?),
             None => (spec, 1),
@@ -86,6 +93,7 @@ fn plan() -> Option<&'static Plan> {
             point,
             at,
             seen: AtomicU64::new(0),
+            stop,
         })
     })
     .as_ref()
@@ -99,10 +107,24 @@ pub fn unix_ms() -> u128 {
         .map_or(0, |d| d.as_millis())
 }
 
-/// Kills this process (SIGKILL) if it was told to crash at `point` and this is the time.
+/// Kills this process (SIGKILL) if it was told to crash at `point` and this is the time;
+/// or stops it (SIGSTOP) if it was told to stop there, and goes on once continued.
 pub fn point(name: &str) {
     let Some(p) = plan() else { return };
     if p.point != name || p.seen.fetch_add(1, Ordering::Relaxed) + 1 != p.at {
+        return;
+    }
+    if p.stop {
+        eprintln!(
+            "STOP POINT {name} pid={} unix_ms={}",
+            std::process::id(),
+            unix_ms()
+        );
+        // SAFETY: a plain syscall on our own pid; SIGSTOP stops every thread.
+        unsafe {
+            libc::kill(libc::getpid(), libc::SIGSTOP);
+        }
+        eprintln!("CONTINUED at {name} unix_ms={}", unix_ms());
         return;
     }
     eprintln!(

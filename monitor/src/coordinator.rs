@@ -82,7 +82,7 @@ pub enum Input {
     /// (PREALLOCATED pages not in the GAT are freed there), so transactions still
     /// preparing with it abort now without waiting for its acknowledgement, and aborts
     /// stop waiting for it. Transactions already persisting or committing run on: what
-    /// the GAT holds, its reconciliation commits.
+    /// the GAT holds, its reconciliation commits. Nothing is sent to it until it rejoins.
     NodeLeft {
         node: NodeId,
     },
@@ -550,12 +550,18 @@ impl Coordinator {
         };
         t.error = Some(code);
         t.mapping = None;
-        // Every backup asked to prepare may hold a PREALLOCATED page: all get Abort.
-        t.waiting = t.backups.iter().copied().collect();
+        // Every backup asked to prepare may hold a PREALLOCATED page: all get Abort, but
+        // one that has left is not waited for (its reconciliation frees the page, R3).
+        t.waiting = t
+            .backups
+            .iter()
+            .copied()
+            .filter(|b| self.nodes.contains_key(b))
+            .collect();
         t.phase = Phase::Aborting {
             resend_ns: now_ns + self.timeouts.resend_ns,
         };
-        for b in &t.backups {
+        for b in t.backups.iter().filter(|b| t.waiting.contains(b)) {
             out.push(Action::Abort { to: *b, txn_id });
         }
         if t.waiting.is_empty() {
@@ -577,8 +583,10 @@ impl Coordinator {
                     t.phase = Phase::Committing {
                         resend_ns: now_ns + self.timeouts.resend_ns,
                     };
+                    // A node that left hears nothing until it rejoins: its
+                    // reconciliation settles the page, and resends reach it from then.
                     if let Some(m) = &t.mapping {
-                        for n in &t.waiting {
+                        for n in t.waiting.iter().filter(|n| self.nodes.contains_key(n)) {
                             out.push(Action::Commit {
                                 to: *n,
                                 txn_id,
@@ -591,7 +599,7 @@ impl Coordinator {
                     t.phase = Phase::Aborting {
                         resend_ns: now_ns + self.timeouts.resend_ns,
                     };
-                    for n in &t.waiting {
+                    for n in t.waiting.iter().filter(|n| self.nodes.contains_key(n)) {
                         out.push(Action::Abort { to: *n, txn_id });
                     }
                 }
@@ -901,6 +909,86 @@ mod tests {
         assert_eq!(c.in_flight(), 0);
         // A departed node is no longer chosen as a backup.
         assert_eq!(c.choose_backups(NodeId(1), 2), None);
+    }
+
+    #[test]
+    fn commits_are_not_resent_to_a_departed_backup_until_it_rejoins() {
+        let mut c = coord(&[(1, 10), (2, 10), (3, 10)]);
+        c.handle(alloc(1, 5, 2), 0);
+        for (n, page) in [(2, 4), (3, 6)] {
+            c.handle(
+                Input::Prepared {
+                    from: NodeId(n),
+                    txn_id: 1,
+                    page: PageIndex(page),
+                },
+                1,
+            );
+        }
+        c.handle(Input::Persisted { txn_ids: vec![1] }, 2);
+        c.handle(
+            Input::CommitAck {
+                from: NodeId(2),
+                txn_id: 1,
+            },
+            3,
+        );
+        // Node 3 left after the persist: the mapping stands, the primary waits for it
+        // (DESIGN step 6), but nothing is sent to a node that is not there.
+        assert!(c.handle(Input::NodeLeft { node: NodeId(3) }, 4).is_empty());
+        assert!(c.handle(Input::Tick, 200_000_000).is_empty());
+        // Back: the resend reaches it, its ack completes the allocation.
+        c.set_node(NodeId(3), NodeView { free_pages: 9 });
+        let a = c.handle(Input::Tick, 400_000_000);
+        assert!(
+            matches!(a.as_slice(), [Action::Commit { to, txn_id: 1, .. }] if *to == NodeId(3)),
+            "{a:?}"
+        );
+        let a = c.handle(
+            Input::CommitAck {
+                from: NodeId(3),
+                txn_id: 1,
+            },
+            5,
+        );
+        assert!(
+            matches!(a.as_slice(), [Action::Reply { result: Ok(_), .. }]),
+            "{a:?}"
+        );
+    }
+
+    #[test]
+    fn an_abort_does_not_wait_for_a_backup_that_already_left() {
+        let mut c = coord(&[(1, 10), (2, 10), (3, 10)]);
+        c.handle(alloc(1, 5, 2), 0);
+        for (n, page) in [(2, 4), (3, 6)] {
+            c.handle(
+                Input::Prepared {
+                    from: NodeId(n),
+                    txn_id: 1,
+                    page: PageIndex(page),
+                },
+                1,
+            );
+        }
+        // The mapping is being written when node 3 leaves; then the write fails.
+        c.handle(Input::NodeLeft { node: NodeId(3) }, 2);
+        let a = c.handle(Input::PersistFailed { txn_ids: vec![1] }, 3);
+        assert!(
+            matches!(a.as_slice(), [Action::Abort { to, txn_id: 1 }] if *to == NodeId(2)),
+            "only the backup still there is told: {a:?}"
+        );
+        let a = c.handle(
+            Input::AbortAck {
+                from: NodeId(2),
+                txn_id: 1,
+            },
+            4,
+        );
+        assert!(
+            matches!(a.as_slice(), [Action::Reply { result: Err(_), .. }]),
+            "{a:?}"
+        );
     }
 
     #[test]

@@ -621,6 +621,23 @@ mod tests {
         c
     }
 
+    /// Node 1 asked for a page with 2 backups (transaction 1); nodes 2 and 3 prepared.
+    fn both_backups_prepared() -> Coordinator {
+        let mut c = coord(&[(1, 10), (2, 10), (3, 10)]);
+        c.handle(alloc(1, 5, 2), 0);
+        for (n, page) in [(2, 4), (3, 6)] {
+            c.handle(
+                Input::Prepared {
+                    from: NodeId(n),
+                    txn_id: 1,
+                    page: PageIndex(page),
+                },
+                1,
+            );
+        }
+        c
+    }
+
     fn alloc(from: u32, req: u64, backups: u8) -> Input {
         Input::AllocPage {
             from: NodeId(from),
@@ -913,18 +930,7 @@ mod tests {
 
     #[test]
     fn commits_are_not_resent_to_a_departed_backup_until_it_rejoins() {
-        let mut c = coord(&[(1, 10), (2, 10), (3, 10)]);
-        c.handle(alloc(1, 5, 2), 0);
-        for (n, page) in [(2, 4), (3, 6)] {
-            c.handle(
-                Input::Prepared {
-                    from: NodeId(n),
-                    txn_id: 1,
-                    page: PageIndex(page),
-                },
-                1,
-            );
-        }
+        let mut c = both_backups_prepared();
         c.handle(Input::Persisted { txn_ids: vec![1] }, 2);
         c.handle(
             Input::CommitAck {
@@ -959,18 +965,7 @@ mod tests {
 
     #[test]
     fn an_abort_does_not_wait_for_a_backup_that_already_left() {
-        let mut c = coord(&[(1, 10), (2, 10), (3, 10)]);
-        c.handle(alloc(1, 5, 2), 0);
-        for (n, page) in [(2, 4), (3, 6)] {
-            c.handle(
-                Input::Prepared {
-                    from: NodeId(n),
-                    txn_id: 1,
-                    page: PageIndex(page),
-                },
-                1,
-            );
-        }
+        let mut c = both_backups_prepared();
         // The mapping is being written when node 3 leaves; then the write fails.
         c.handle(Input::NodeLeft { node: NodeId(3) }, 2);
         let a = c.handle(Input::PersistFailed { txn_ids: vec![1] }, 3);
@@ -993,18 +988,7 @@ mod tests {
 
     #[test]
     fn a_dead_backup_leaves_committing_mappings_and_the_epoch_moves_on() {
-        let mut c = coord(&[(1, 10), (2, 10), (3, 10)]);
-        c.handle(alloc(1, 5, 2), 0);
-        for (n, page) in [(2, 4), (3, 6)] {
-            c.handle(
-                Input::Prepared {
-                    from: NodeId(n),
-                    txn_id: 1,
-                    page: PageIndex(page),
-                },
-                1,
-            );
-        }
+        let mut c = both_backups_prepared();
         c.handle(Input::Persisted { txn_ids: vec![1] }, 2);
         // Node 2 acks its Commit; node 3 went away and is declared dead.
         let a = c.handle(

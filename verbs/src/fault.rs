@@ -114,27 +114,23 @@ pub fn point(name: &str) {
     if p.point != name || p.seen.fetch_add(1, Ordering::Relaxed) + 1 != p.at {
         return;
     }
-    if p.stop {
-        eprintln!(
-            "STOP POINT {name} pid={} unix_ms={}",
-            std::process::id(),
-            unix_ms()
-        );
-        // SAFETY: a plain syscall on our own pid; SIGSTOP stops every thread.
-        unsafe {
-            libc::kill(libc::getpid(), libc::SIGSTOP);
-        }
-        eprintln!("CONTINUED at {name} unix_ms={}", unix_ms());
-        return;
-    }
+    let (what, signal) = if p.stop {
+        ("STOP", libc::SIGSTOP)
+    } else {
+        ("CRASH", libc::SIGKILL)
+    };
     eprintln!(
-        "CRASH POINT {name} pid={} unix_ms={}",
+        "{what} POINT {name} pid={} unix_ms={}",
         std::process::id(),
         unix_ms()
     );
-    // SAFETY: plain syscalls on our own pid.
+    // SAFETY: a plain syscall on our own pid; either signal acts on every thread.
     unsafe {
-        libc::kill(libc::getpid(), libc::SIGKILL);
+        libc::kill(libc::getpid(), signal);
+    }
+    if p.stop {
+        eprintln!("CONTINUED at {name} unix_ms={}", unix_ms());
+        return;
     }
     std::process::abort();
 }

@@ -102,7 +102,7 @@ fn a_failed_zookeeper_write_aborts_and_a_deposed_monitor_stops() {
         "--concurrency",
         "4",
         "--depose-after",
-        "5",
+        "2",
     ]);
     assert!(
         out.contains(", 0 problems"),

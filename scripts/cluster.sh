@@ -230,8 +230,9 @@ if ((freeze > 0)); then
   # Node 3 stops itself at its stop point; it is left stopped for S seconds from then.
   for _ in $(seq 1 1200); do grep -q "STOP POINT\|pmgas-node:" "$work/node3.log" && break; sleep 0.05; done
   grep -q "STOP POINT" "$work/node3.log" || { echo "cluster: node 3 never reached its stop point"; tail -n 20 "$work/node3.log"; exit 1; }
-  for _ in $(seq 1 100); do [[ $(awk '{print $3}' "/proc/${pids[3]}/stat" 2>/dev/null) == T ]] && break; sleep 0.01; done
-  [[ $(awk '{print $3}' "/proc/${pids[3]}/stat" 2>/dev/null) == T ]] || { echo "cluster: node 3 did not stop at its stop point"; exit 1; }
+  stopped() { [[ $(awk '{print $3}' "/proc/$1/stat" 2>/dev/null) == T ]]; }
+  for _ in $(seq 1 100); do stopped "${pids[3]}" && break; sleep 0.01; done
+  stopped "${pids[3]}" || { echo "cluster: node 3 did not stop at its stop point"; exit 1; }
   echo "cluster: node 3 stopped (SIGSTOP) after preparing a page as a backup, before answering; continuing it in $freeze s"
   sleep "$freeze"
   kill -CONT "${pids[3]}"

@@ -201,10 +201,10 @@ fn main() -> ExitCode {
             let t0 = std::time::Instant::now();
             let monitor = match (monitor, zk, cluster) {
                 (Some(m), _, _) => Ok(m),
-                (None, Some(zk), Some(cluster)) => pmgas_node::client::find_monitor(
+                (None, Some(zk), Some(cluster)) => pmgas_node::service::find_monitor(
                     &zk,
                     &cluster,
-                    pmgas_node::client::FIRST_JOIN_PATIENCE,
+                    pmgas_node::service::FIRST_JOIN_PATIENCE,
                 ),
                 _ => Err("give --monitor, or --zk and --cluster".to_string()),
             };

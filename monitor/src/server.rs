@@ -5,6 +5,29 @@
 //!
 //! One thread runs the whole loop; ZooKeeper writes block it (a write takes about a
 //! millisecond; requests arriving meanwhile join the next group commit).
+//!
+//! Where things live:
+//! - [`serve`] restores the GAT, the epoch and the away/dead nodes from ZooKeeper, starts
+//!   the GAT writer thread (`persister`), binds the listener and announces this monitor.
+//! - `Monitor` owns the loop's state: the in-memory GAT (`mappings`: what ZooKeeper holds),
+//!   the coordinator, the node connections (`peers`, the joined ones indexed by `by_node`),
+//!   AllocPage requests awaiting the coordinator's answer (`replies`), mappings being
+//!   written (`writing`), away and dead nodes (`failures`), and whether it was `deposed`.
+//! - `Monitor::run_loop` runs passes of these steps, in this order:
+//!   1. `stop_if_session_lost`: a monitor without its ZooKeeper session no longer leads.
+//!   2. `accept_new_connection`: an rdma_cm connect request becomes a peer.
+//!   3. `collect_persisted`: the writer's reports; stored mappings enter the in-memory GAT.
+//!   4. `poll_peers`: each connection's messages. Requests go to `handle_peer_request`
+//!      (the wire requests in `handle_request`, one arm each; a join is recorded in
+//!      ZooKeeper there), responses to `handle_peer_response` (a node's reconciliation
+//!      completes after the one-sided ART check, `check_art`; two-phase answers go to the
+//!      coordinator); timed-out reconciliation requests start it over.
+//!   5. `tick`, every 10 ms: gone and silent connections dropped, heartbeats, and
+//!      `declare_overdue_node` (`declare_dead`, in a new epoch).
+//!   6. `drive_reconciliations` sends joined nodes their GAT entries; `spin_or_sleep`.
+//!   7. `run_coordinator`: the coordinator's actions, each in `carry_out`; the pass's
+//!      Persist actions go to the writer thread as one group commit.
+//!   8. `stop_if_deposed`: a fenced monitor stops once its transactions have finished.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -35,7 +58,7 @@ pub struct ServerConfig {
     pub page_size_bytes: u64,
     /// Most mappings in one ZooKeeper write (`usize::MAX`: all that are ready).
     pub max_batch: usize,
-    /// A node disconnected this long is declared dead (see [`declare_dead`]).
+    /// A node disconnected this long is declared dead (see `Monitor::declare_dead`).
     pub node_timeout: Duration,
     /// A joined node silent this long (heartbeats unanswered) is disconnected.
     pub heartbeat_timeout: Duration,
@@ -251,20 +274,47 @@ pub fn serve(
                 persister(writer, rt, &batches, &persisted_tx, wake, max_batch)
             })
             .map_err(|e| e.to_string())?;
+        let listener = Listener::bind(config.listen, 64).map_err(|e| e.to_string())?;
+        let pd = ProtectionDomain::new(listener.context()).map_err(|e| e.to_string())?;
+        // Announced only now that the GAT is loaded and the listener bound: nodes that look
+        // the monitor up connect at once.
+        announce(store, rt, &config.listen.to_string())?;
+        println!(
+            "MONITOR READY listen={} device={} epoch={} mappings={} max_page_id={} unix_ms={}",
+            config.listen,
+            listener.context().name(),
+            epoch.0,
+            mappings.len(),
+            coord.next_page_id() - 1,
+            fault::unix_ms()
+        );
         // Dropping `to_persister` (when the loop ends) stops the writer thread.
-        run_loop(
+        Monitor {
             config,
             store,
             rt,
             epoch,
-            coord,
+            coordinator: coord,
             mappings,
+            failures: dead,
+            writing: HashMap::new(),
+            deposed: None,
+            replies: HashMap::new(),
+            peers: vec![],
+            by_node: BTreeMap::new(),
+            pd,
+            listener,
             to_persister,
-            &persisted,
+            persisted: &persisted,
             wake,
-            &session_lost,
-            dead,
-        )
+            session_lost: &session_lost,
+            start: Instant::now(),
+            last_tick: Instant::now(),
+            last_accept: Instant::now() - Duration::from_secs(1),
+            spin: pmgas_verbs::spin::SpinThenSleep::default(),
+            last_request: Instant::now(),
+        }
+        .run_loop()
     })
 }
 
@@ -295,174 +345,139 @@ struct Failures {
     missing: BTreeMap<NodeId, Instant>,
 }
 
-/// Declares `node` dead: stores `record` (the next epoch, the largest page id handed out)
-/// in one fenced multi-op,
-/// then drops its replicas from the in-memory GAT and reports the pages that lost a
-/// replica with the count that remains. Returns the new epoch, or the store's error
-/// (nothing changed then); the caller tells the coordinator ([`Input::NodeDead`]).
-fn declare_dead(
-    store: &Store,
-    rt: &tokio::runtime::Runtime,
-    node: NodeId,
-    record: pmgas_layout::gat::DeadNode,
-    mappings: &mut HashMap<PageId, Mapping>,
-    failures: &mut Failures,
-    away: Duration,
-) -> Result<Epoch, StoreError> {
-    bounded(rt, store.declare_dead(node, record)).unwrap_or_else(|_| {
-        Err(StoreError::Corrupt {
-            path: format!("dead/node{}", node.0),
-            reason: "ZooKeeper did not answer (outcome unknown: asked again next tick)".into(),
-        })
-    })?;
-    fault::point("monitor.node-declared-dead");
-    failures.dead.0.insert(node, record);
-    failures.missing.remove(&node);
-    let (mut affected, mut promoted) = (0usize, 0usize);
-    let mut remaining: BTreeMap<usize, usize> = BTreeMap::new();
-    let mut lost: Vec<u32> = vec![];
-    let only_this = pmgas_layout::gat::DeadNodes([(node, record)].into_iter().collect());
-    for m in mappings.values_mut() {
-        let was_primary = m.replicas.first().is_some_and(|r| r.node == node);
-        if only_this.apply(m) == 0 {
-            continue;
-        }
-        affected += 1;
-        promoted += usize::from(was_primary && !m.replicas.is_empty());
-        *remaining.entry(m.replicas.len()).or_default() += 1;
-        if m.replicas.is_empty() {
-            lost.push(m.page_id.0);
-        }
-    }
-    let remaining_text: Vec<String> = remaining
-        .iter()
-        .map(|(r, n)| format!("{n} pages with {r}"))
-        .collect();
-    tracing::warn!(
-        %node,
-        away_ms = away.as_millis() as u64,
-        epoch = record.epoch.0,
-        pages = affected,
-        primaries_promoted = promoted,
-        remaining_replicas = %remaining_text.join(", "),
-        "node declared dead: its replicas left the GAT"
-    );
-    if !lost.is_empty() {
-        lost.sort_unstable();
-        tracing::error!(
-            %node,
-            pages = lost.len(),
-            first = ?&lost[..lost.len().min(16)],
-            "pages LOST: every replica was on dead nodes"
-        );
-    }
-    println!(
-        "NODE DEAD node={} epoch={} max_page_id={} pages={} primaries_promoted={} lost={} \
-         remaining=[{}] unix_ms={}",
-        node.0,
-        record.epoch.0,
-        record.max_page_id,
-        affected,
-        promoted,
-        lost.len(),
-        remaining_text.join(", "),
-        fault::unix_ms()
-    );
-    Ok(record.epoch)
+/// The RDMA loop's state, owned by one thread; ZooKeeper writes of the GAT run on the writer
+/// thread meanwhile. Each step of a pass is one method, called in order by
+/// [`Monitor::run_loop`] (the module's head comment lists them).
+///
+/// Fields drop in declaration order: the connections before their protection domain and
+/// listener, and all of them before `to_persister`, whose drop stops the writer thread.
+struct Monitor<'a> {
+    config: &'a ServerConfig,
+    store: &'a Store,
+    rt: &'a tokio::runtime::Runtime,
+    epoch: Epoch,
+    coordinator: Coordinator,
+    /// The in-memory GAT: what ZooKeeper holds (see [`Monitor::collect_persisted`]).
+    mappings: HashMap<PageId, Mapping>,
+    failures: Failures,
+    /// Mappings handed to the GAT writer, by transaction, until it reports.
+    writing: HashMap<u64, Mapping>,
+    /// Set once a GAT write was fenced: finish what was started, then stop.
+    deposed: Option<String>,
+    /// (node, wire request id) -> msg-layer id to answer, for AllocPage replies.
+    replies: HashMap<(NodeId, u64), u64>,
+    /// The connections, joined or not; `by_node` indexes the joined ones.
+    peers: Vec<Peer>,
+    by_node: BTreeMap<NodeId, usize>,
+    pd: ProtectionDomain,
+    listener: Listener,
+    to_persister: mpsc::Sender<Batch>,
+    persisted: &'a mpsc::Receiver<PersistReport>,
+    wake: &'a Notifier,
+    session_lost: &'a std::sync::atomic::AtomicBool,
+    start: Instant,
+    last_tick: Instant,
+    last_accept: Instant,
+    /// When a node last sent a request (a deposed monitor waits until they stop).
+    last_request: Instant,
+    spin: pmgas_verbs::spin::SpinThenSleep,
 }
 
-/// The RDMA loop; ZooKeeper writes of the GAT run on the writer thread meanwhile.
-#[allow(clippy::too_many_arguments)]
-fn run_loop(
-    config: &ServerConfig,
-    store: &Store,
-    rt: &tokio::runtime::Runtime,
-    epoch: Epoch,
-    mut coord: Coordinator,
-    mut mappings: HashMap<PageId, Mapping>,
-    to_persister: mpsc::Sender<Batch>,
-    persisted: &mpsc::Receiver<PersistReport>,
-    wake: &Notifier,
-    session_lost: &std::sync::atomic::AtomicBool,
-    mut failures: Failures,
-) -> Result<(), String> {
-    let mut epoch = epoch;
-    let listener = Listener::bind(config.listen, 64).map_err(|e| e.to_string())?;
-    let pd = ProtectionDomain::new(listener.context()).map_err(|e| e.to_string())?;
-    // Announced only now that the GAT is loaded and the listener bound: nodes that look
-    // the monitor up connect at once.
-    announce(store, rt, &config.listen.to_string())?;
-    println!(
-        "MONITOR READY listen={} device={} epoch={} mappings={} max_page_id={} unix_ms={}",
-        config.listen,
-        listener.context().name(),
-        epoch.0,
-        mappings.len(),
-        coord.next_page_id() - 1,
-        fault::unix_ms()
-    );
-    let start = Instant::now();
-    let mut peers: Vec<Peer> = vec![];
-    // (node, wire request id) -> msg-layer id to answer, for AllocPage replies.
-    let mut replies: HashMap<(NodeId, u64), u64> = HashMap::new();
-    let mut by_node: BTreeMap<NodeId, usize> = BTreeMap::new();
-    let mut last_tick = Instant::now();
-    let mut last_accept = Instant::now() - Duration::from_secs(1);
-    let mut spin = pmgas_verbs::spin::SpinThenSleep::default();
-    // Set once a GAT write was fenced: finish what was started, then stop.
-    let mut deposed: Option<String> = None;
-    let mut last_request = Instant::now();
-    // Mappings handed to the GAT writer, by transaction, until it reports.
-    let mut writing: HashMap<u64, Mapping> = HashMap::new();
-    loop {
-        if session_lost.load(std::sync::atomic::Ordering::Acquire) {
+/// Whether a node's connection survives what it just delivered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Connection {
+    Keep,
+    /// It failed: the loop drops it once every connection has been polled.
+    Close,
+}
+
+/// A request's reply body, or the error code and detail that refuse it.
+type Answer = Result<Body, (ErrorCode, String)>;
+
+impl Monitor<'_> {
+    /// The RDMA loop: one pass after another until the monitor must stop (it returns why).
+    fn run_loop(mut self) -> Result<(), String> {
+        loop {
+            self.stop_if_session_lost()?;
+            self.accept_new_connection()?;
+            let now_ns = self.start.elapsed().as_nanos() as u64;
+            let mut inputs: Vec<Input> = vec![];
+            self.collect_persisted(&mut inputs)?;
+            self.poll_peers(&mut inputs);
+            self.tick(&mut inputs);
+            // Spin briefly while messages flow, then sleep until a completion, an rdma_cm
+            // event (a connect request, a disconnect) or the next tick.
+            let idle_pass = inputs.iter().all(|i| matches!(i, Input::Tick));
+            let reconciling = self.drive_reconciliations();
+            self.spin_or_sleep(idle_pass && !reconciling)?;
+            self.run_coordinator(inputs, now_ns)?;
+            self.stop_if_deposed()?;
+        }
+    }
+
+    fn stop_if_session_lost(&self) -> Result<(), String> {
+        if self.session_lost.load(std::sync::atomic::Ordering::Acquire) {
             return Err(format!(
                 "lost the ZooKeeper session, and with it the leadership ({} transactions in \
                  flight are left to the next monitor's reconciliation)",
-                coord.in_flight()
+                self.coordinator.in_flight()
             ));
         }
-        if last_accept.elapsed() >= Duration::from_millis(2) {
-            last_accept = Instant::now();
-            if let Some(req) = listener
-                .next_request(Duration::ZERO)
-                .map_err(|e| e.to_string())?
-            {
-                // The receive ring is posted before accepting: the node's Join never
-                // waits out an RNR back-off.
-                match req.accept_endpoint(
-                    &pd,
-                    &ConnectionConfig::default(),
-                    &[],
-                    MsgConfig::default(),
-                ) {
-                    Ok(ep) => peers.push(Peer {
-                        ep,
-                        node: None,
-                        sent: HashMap::new(),
-                        reconcile: None,
-                        art: None,
-                        heard: Instant::now(),
-                        pinged: Instant::now(),
-                    }),
-                    Err(e) => tracing::warn!(error = %e, "accept failed"),
-                }
-            }
+        Ok(())
+    }
+
+    /// Takes one rdma_cm connect request, if any, at most every 2 ms; the node becomes a
+    /// peer that has not joined yet.
+    fn accept_new_connection(&mut self) -> Result<(), String> {
+        if self.last_accept.elapsed() < Duration::from_millis(2) {
+            return Ok(());
         }
-        let now_ns = start.elapsed().as_nanos() as u64;
-        let mut inputs: Vec<Input> = vec![];
-        while let Ok(report) = persisted.try_recv() {
+        self.last_accept = Instant::now();
+        let Some(req) = self
+            .listener
+            .next_request(Duration::ZERO)
+            .map_err(|e| e.to_string())?
+        else {
+            return Ok(());
+        };
+        // The receive ring is posted before accepting: the node's Join never
+        // waits out an RNR back-off.
+        match req.accept_endpoint(
+            &self.pd,
+            &ConnectionConfig::default(),
+            &[],
+            MsgConfig::default(),
+        ) {
+            Ok(ep) => self.peers.push(Peer {
+                ep,
+                node: None,
+                sent: HashMap::new(),
+                reconcile: None,
+                art: None,
+                heard: Instant::now(),
+                pinged: Instant::now(),
+            }),
+            Err(e) => tracing::warn!(error = %e, "accept failed"),
+        }
+        Ok(())
+    }
+
+    /// Takes the GAT writer's reports: stored mappings enter the in-memory GAT, and the
+    /// coordinator hears [`Input::Persisted`] or [`Input::PersistFailed`]; a fenced write
+    /// deposes this monitor. A report that the writer had to stop ends the loop.
+    fn collect_persisted(&mut self, inputs: &mut Vec<Input>) -> Result<(), String> {
+        while let Ok(report) = self.persisted.try_recv() {
             let (txn_ids, outcome) = report?;
             // The GAT in memory is what ZooKeeper holds: a mapping enters it once its write
             // is acknowledged (reconciliations of rejoining nodes are cut from it).
             for t in &txn_ids {
-                if let Some(mut m) = writing.remove(t)
+                if let Some(mut m) = self.writing.remove(t)
                     && matches!(outcome, Persisted::Stored)
                 {
                     // Written with a replica on a node declared dead meanwhile: the
                     // declaration covers its id (assigned before), so the view drops it.
-                    failures.dead.apply(&mut m);
-                    mappings.insert(m.page_id, m);
+                    self.failures.dead.apply(&mut m);
+                    self.mappings.insert(m.page_id, m);
                 }
             }
             inputs.push(match outcome {
@@ -470,14 +485,21 @@ fn run_loop(
                 Persisted::NotStored => Input::PersistFailed { txn_ids },
                 Persisted::Fenced(e) => {
                     tracing::error!(error = %e, "deposed: another monitor writes the GAT now");
-                    deposed.get_or_insert(e);
+                    self.deposed.get_or_insert(e);
                     Input::PersistFailed { txn_ids }
                 }
             });
         }
+        Ok(())
+    }
+
+    /// Handles everything each connection has delivered: requests, responses and requests
+    /// that timed out. Connections that failed are dropped after the last one is polled.
+    fn poll_peers(&mut self, inputs: &mut Vec<Input>) {
         let mut dead = vec![];
-        for (i, peer) in peers.iter_mut().enumerate() {
+        for i in 0..self.peers.len() {
             loop {
+                let peer = &mut self.peers[i];
                 let incoming = match peer.ep.poll() {
                     Ok(Some(m)) => {
                         if !matches!(m, Incoming::TimedOut { .. }) {
@@ -496,131 +518,22 @@ fn run_loop(
                     Incoming::Request {
                         request_id,
                         payload,
-                    } => {
-                        last_request = Instant::now();
-                        let reply = handle_request(
-                            &payload,
-                            peer,
-                            i,
-                            config,
-                            &mut by_node,
-                            &mappings,
-                            epoch,
-                            &mut replies,
-                            request_id,
-                            &mut inputs,
-                            deposed.is_some(),
-                        );
-                        if let Some(mut reply) = reply {
-                            if let (Body::JoinAck { .. }, Some(node)) = (&reply.body, peer.node) {
-                                match record_join(store, rt, node, epoch) {
-                                    Ok(()) => {
-                                        if let Some(since) = failures.missing.remove(&node) {
-                                            tracing::info!(
-                                                %node,
-                                                away_ms = since.elapsed().as_millis() as u64,
-                                                "node back within the node timeout"
-                                            );
-                                        }
-                                    }
-                                    Err(e) => {
-                                        // Not live until recorded: undo the join, refuse it.
-                                        tracing::warn!(%node, error = %e, "join not recorded in ZooKeeper");
-                                        peer.node = None;
-                                        peer.reconcile = None;
-                                        by_node.remove(&node);
-                                        reply.body = Body::Error {
-                                            code: ErrorCode::Internal,
-                                            detail: format!("the join could not be recorded: {e}"),
-                                        };
-                                    }
-                                }
-                            }
-                            let _ = peer.ep.respond(request_id, &reply.encode());
-                        }
-                    }
+                    } => self.handle_peer_request(i, request_id, &payload, inputs),
                     Incoming::Response {
                         request_id,
                         payload,
                     } => {
-                        let (Some(node), Some(sent)) = (peer.node, peer.sent.remove(&request_id))
-                        else {
-                            continue;
-                        };
-                        match (Message::decode(&payload).map(|m| m.body), sent) {
-                            (
-                                Ok(Body::Reconciled {
-                                    committed,
-                                    freed,
-                                    unknown_allocated,
-                                    conflicting,
-                                }),
-                                Sent::Reconcile { last: true },
-                            ) => {
-                                if let Some(mut r) = peer.reconcile.take() {
-                                    if let Some((region, page_count)) = peer.art {
-                                        let t = Instant::now();
-                                        match check_art(
-                                            &mut peer.ep,
-                                            node,
-                                            &region,
-                                            page_count,
-                                            &mappings,
-                                        ) {
-                                            Ok(c) => report_art_check(node, &c, t.elapsed()),
-                                            Err(e) => {
-                                                tracing::error!(%node, error = %e, "one-sided ART cross-check failed; dropping the connection");
-                                                dead.push(i);
-                                                break;
-                                            }
-                                        }
-                                    }
-                                    r.view.free_pages = r.view.free_pages.saturating_add(freed);
-                                    coord.set_node(node, r.view);
-                                    let ms = r.started.elapsed().as_secs_f64() * 1e3;
-                                    tracing::info!(
-                                        %node, committed, freed, unknown_allocated, conflicting,
-                                        ms = format!("{ms:.1}"), "node reconciled with the GAT"
-                                    );
-                                    if unknown_allocated + conflicting > 0 {
-                                        tracing::error!(
-                                            %node, unknown_allocated, conflicting,
-                                            "ALLOCATED pages the GAT does not account for (left untouched)"
-                                        );
-                                    }
-                                }
-                            }
-                            (Ok(Body::Reconciled { .. }), Sent::Reconcile { last: false }) => {}
-                            (Ok(Body::EpochChanged { .. }), Sent::EpochNotice) => {}
-                            (_, Sent::Heartbeat) => {}
-                            (Ok(Body::Prepared { txn_id, page }), _) => {
-                                inputs.push(Input::Prepared {
-                                    from: node,
-                                    txn_id,
-                                    page,
-                                })
-                            }
-                            (Ok(Body::CommitAck { txn_id, .. }), _) => {
-                                inputs.push(Input::CommitAck { from: node, txn_id })
-                            }
-                            (Ok(Body::AbortAck { txn_id }), _) => {
-                                inputs.push(Input::AbortAck { from: node, txn_id })
-                            }
-                            (Ok(Body::Error { code, .. }), Sent::Prepare(txn_id)) => {
-                                inputs.push(Input::PrepareFailed {
-                                    from: node,
-                                    txn_id,
-                                    code,
-                                })
-                            }
-                            (other, sent) => {
-                                tracing::warn!(?node, ?sent, ?other, "unexpected response")
-                            }
+                        if self.handle_peer_response(i, request_id, &payload, inputs)
+                            == Connection::Close
+                        {
+                            dead.push(i);
+                            break;
                         }
                     }
                     Incoming::TimedOut { request_id } => {
                         // The coordinator's own timers retry or abort; a reconciliation
                         // starts over (the node's side is idempotent).
+                        let peer = &mut self.peers[i];
                         if let Some(Sent::Reconcile { .. }) = peer.sent.remove(&request_id)
                             && let Some(r) = peer.reconcile.as_mut()
                         {
@@ -633,201 +546,656 @@ fn run_loop(
             }
         }
         for i in dead.into_iter().rev() {
-            remove_peer(&mut peers, &mut by_node, i, &mut failures, &mut inputs);
+            self.remove_peer(i, inputs);
         }
-        if last_tick.elapsed() >= Duration::from_millis(10) {
-            last_tick = Instant::now();
-            inputs.push(Input::Tick);
-            // Drop connections whose peer has gone (a node restarting rejoins on a new one).
-            for i in (0..peers.len()).rev() {
-                if peers[i].ep.connection().peer_disconnected().unwrap_or(true) {
-                    remove_peer(&mut peers, &mut by_node, i, &mut failures, &mut inputs);
-                }
-            }
-            // Heartbeats: a joined node that has answered nothing for the heartbeat
-            // timeout is dropped as if its connection had failed (a hung or partitioned
-            // node keeps its RC connection up as long as nothing is sent to it).
-            for i in (0..peers.len()).rev() {
-                let Some(node) = peers[i].node else {
-                    continue;
-                };
-                let silent = peers[i].heard.elapsed();
-                if silent >= config.heartbeat_timeout {
-                    tracing::warn!(%node, silent_ms = silent.as_millis() as u64, "node answers no heartbeat; dropping its connection");
-                    remove_peer(&mut peers, &mut by_node, i, &mut failures, &mut inputs);
-                    continue;
-                }
-                if peers[i].pinged.elapsed() >= HEARTBEAT_EVERY && silent >= HEARTBEAT_EVERY {
-                    peers[i].pinged = Instant::now();
-                    let seq = start.elapsed().as_millis() as u64;
-                    let body = Body::Heartbeat { seq };
-                    send(&mut peers, &by_node, node, body, Sent::Heartbeat, epoch);
-                }
-            }
-            // Nodes away past the node timeout are declared dead, one per tick.
-            let overdue = failures
-                .missing
-                .iter()
-                .find(|(_, since)| since.elapsed() >= config.node_timeout)
-                .map(|(n, since)| (*n, since.elapsed()));
-            if let Some((node, away)) = overdue
-                && deposed.is_none()
-            {
-                match declare_dead(
-                    store,
-                    rt,
-                    node,
-                    pmgas_layout::gat::DeadNode {
-                        epoch: Epoch(epoch.0 + 1),
-                        max_page_id: coord.next_page_id() - 1,
-                    },
-                    &mut mappings,
-                    &mut failures,
-                    away,
-                ) {
-                    Ok(new_epoch) => {
-                        epoch = new_epoch;
-                        let joined: Vec<NodeId> = by_node.keys().copied().collect();
-                        for to in joined {
-                            let body = Body::EpochChanged { dead_node: node };
-                            send(&mut peers, &by_node, to, body, Sent::EpochNotice, epoch);
-                        }
-                        inputs.push(Input::NodeDead {
-                            node,
-                            epoch: new_epoch,
-                        });
+    }
+
+    /// A request from connection `i`: answered through [`Monitor::handle_request`]; a
+    /// join it accepts is recorded in ZooKeeper before the node hears so.
+    fn handle_peer_request(
+        &mut self,
+        i: usize,
+        request_id: u64,
+        payload: &[u8],
+        inputs: &mut Vec<Input>,
+    ) {
+        self.last_request = Instant::now();
+        let Some(mut reply) = self.handle_request(i, request_id, payload, inputs) else {
+            return;
+        };
+        if let (Body::JoinAck { .. }, Some(node)) = (&reply.body, self.peers[i].node) {
+            match record_join(self.store, self.rt, node, self.epoch) {
+                Ok(()) => {
+                    if let Some(since) = self.failures.missing.remove(&node) {
+                        tracing::info!(
+                            %node,
+                            away_ms = since.elapsed().as_millis() as u64,
+                            "node back within the node timeout"
+                        );
                     }
-                    Err(StoreError::Fenced { path }) => {
-                        tracing::error!(%node, %path, "deposed while declaring a node dead");
-                        deposed.get_or_insert(format!("fenced at {path}"));
+                }
+                Err(e) => {
+                    // Not live until recorded: undo the join, refuse it.
+                    tracing::warn!(%node, error = %e, "join not recorded in ZooKeeper");
+                    let peer = &mut self.peers[i];
+                    peer.node = None;
+                    peer.reconcile = None;
+                    self.by_node.remove(&node);
+                    reply.body = Body::Error {
+                        code: ErrorCode::Internal,
+                        detail: format!("the join could not be recorded: {e}"),
+                    };
+                }
+            }
+        }
+        let _ = self.peers[i].ep.respond(request_id, &reply.encode());
+    }
+
+    /// Answers one wire request from connection `i` (`msg_id` is its msg-layer id): the
+    /// reply to send now, or `None` when the coordinator answers later ([`Action::Reply`]).
+    ///
+    /// A new request is one more arm. Arms below the two guards serve only a node that
+    /// has joined as the sender and speaks the current epoch; an arm longer than a few
+    /// lines gets a method that returns an [`Answer`].
+    fn handle_request(
+        &mut self,
+        i: usize,
+        msg_id: u64,
+        payload: &[u8],
+        inputs: &mut Vec<Input>,
+    ) -> Option<Message> {
+        let msg = match Message::decode(payload) {
+            Ok(m) => m,
+            Err(e) => return Some(self.reply(0, Err((ErrorCode::Malformed, e.to_string())))),
+        };
+        let rid = msg.header.request_id;
+        let answer = match msg.body {
+            Body::Join(j) => self.join(i, msg.header.sender, &j),
+            _ if self.peers[i].node != Some(msg.header.sender) => Err((
+                ErrorCode::Malformed,
+                "join first, as the node you are".into(),
+            )),
+            _ if msg.header.epoch != self.epoch => Err((
+                ErrorCode::StaleEpoch,
+                format!("epoch {} is not {}", msg.header.epoch.0, self.epoch.0),
+            )),
+            Body::AllocPage { .. } if self.deposed.is_some() => Err((
+                ErrorCode::NotLeader,
+                "this monitor was deposed; ask the active one".into(),
+            )),
+            Body::AllocPage {
+                primary_page,
+                backups_wanted,
+            } => {
+                let node = msg.header.sender;
+                self.replies.insert((node, rid), msg_id);
+                inputs.push(Input::AllocPage {
+                    from: node,
+                    request_id: rid,
+                    epoch: msg.header.epoch,
+                    primary_page,
+                    backups_wanted,
+                });
+                return None;
+            }
+            Body::MappingLookup { page_id } => self.lookup_mapping(page_id),
+            other => Err((
+                ErrorCode::Malformed,
+                format!("{} is not a request to the monitor", other.name()),
+            )),
+        };
+        Some(self.reply(rid, answer))
+    }
+
+    /// The message that carries `answer` to wire request `rid`.
+    fn reply(&self, rid: u64, answer: Answer) -> Message {
+        let body = answer.unwrap_or_else(|(code, detail)| Body::Error { code, detail });
+        Message::new(self.epoch, MONITOR_SENDER, rid, body)
+    }
+
+    /// A node joins on connection `i`: it is indexed under its id, and reconciles its ART
+    /// with the GAT before it takes part in transactions.
+    fn join(&mut self, i: usize, node: NodeId, j: &pmgas_layout::wire::Join) -> Answer {
+        let config = self.config;
+        if j.cluster_id != config.cluster_id {
+            return Err((
+                ErrorCode::WrongCluster,
+                format!("cluster {} is not {}", j.cluster_id.0, config.cluster_id.0),
+            ));
+        }
+        if j.page_size_bytes != config.page_size_bytes {
+            return Err((
+                ErrorCode::BadGeometry,
+                format!(
+                    "page size {} is not {}",
+                    j.page_size_bytes, config.page_size_bytes
+                ),
+            ));
+        }
+        if self.by_node.contains_key(&node) {
+            return Err((
+                ErrorCode::DuplicateNode,
+                format!("{node} is already joined"),
+            ));
+        }
+        let peer = &mut self.peers[i];
+        peer.node = Some(node);
+        self.by_node.insert(node, i);
+        // The ART region a node exports: used only if it is consistent with the pool
+        // geometry it declared (a forged or old join gets no one-sided check).
+        let art_end = u64::from(j.page_count)
+            .checked_mul(pmgas_layout::pool::ART_ENTRY_BYTES)
+            .and_then(|b| b.checked_add(pmgas_layout::pool::ART_OFFSET));
+        peer.art = match art_end {
+            Some(end)
+                if j.art_rkey != 0
+                    && j.region_addr != 0
+                    && end <= j.region_len
+                    && j.page_count <= 1 << 26 =>
+            {
+                Some((
+                    RemoteRegion {
+                        addr: j.region_addr,
+                        len: end,
+                        rkey: j.art_rkey,
+                    },
+                    j.page_count,
+                ))
+            }
+            _ => {
+                tracing::warn!(%node, "the node exports no usable ART region: no one-sided cross-check");
+                None
+            }
+        };
+        peer.reconcile = Some(Reconciling {
+            view: NodeView {
+                free_pages: j.free_pages,
+            },
+            entries: None,
+            next: 0,
+            sent_last: false,
+            started: Instant::now(),
+        });
+        tracing::info!(%node, free = j.free_pages, "node joined; reconciling");
+        Ok(Body::JoinAck {
+            live_nodes: self.by_node.len() as u32,
+        })
+    }
+
+    /// A page's replicas, from the in-memory GAT.
+    fn lookup_mapping(&self, page_id: PageId) -> Answer {
+        match self.mappings.get(&page_id) {
+            Some(m) if m.replicas.is_empty() => Err((
+                ErrorCode::PageLost,
+                format!(
+                    "page {}: every replica was on data servers declared dead",
+                    page_id.0
+                ),
+            )),
+            Some(m) => Ok(Body::Mapping {
+                page_id,
+                replicas: m.replicas.clone(),
+            }),
+            None => Err((
+                ErrorCode::UnknownPage,
+                format!("page {} is not mapped", page_id.0),
+            )),
+        }
+    }
+
+    /// A response on connection `i` to what the monitor sent: the last reconciliation
+    /// message's answer completes the node's reconciliation (after the one-sided ART
+    /// check, whose failure closes the connection); the two-phase answers go to the
+    /// coordinator.
+    fn handle_peer_response(
+        &mut self,
+        i: usize,
+        request_id: u64,
+        payload: &[u8],
+        inputs: &mut Vec<Input>,
+    ) -> Connection {
+        let peer = &mut self.peers[i];
+        let (Some(node), Some(sent)) = (peer.node, peer.sent.remove(&request_id)) else {
+            return Connection::Keep;
+        };
+        match (Message::decode(payload).map(|m| m.body), sent) {
+            (
+                Ok(Body::Reconciled {
+                    committed,
+                    freed,
+                    unknown_allocated,
+                    conflicting,
+                }),
+                Sent::Reconcile { last: true },
+            ) => {
+                if let Some(mut r) = peer.reconcile.take() {
+                    if let Some((region, page_count)) = peer.art {
+                        let t = Instant::now();
+                        match check_art(&mut peer.ep, node, &region, page_count, &self.mappings) {
+                            Ok(c) => report_art_check(node, &c, t.elapsed()),
+                            Err(e) => {
+                                tracing::error!(%node, error = %e, "one-sided ART cross-check failed; dropping the connection");
+                                return Connection::Close;
+                            }
+                        }
+                    }
+                    r.view.free_pages = r.view.free_pages.saturating_add(freed);
+                    self.coordinator.set_node(node, r.view);
+                    let ms = r.started.elapsed().as_secs_f64() * 1e3;
+                    tracing::info!(
+                        %node, committed, freed, unknown_allocated, conflicting,
+                        ms = format!("{ms:.1}"), "node reconciled with the GAT"
+                    );
+                    if unknown_allocated + conflicting > 0 {
+                        tracing::error!(
+                            %node, unknown_allocated, conflicting,
+                            "ALLOCATED pages the GAT does not account for (left untouched)"
+                        );
+                    }
+                }
+            }
+            (Ok(Body::Reconciled { .. }), Sent::Reconcile { last: false }) => {}
+            (Ok(Body::EpochChanged { .. }), Sent::EpochNotice) => {}
+            (_, Sent::Heartbeat) => {}
+            (Ok(Body::Prepared { txn_id, page }), _) => inputs.push(Input::Prepared {
+                from: node,
+                txn_id,
+                page,
+            }),
+            (Ok(Body::CommitAck { txn_id, .. }), _) => {
+                inputs.push(Input::CommitAck { from: node, txn_id })
+            }
+            (Ok(Body::AbortAck { txn_id }), _) => {
+                inputs.push(Input::AbortAck { from: node, txn_id })
+            }
+            (Ok(Body::Error { code, .. }), Sent::Prepare(txn_id)) => {
+                inputs.push(Input::PrepareFailed {
+                    from: node,
+                    txn_id,
+                    code,
+                })
+            }
+            (other, sent) => {
+                tracing::warn!(?node, ?sent, ?other, "unexpected response")
+            }
+        }
+        Connection::Keep
+    }
+
+    /// Every 10 ms: the coordinator's [`Input::Tick`], then connections that are gone or
+    /// silent are dropped, idle nodes are sent heartbeats, and a node away too long is
+    /// declared dead.
+    fn tick(&mut self, inputs: &mut Vec<Input>) {
+        if self.last_tick.elapsed() < Duration::from_millis(10) {
+            return;
+        }
+        self.last_tick = Instant::now();
+        inputs.push(Input::Tick);
+        // Drop connections whose peer has gone (a node restarting rejoins on a new one).
+        for i in (0..self.peers.len()).rev() {
+            if self.peers[i]
+                .ep
+                .connection()
+                .peer_disconnected()
+                .unwrap_or(true)
+            {
+                self.remove_peer(i, inputs);
+            }
+        }
+        // Heartbeats: a joined node that has answered nothing for the heartbeat
+        // timeout is dropped as if its connection had failed (a hung or partitioned
+        // node keeps its RC connection up as long as nothing is sent to it).
+        for i in (0..self.peers.len()).rev() {
+            let Some(node) = self.peers[i].node else {
+                continue;
+            };
+            let silent = self.peers[i].heard.elapsed();
+            if silent >= self.config.heartbeat_timeout {
+                tracing::warn!(%node, silent_ms = silent.as_millis() as u64, "node answers no heartbeat; dropping its connection");
+                self.remove_peer(i, inputs);
+                continue;
+            }
+            if self.peers[i].pinged.elapsed() >= HEARTBEAT_EVERY && silent >= HEARTBEAT_EVERY {
+                self.peers[i].pinged = Instant::now();
+                let seq = self.start.elapsed().as_millis() as u64;
+                let body = Body::Heartbeat { seq };
+                self.send(node, body, Sent::Heartbeat);
+            }
+        }
+        // Nodes away past the node timeout are declared dead, one per tick.
+        self.declare_overdue_node(inputs);
+    }
+
+    /// Declares the first node away past the node timeout dead (not once deposed), in
+    /// the next epoch, which every joined node is told.
+    fn declare_overdue_node(&mut self, inputs: &mut Vec<Input>) {
+        let overdue = self
+            .failures
+            .missing
+            .iter()
+            .find(|(_, since)| since.elapsed() >= self.config.node_timeout)
+            .map(|(n, since)| (*n, since.elapsed()));
+        let Some((node, away)) = overdue else {
+            return;
+        };
+        if self.deposed.is_some() {
+            return;
+        }
+        let record = pmgas_layout::gat::DeadNode {
+            epoch: Epoch(self.epoch.0 + 1),
+            max_page_id: self.coordinator.next_page_id() - 1,
+        };
+        match self.declare_dead(node, record, away) {
+            Ok(new_epoch) => {
+                self.epoch = new_epoch;
+                let joined: Vec<NodeId> = self.by_node.keys().copied().collect();
+                for to in joined {
+                    let body = Body::EpochChanged { dead_node: node };
+                    self.send(to, body, Sent::EpochNotice);
+                }
+                inputs.push(Input::NodeDead {
+                    node,
+                    epoch: new_epoch,
+                });
+            }
+            Err(StoreError::Fenced { path }) => {
+                tracing::error!(%node, %path, "deposed while declaring a node dead");
+                self.deposed.get_or_insert(format!("fenced at {path}"));
+            }
+            Err(e) => {
+                tracing::warn!(%node, error = %e, "declaring a node dead failed; retrying")
+            }
+        }
+    }
+
+    /// Declares `node` dead: stores `record` (the next epoch, the largest page id handed out)
+    /// in one fenced multi-op,
+    /// then drops its replicas from the in-memory GAT and reports the pages that lost a
+    /// replica with the count that remains. Returns the new epoch, or the store's error
+    /// (nothing changed then); the caller tells the coordinator ([`Input::NodeDead`]).
+    fn declare_dead(
+        &mut self,
+        node: NodeId,
+        record: pmgas_layout::gat::DeadNode,
+        away: Duration,
+    ) -> Result<Epoch, StoreError> {
+        bounded(self.rt, self.store.declare_dead(node, record)).unwrap_or_else(|_| {
+            Err(StoreError::Corrupt {
+                path: format!("dead/node{}", node.0),
+                reason: "ZooKeeper did not answer (outcome unknown: asked again next tick)".into(),
+            })
+        })?;
+        fault::point("monitor.node-declared-dead");
+        self.failures.dead.0.insert(node, record);
+        self.failures.missing.remove(&node);
+        let (mut affected, mut promoted) = (0usize, 0usize);
+        let mut remaining: BTreeMap<usize, usize> = BTreeMap::new();
+        let mut lost: Vec<u32> = vec![];
+        let only_this = pmgas_layout::gat::DeadNodes([(node, record)].into_iter().collect());
+        for m in self.mappings.values_mut() {
+            let was_primary = m.replicas.first().is_some_and(|r| r.node == node);
+            if only_this.apply(m) == 0 {
+                continue;
+            }
+            affected += 1;
+            promoted += usize::from(was_primary && !m.replicas.is_empty());
+            *remaining.entry(m.replicas.len()).or_default() += 1;
+            if m.replicas.is_empty() {
+                lost.push(m.page_id.0);
+            }
+        }
+        let remaining_text: Vec<String> = remaining
+            .iter()
+            .map(|(r, n)| format!("{n} pages with {r}"))
+            .collect();
+        tracing::warn!(
+            %node,
+            away_ms = away.as_millis() as u64,
+            epoch = record.epoch.0,
+            pages = affected,
+            primaries_promoted = promoted,
+            remaining_replicas = %remaining_text.join(", "),
+            "node declared dead: its replicas left the GAT"
+        );
+        if !lost.is_empty() {
+            lost.sort_unstable();
+            tracing::error!(
+                %node,
+                pages = lost.len(),
+                first = ?&lost[..lost.len().min(16)],
+                "pages LOST: every replica was on dead nodes"
+            );
+        }
+        println!(
+            "NODE DEAD node={} epoch={} max_page_id={} pages={} primaries_promoted={} lost={} \
+             remaining=[{}] unix_ms={}",
+            node.0,
+            record.epoch.0,
+            record.max_page_id,
+            affected,
+            promoted,
+            lost.len(),
+            remaining_text.join(", "),
+            fault::unix_ms()
+        );
+        Ok(record.epoch)
+    }
+
+    /// Sends joined nodes their part of the GAT, as far as the message window allows. Returns
+    /// whether it sent anything.
+    fn drive_reconciliations(&mut self) -> bool {
+        let mut sent_any = false;
+        for peer in self.peers.iter_mut() {
+            let (Some(node), Some(r)) = (peer.node, peer.reconcile.as_mut()) else {
+                continue;
+            };
+            if r.sent_last {
+                continue;
+            }
+            if r.entries.is_none() {
+                if self.coordinator.persisting_involves(node) {
+                    continue;
+                }
+                let mut entries: Vec<(PageIndex, PageId)> =
+                    replicas_on(&self.mappings, node).collect();
+                entries.sort_unstable();
+                r.entries = Some(entries);
+            }
+            let entries = r.entries.as_deref().unwrap_or(&[]);
+            while !r.sent_last && peer.ep.outstanding() < peer.ep.request_limit() {
+                let end = (r.next + MAX_RECONCILE_ENTRIES).min(entries.len());
+                let last = end == entries.len();
+                let body = Body::Reconcile {
+                    last,
+                    entries: entries[r.next..end].to_vec(),
+                };
+                let msg = Message::new(self.epoch, MONITOR_SENDER, 0, body).encode();
+                match peer.ep.request(&msg, REQUEST_TIMEOUT) {
+                    Ok(id) => {
+                        peer.sent.insert(id, Sent::Reconcile { last });
+                        r.next = end;
+                        r.sent_last = last;
+                        sent_any = true;
+                        fault::point("monitor.reconcile-sent");
                     }
                     Err(e) => {
-                        tracing::warn!(%node, error = %e, "declaring a node dead failed; retrying")
+                        tracing::warn!(%node, error = %e, "reconcile send failed; retrying");
+                        break;
                     }
                 }
             }
         }
-        // Spin briefly while messages flow, then sleep until a completion, an rdma_cm
-        // event (a connect request, a disconnect) or the next tick.
-        let mut idle_pass = inputs.iter().all(|i| matches!(i, Input::Tick));
-        if drive_reconciliations(&mut peers, &coord, &mappings, epoch) {
-            idle_pass = false;
-        }
+        sent_any
+    }
+
+    /// Spins while the pass had work (`idle_pass` false), and after the spin budget of
+    /// idle passes sleeps until something is ready.
+    fn spin_or_sleep(&mut self, idle_pass: bool) -> Result<(), String> {
         if !idle_pass {
-            spin.busy();
-        } else if spin.should_sleep() {
-            spin.busy();
-            sleep(&listener, &mut peers, last_tick, wake)?;
-            wake.drain();
+            self.spin.busy();
+        } else if self.spin.should_sleep() {
+            self.spin.busy();
+            self.sleep()?;
+            self.wake.drain();
         }
+        Ok(())
+    }
+
+    /// Sleeps until a node's message, an rdma_cm event or the next 10 ms tick.
+    fn sleep(&mut self) -> Result<(), String> {
+        let mut fds = vec![self.listener.event_fd(), self.wake.fd()];
+        for p in self.peers.iter_mut() {
+            match p.ep.arm() {
+                Ok(true) => {}
+                // Something is ready, or the connection failed (the loop's poll reports it).
+                Ok(false) | Err(_) => return Ok(()),
+            }
+            fds.push(p.ep.connection().cq_event_fd());
+            fds.push(p.ep.connection().cm_event_fd());
+        }
+        let timeout = Duration::from_millis(10).saturating_sub(self.last_tick.elapsed());
+        pmgas_verbs::wait::wait_readable(&fds, timeout).map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
+    /// Runs the coordinator on this pass's inputs (`now_ns` read at the pass's start) and
+    /// carries out its actions; the Persist actions go to the writer thread in one batch.
+    fn run_coordinator(&mut self, inputs: Vec<Input>, now_ns: u64) -> Result<(), String> {
         // Run the coordinator to a fixed point, group-committing its Persist actions.
         let mut pending = inputs;
         while !pending.is_empty() {
             let mut actions = vec![];
             for input in pending.drain(..) {
-                actions.extend(coord.handle(input, now_ns));
+                actions.extend(self.coordinator.handle(input, now_ns));
             }
             let mut batch: Vec<(u64, Mapping)> = vec![];
             for action in actions {
-                match action {
-                    Action::Persist { txn_id, mapping } => {
-                        writing.insert(txn_id, mapping.clone());
-                        batch.push((txn_id, mapping));
-                    }
-                    Action::Prepare { to, txn_id } => {
-                        send(
-                            &mut peers,
-                            &by_node,
-                            to,
-                            Body::Prepare { txn_id },
-                            Sent::Prepare(txn_id),
-                            epoch,
-                        );
-                        fault::point("monitor.prepare-sent");
-                    }
-                    Action::Commit {
-                        to,
-                        txn_id,
-                        mapping,
-                    } => {
-                        send(
-                            &mut peers,
-                            &by_node,
-                            to,
-                            Body::Commit {
-                                txn_id,
-                                page_id: mapping.page_id,
-                                replicas: mapping.replicas,
-                            },
-                            Sent::Commit,
-                            epoch,
-                        );
-                        fault::point("monitor.commit-sent");
-                    }
-                    Action::Abort { to, txn_id } => {
-                        send(
-                            &mut peers,
-                            &by_node,
-                            to,
-                            Body::Abort { txn_id },
-                            Sent::Abort,
-                            epoch,
-                        );
-                        fault::point("monitor.abort-sent");
-                    }
-                    Action::Reply {
-                        to,
-                        request_id,
-                        txn_id,
-                        result,
-                    } => {
-                        let Some(msg_id) = replies.remove(&(to, request_id)) else {
-                            continue;
-                        };
-                        let committed = result.is_ok();
-                        let body = match result {
-                            Ok(m) => Body::Commit {
-                                txn_id,
-                                page_id: m.page_id,
-                                replicas: m.replicas,
-                            },
-                            Err(code) => Body::Error {
-                                code,
-                                detail: format!("allocation failed: {code:?}"),
-                            },
-                        };
-                        if let Some(&i) = by_node.get(&to) {
-                            let _ = peers[i].ep.respond(
-                                msg_id,
-                                &Message::new(epoch, MONITOR_SENDER, request_id, body).encode(),
-                            );
-                        }
-                        if committed {
-                            fault::point("monitor.commit-sent");
-                        }
-                    }
-                }
+                self.carry_out(action, &mut batch);
             }
             // Group commit: everything this pass produced goes to the writer thread in
             // one batch; it merges batches that queue while a write is in flight.
             if !batch.is_empty() {
                 let txn_ids: Vec<u64> = batch.iter().map(|(t, _)| *t).collect();
                 let maps: Vec<Mapping> = batch.into_iter().map(|(_, m)| m).collect();
-                to_persister
+                self.to_persister
                     .send((txn_ids, maps))
                     .map_err(|_| "the GAT writer thread ended".to_string())?;
                 fault::point("monitor.persist-queued");
             }
         }
+        Ok(())
+    }
+
+    /// Carries out one coordinator action: a message to a node, a reply to an AllocPage,
+    /// or a mapping to persist (added to `batch`, the pass's group commit).
+    fn carry_out(&mut self, action: Action, batch: &mut Vec<(u64, Mapping)>) {
+        match action {
+            Action::Persist { txn_id, mapping } => {
+                self.writing.insert(txn_id, mapping.clone());
+                batch.push((txn_id, mapping));
+            }
+            Action::Prepare { to, txn_id } => {
+                self.send(to, Body::Prepare { txn_id }, Sent::Prepare(txn_id));
+                fault::point("monitor.prepare-sent");
+            }
+            Action::Commit {
+                to,
+                txn_id,
+                mapping,
+            } => {
+                self.send(
+                    to,
+                    Body::Commit {
+                        txn_id,
+                        page_id: mapping.page_id,
+                        replicas: mapping.replicas,
+                    },
+                    Sent::Commit,
+                );
+                fault::point("monitor.commit-sent");
+            }
+            Action::Abort { to, txn_id } => {
+                self.send(to, Body::Abort { txn_id }, Sent::Abort);
+                fault::point("monitor.abort-sent");
+            }
+            Action::Reply {
+                to,
+                request_id,
+                txn_id,
+                result,
+            } => {
+                let Some(msg_id) = self.replies.remove(&(to, request_id)) else {
+                    return;
+                };
+                let committed = result.is_ok();
+                let body = match result {
+                    Ok(m) => Body::Commit {
+                        txn_id,
+                        page_id: m.page_id,
+                        replicas: m.replicas,
+                    },
+                    Err(code) => Body::Error {
+                        code,
+                        detail: format!("allocation failed: {code:?}"),
+                    },
+                };
+                if let Some(&i) = self.by_node.get(&to) {
+                    let _ = self.peers[i].ep.respond(
+                        msg_id,
+                        &Message::new(self.epoch, MONITOR_SENDER, request_id, body).encode(),
+                    );
+                }
+                if committed {
+                    fault::point("monitor.commit-sent");
+                }
+            }
+        }
+    }
+
+    fn stop_if_deposed(&self) -> Result<(), String> {
         // Deposed: stop once nothing is in flight and the nodes have stopped asking (they
         // were told NotLeader), so no request is left with an unknown outcome.
-        if let Some(why) = &deposed
-            && coord.in_flight() == 0
-            && last_request.elapsed() >= Duration::from_secs(1)
+        if let Some(why) = &self.deposed
+            && self.coordinator.in_flight() == 0
+            && self.last_request.elapsed() >= Duration::from_secs(1)
         {
             return Err(format!(
                 "this monitor was deposed ({why}); every transaction it started has finished"
             ));
+        }
+        Ok(())
+    }
+
+    /// Sends a request to joined node `to` in the current epoch, remembering what it was for.
+    fn send(&mut self, to: NodeId, body: Body, sent: Sent) {
+        let Some(&i) = self.by_node.get(&to) else {
+            tracing::warn!(?to, "no connection to node");
+            return;
+        };
+        let msg = Message::new(self.epoch, MONITOR_SENDER, 0, body).encode();
+        match self.peers[i].ep.request(&msg, REQUEST_TIMEOUT) {
+            Ok(id) => {
+                self.peers[i].sent.insert(id, sent);
+            }
+            Err(e) => tracing::warn!(?to, error = %e, "send failed"),
+        }
+    }
+
+    /// Forgets a node's connection (it failed, went silent, or the peer left). A joined node
+    /// stays in the live-node list until it rejoins or is declared dead: it counts as away
+    /// from now, and the coordinator hears that it left.
+    fn remove_peer(&mut self, i: usize, inputs: &mut Vec<Input>) {
+        let p = self.peers.remove(i);
+        tracing::warn!(node = ?p.node, "node disconnected");
+        if let Some(node) = p.node {
+            self.by_node.remove(&node);
+            self.failures.missing.insert(node, Instant::now());
+            inputs.push(Input::NodeLeft { node });
+        }
+        for idx in self.by_node.values_mut() {
+            if *idx > i {
+                *idx -= 1;
+            }
         }
     }
 }
@@ -924,79 +1292,6 @@ fn compact(
         Ok(Err(e)) => tracing::warn!(error = %e, "GAT compaction failed"),
         Err(_) => tracing::warn!("GAT compaction timed out"),
     }
-}
-
-/// Sends joined nodes their part of the GAT, as far as the message window allows. Returns
-/// whether it sent anything.
-fn drive_reconciliations(
-    peers: &mut [Peer],
-    coord: &Coordinator,
-    mappings: &HashMap<PageId, Mapping>,
-    epoch: Epoch,
-) -> bool {
-    let mut sent_any = false;
-    for peer in peers.iter_mut() {
-        let (Some(node), Some(r)) = (peer.node, peer.reconcile.as_mut()) else {
-            continue;
-        };
-        if r.sent_last {
-            continue;
-        }
-        if r.entries.is_none() {
-            if coord.persisting_involves(node) {
-                continue;
-            }
-            let mut entries: Vec<(PageIndex, PageId)> = replicas_on(mappings, node).collect();
-            entries.sort_unstable();
-            r.entries = Some(entries);
-        }
-        let entries = r.entries.as_deref().unwrap_or(&[]);
-        while !r.sent_last && peer.ep.outstanding() < peer.ep.request_limit() {
-            let end = (r.next + MAX_RECONCILE_ENTRIES).min(entries.len());
-            let last = end == entries.len();
-            let body = Body::Reconcile {
-                last,
-                entries: entries[r.next..end].to_vec(),
-            };
-            let msg = Message::new(epoch, MONITOR_SENDER, 0, body).encode();
-            match peer.ep.request(&msg, REQUEST_TIMEOUT) {
-                Ok(id) => {
-                    peer.sent.insert(id, Sent::Reconcile { last });
-                    r.next = end;
-                    r.sent_last = last;
-                    sent_any = true;
-                    fault::point("monitor.reconcile-sent");
-                }
-                Err(e) => {
-                    tracing::warn!(%node, error = %e, "reconcile send failed; retrying");
-                    break;
-                }
-            }
-        }
-    }
-    sent_any
-}
-
-/// Sleeps until a node's message, an rdma_cm event or the next 10 ms tick.
-fn sleep(
-    listener: &Listener,
-    peers: &mut [Peer],
-    last_tick: Instant,
-    wake: &Notifier,
-) -> Result<(), String> {
-    let mut fds = vec![listener.event_fd(), wake.fd()];
-    for p in peers.iter_mut() {
-        match p.ep.arm() {
-            Ok(true) => {}
-            // Something is ready, or the connection failed (the loop's poll reports it).
-            Ok(false) | Err(_) => return Ok(()),
-        }
-        fds.push(p.ep.connection().cq_event_fd());
-        fds.push(p.ep.connection().cm_event_fd());
-    }
-    let timeout = Duration::from_millis(10).saturating_sub(last_tick.elapsed());
-    pmgas_verbs::wait::wait_readable(&fds, timeout).map_err(|e| e.to_string())?;
-    Ok(())
 }
 
 /// Runs a ZooKeeper step again while it fails for a reason other than being fenced, for
@@ -1162,212 +1457,4 @@ fn record_join(
     idempotent_write(rt, &what, 3, Duration::ZERO, || {
         store.register_node(node.0, &info)
     })
-}
-
-/// Forgets a node's connection (it failed, went silent, or the peer left). A joined node
-/// stays in the live-node list until it rejoins or is declared dead: it counts as away
-/// from now, and the coordinator hears that it left.
-fn remove_peer(
-    peers: &mut Vec<Peer>,
-    by_node: &mut BTreeMap<NodeId, usize>,
-    i: usize,
-    failures: &mut Failures,
-    inputs: &mut Vec<Input>,
-) {
-    let p = peers.remove(i);
-    tracing::warn!(node = ?p.node, "node disconnected");
-    if let Some(node) = p.node {
-        by_node.remove(&node);
-        failures.missing.insert(node, Instant::now());
-        inputs.push(Input::NodeLeft { node });
-    }
-    for idx in by_node.values_mut() {
-        if *idx > i {
-            *idx -= 1;
-        }
-    }
-}
-
-fn send(
-    peers: &mut [Peer],
-    by_node: &BTreeMap<NodeId, usize>,
-    to: NodeId,
-    body: Body,
-    sent: Sent,
-    epoch: Epoch,
-) {
-    let Some(&i) = by_node.get(&to) else {
-        tracing::warn!(?to, "no connection to node");
-        return;
-    };
-    let msg = Message::new(epoch, MONITOR_SENDER, 0, body).encode();
-    match peers[i].ep.request(&msg, REQUEST_TIMEOUT) {
-        Ok(id) => {
-            peers[i].sent.insert(id, sent);
-        }
-        Err(e) => tracing::warn!(?to, error = %e, "send failed"),
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn handle_request(
-    payload: &[u8],
-    peer: &mut Peer,
-    index: usize,
-    config: &ServerConfig,
-    by_node: &mut BTreeMap<NodeId, usize>,
-    mappings: &HashMap<PageId, Mapping>,
-    epoch: Epoch,
-    replies: &mut HashMap<(NodeId, u64), u64>,
-    msg_id: u64,
-    inputs: &mut Vec<Input>,
-    deposed: bool,
-) -> Option<Message> {
-    let error = |code, detail: String, rid| {
-        Some(Message::new(
-            epoch,
-            MONITOR_SENDER,
-            rid,
-            Body::Error { code, detail },
-        ))
-    };
-    let msg = match Message::decode(payload) {
-        Ok(m) => m,
-        Err(e) => return error(ErrorCode::Malformed, e.to_string(), 0),
-    };
-    let rid = msg.header.request_id;
-    match msg.body {
-        Body::Join(j) => {
-            let node = msg.header.sender;
-            if j.cluster_id != config.cluster_id {
-                return error(
-                    ErrorCode::WrongCluster,
-                    format!("cluster {} is not {}", j.cluster_id.0, config.cluster_id.0),
-                    rid,
-                );
-            }
-            if j.page_size_bytes != config.page_size_bytes {
-                return error(
-                    ErrorCode::BadGeometry,
-                    format!(
-                        "page size {} is not {}",
-                        j.page_size_bytes, config.page_size_bytes
-                    ),
-                    rid,
-                );
-            }
-            if by_node.contains_key(&node) {
-                return error(
-                    ErrorCode::DuplicateNode,
-                    format!("{node} is already joined"),
-                    rid,
-                );
-            }
-            peer.node = Some(node);
-            by_node.insert(node, index);
-            // The ART region a node exports: used only if it is consistent with the pool
-            // geometry it declared (a forged or old join gets no one-sided check).
-            let art_end = u64::from(j.page_count)
-                .checked_mul(pmgas_layout::pool::ART_ENTRY_BYTES)
-                .and_then(|b| b.checked_add(pmgas_layout::pool::ART_OFFSET));
-            peer.art = match art_end {
-                Some(end)
-                    if j.art_rkey != 0
-                        && j.region_addr != 0
-                        && end <= j.region_len
-                        && j.page_count <= 1 << 26 =>
-                {
-                    Some((
-                        RemoteRegion {
-                            addr: j.region_addr,
-                            len: end,
-                            rkey: j.art_rkey,
-                        },
-                        j.page_count,
-                    ))
-                }
-                _ => {
-                    tracing::warn!(%node, "the node exports no usable ART region: no one-sided cross-check");
-                    None
-                }
-            };
-            peer.reconcile = Some(Reconciling {
-                view: NodeView {
-                    free_pages: j.free_pages,
-                },
-                entries: None,
-                next: 0,
-                sent_last: false,
-                started: Instant::now(),
-            });
-            tracing::info!(%node, free = j.free_pages, "node joined; reconciling");
-            Some(Message::new(
-                epoch,
-                MONITOR_SENDER,
-                rid,
-                Body::JoinAck {
-                    live_nodes: by_node.len() as u32,
-                },
-            ))
-        }
-        _ if peer.node != Some(msg.header.sender) => error(
-            ErrorCode::Malformed,
-            "join first, as the node you are".into(),
-            rid,
-        ),
-        _ if msg.header.epoch != epoch => error(
-            ErrorCode::StaleEpoch,
-            format!("epoch {} is not {}", msg.header.epoch.0, epoch.0),
-            rid,
-        ),
-        Body::AllocPage { .. } if deposed => error(
-            ErrorCode::NotLeader,
-            "this monitor was deposed; ask the active one".into(),
-            rid,
-        ),
-        Body::AllocPage {
-            primary_page,
-            backups_wanted,
-        } => {
-            let node = msg.header.sender;
-            replies.insert((node, rid), msg_id);
-            inputs.push(Input::AllocPage {
-                from: node,
-                request_id: rid,
-                epoch: msg.header.epoch,
-                primary_page,
-                backups_wanted,
-            });
-            None
-        }
-        Body::MappingLookup { page_id } => match mappings.get(&page_id) {
-            Some(m) if m.replicas.is_empty() => error(
-                ErrorCode::PageLost,
-                format!(
-                    "page {}: every replica was on data servers declared dead",
-                    page_id.0
-                ),
-                rid,
-            ),
-            Some(m) => Some(Message::new(
-                epoch,
-                MONITOR_SENDER,
-                rid,
-                Body::Mapping {
-                    page_id,
-                    replicas: m.replicas.clone(),
-                },
-            )),
-            None => error(
-                ErrorCode::UnknownPage,
-                format!("page {} is not mapped", page_id.0),
-                rid,
-            ),
-        },
-        other => error(
-            ErrorCode::Malformed,
-            format!("{} is not a request to the monitor", other.name()),
-            rid,
-        ),
-    }
 }

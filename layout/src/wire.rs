@@ -18,8 +18,16 @@ pub const MAX_REPLICAS: usize = 8;
 pub const MAX_DETAIL_BYTES: usize = 256;
 /// Most (page, page id) entries in one [`Body::Reconcile`].
 pub const MAX_RECONCILE_ENTRIES: usize = 256;
-/// Largest encoded message (a full Reconcile).
-pub const MAX_MESSAGE_BYTES: usize = HEADER_BYTES + 8 + MAX_RECONCILE_ENTRIES * 8;
+/// Most bytes one [`Body::Update`] or [`Body::Replicate`] carries (a longer write is
+/// several updates).
+pub const MAX_UPDATE_BYTES: usize = 4096;
+/// Most nodes in one [`Body::NodeList`].
+pub const MAX_NODES: usize = 64;
+/// Largest encoded message (an Update of [`MAX_UPDATE_BYTES`]; a full Reconcile is
+/// smaller).
+pub const MAX_MESSAGE_BYTES: usize = HEADER_BYTES + 32 + MAX_UPDATE_BYTES;
+const _: () = assert!(HEADER_BYTES + 8 + MAX_RECONCILE_ENTRIES * 8 <= MAX_MESSAGE_BYTES);
+const _: () = assert!(HEADER_BYTES + 8 + MAX_NODES * 16 <= MAX_MESSAGE_BYTES);
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[non_exhaustive]
@@ -67,10 +75,16 @@ pub enum ErrorCode {
     /// Every replica of the page was on data servers declared dead: its contents are gone
     /// (the page id is never reused).
     PageLost,
+    /// A data request went to a node that is not the page's primary in its epoch (the
+    /// mapping changed: look it up again). Nothing was applied.
+    NotPrimary,
+    /// A data request names bytes outside its page, or an 8-byte operation on an
+    /// unaligned address. Nothing was applied.
+    BadAddress,
 }
 
 impl ErrorCode {
-    const ALL: [Self; 12] = [
+    const ALL: [Self; 14] = [
         Self::Malformed,
         Self::StaleEpoch,
         Self::UnknownPage,
@@ -83,6 +97,8 @@ impl ErrorCode {
         Self::Internal,
         Self::BackupLost,
         Self::PageLost,
+        Self::NotPrimary,
+        Self::BadAddress,
     ];
 
     pub fn code(self) -> u16 {
@@ -115,6 +131,26 @@ pub struct Join {
     pub cm_ip: [u8; 4],
     pub cm_port: u16,
     pub art_rkey: u32,
+}
+
+/// Where a data node accepts data-path connections, as the monitor lists it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub node: NodeId,
+    pub ip: [u8; 4],
+    pub port: u16,
+    pub free_pages: u32,
+}
+
+/// What an [`Body::Update`] does to the bytes at its offset.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpdateOp {
+    /// Store these bytes (at most [`MAX_UPDATE_BYTES`], within the page).
+    Write(Vec<u8>),
+    /// If the aligned 8-byte word equals `expected`, store `new`; answer the old word.
+    CompareAndSwap { expected: u64, new: u64 },
+    /// Add `delta` (wrapping) to the aligned 8-byte word; answer the old word.
+    FetchAdd { delta: u64 },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -193,6 +229,53 @@ pub enum Body {
     Heartbeat {
         seq: u64,
     },
+    /// Anyone -> monitor: which data nodes are live, where they take data-path
+    /// connections, and how much room they have.
+    NodesQuery,
+    NodeList {
+        nodes: Vec<NodeInfo>,
+    },
+    /// Client or node -> data node, first on a data-path connection: where its pages are
+    /// for one-sided READs.
+    DataHello,
+    /// The pages' region: page `i` starts at `data_addr + i * page_size_bytes`, readable
+    /// with `rkey`; the header and ART at `art_addr`, readable with `art_rkey`.
+    DataHelloAck {
+        page_size_bytes: u64,
+        data_addr: u64,
+        art_addr: u64,
+        rkey: u32,
+        art_rkey: u32,
+        page_count: u32,
+    },
+    /// Client -> the page's primary: apply `op` at `offset` of page `page_id`, durably on
+    /// every live replica, then answer [`Body::UpdateAck`].
+    Update {
+        page_id: PageId,
+        offset: u32,
+        op: UpdateOp,
+    },
+    /// The word before the update (CAS, FAA; 0 for a write).
+    UpdateAck {
+        old: u64,
+    },
+    /// Primary -> backup: store these bytes at `offset` of `page` (the backup's replica of
+    /// `page_id`), durably, then answer [`Body::ReplicateAck`]. Absolute bytes, one in
+    /// flight per page: sending it again is harmless.
+    Replicate {
+        page_id: PageId,
+        page: PageIndex,
+        offset: u32,
+        data: Vec<u8>,
+    },
+    ReplicateAck {
+        page_id: PageId,
+    },
+    /// Client -> data node: allocate a page with this node as primary (answered with
+    /// [`Body::Mapping`]).
+    DataAlloc {
+        backups_wanted: u8,
+    },
 }
 
 impl Body {
@@ -214,6 +297,15 @@ impl Body {
             Self::Reconciled { .. } => 14,
             Self::EpochChanged { .. } => 15,
             Self::Heartbeat { .. } => 16,
+            Self::NodesQuery => 17,
+            Self::NodeList { .. } => 18,
+            Self::DataHello => 19,
+            Self::DataHelloAck { .. } => 20,
+            Self::Update { .. } => 21,
+            Self::UpdateAck { .. } => 22,
+            Self::Replicate { .. } => 23,
+            Self::ReplicateAck { .. } => 24,
+            Self::DataAlloc { .. } => 25,
         }
     }
 
@@ -235,6 +327,15 @@ impl Body {
             Self::Reconciled { .. } => "Reconciled",
             Self::EpochChanged { .. } => "EpochChanged",
             Self::Heartbeat { .. } => "Heartbeat",
+            Self::NodesQuery => "NodesQuery",
+            Self::NodeList { .. } => "NodeList",
+            Self::DataHello => "DataHello",
+            Self::DataHelloAck { .. } => "DataHelloAck",
+            Self::Update { .. } => "Update",
+            Self::UpdateAck { .. } => "UpdateAck",
+            Self::Replicate { .. } => "Replicate",
+            Self::ReplicateAck { .. } => "ReplicateAck",
+            Self::DataAlloc { .. } => "DataAlloc",
         }
     }
 }
@@ -463,6 +564,81 @@ impl Message {
                 w.zeros(4);
             }
             Body::Heartbeat { seq } => w.u64(*seq),
+            Body::NodesQuery | Body::DataHello => w.zeros(8),
+            Body::NodeList { nodes } => {
+                assert!(nodes.len() <= MAX_NODES, "node count");
+                w.u32(nodes.len() as u32);
+                w.zeros(4);
+                for n in nodes {
+                    w.u32(n.node.0);
+                    w.0.extend_from_slice(&n.ip);
+                    w.u16(n.port);
+                    w.zeros(2);
+                    w.u32(n.free_pages);
+                }
+            }
+            Body::DataHelloAck {
+                page_size_bytes,
+                data_addr,
+                art_addr,
+                rkey,
+                art_rkey,
+                page_count,
+            } => {
+                w.u64(*page_size_bytes);
+                w.u64(*data_addr);
+                w.u64(*art_addr);
+                w.u32(*rkey);
+                w.u32(*art_rkey);
+                w.u32(*page_count);
+                w.zeros(4);
+            }
+            Body::Update {
+                page_id,
+                offset,
+                op,
+            } => {
+                w.u32(page_id.0);
+                w.u32(*offset);
+                let (code, a, b, data): (u8, u64, u64, &[u8]) = match op {
+                    UpdateOp::Write(d) => {
+                        assert!(d.len() <= MAX_UPDATE_BYTES, "update bytes");
+                        (1, 0, 0, d)
+                    }
+                    UpdateOp::CompareAndSwap { expected, new } => (2, *expected, *new, &[]),
+                    UpdateOp::FetchAdd { delta } => (3, *delta, 0, &[]),
+                };
+                w.u8(code);
+                w.zeros(1);
+                w.u16(data.len() as u16);
+                w.zeros(4);
+                w.u64(a);
+                w.u64(b);
+                w.0.extend_from_slice(data);
+            }
+            Body::UpdateAck { old } => w.u64(*old),
+            Body::Replicate {
+                page_id,
+                page,
+                offset,
+                data,
+            } => {
+                assert!(data.len() <= MAX_UPDATE_BYTES, "replicate bytes");
+                w.u32(page_id.0);
+                w.u32(page.0);
+                w.u32(*offset);
+                w.u16(data.len() as u16);
+                w.zeros(2);
+                w.0.extend_from_slice(data);
+            }
+            Body::ReplicateAck { page_id } => {
+                w.u32(page_id.0);
+                w.zeros(4);
+            }
+            Body::DataAlloc { backups_wanted } => {
+                w.u8(*backups_wanted);
+                w.zeros(7);
+            }
         }
         let body_len = (w.0.len() - HEADER_BYTES) as u32;
         w.0[4..8].copy_from_slice(&body_len.to_le_bytes());
@@ -629,6 +805,109 @@ impl Message {
                 Body::EpochChanged { dead_node }
             }
             16 => Body::Heartbeat { seq: r.u64()? },
+            17 | 19 => {
+                r.zeros(8)?;
+                if kind == 17 {
+                    Body::NodesQuery
+                } else {
+                    Body::DataHello
+                }
+            }
+            18 => {
+                let count = r.u32()? as usize;
+                r.zeros(4)?;
+                if count > MAX_NODES {
+                    return corrupt(format!("{count} nodes (at most {MAX_NODES})"));
+                }
+                let mut nodes = Vec::with_capacity(count);
+                for _ in 0..count {
+                    let node = NodeId(r.u32()?);
+                    let b = r.take(4)?;
+                    let ip = [b[0], b[1], b[2], b[3]];
+                    let port = r.u16()?;
+                    r.zeros(2)?;
+                    let free_pages = r.u32()?;
+                    nodes.push(NodeInfo {
+                        node,
+                        ip,
+                        port,
+                        free_pages,
+                    });
+                }
+                Body::NodeList { nodes }
+            }
+            20 => {
+                let b = Body::DataHelloAck {
+                    page_size_bytes: r.u64()?,
+                    data_addr: r.u64()?,
+                    art_addr: r.u64()?,
+                    rkey: r.u32()?,
+                    art_rkey: r.u32()?,
+                    page_count: r.u32()?,
+                };
+                r.zeros(4)?;
+                b
+            }
+            21 => {
+                let page_id = PageId(r.u32()?);
+                let offset = r.u32()?;
+                let code = r.u8()?;
+                r.zeros(1)?;
+                let len = r.u16()? as usize;
+                r.zeros(4)?;
+                let a = r.u64()?;
+                let b = r.u64()?;
+                if len > MAX_UPDATE_BYTES {
+                    return corrupt(format!(
+                        "update of {len} bytes (at most {MAX_UPDATE_BYTES})"
+                    ));
+                }
+                let data = r.take(len)?.to_vec();
+                let op = match code {
+                    1 if b == 0 && a == 0 => UpdateOp::Write(data),
+                    2 if len == 0 => UpdateOp::CompareAndSwap {
+                        expected: a,
+                        new: b,
+                    },
+                    3 if len == 0 && b == 0 => UpdateOp::FetchAdd { delta: a },
+                    other => return corrupt(format!("update op {other} with {len} bytes")),
+                };
+                Body::Update {
+                    page_id,
+                    offset,
+                    op,
+                }
+            }
+            22 => Body::UpdateAck { old: r.u64()? },
+            23 => {
+                let page_id = PageId(r.u32()?);
+                let page = PageIndex(r.u32()?);
+                let offset = r.u32()?;
+                let len = r.u16()? as usize;
+                r.zeros(2)?;
+                if len > MAX_UPDATE_BYTES {
+                    return corrupt(format!("replicate of {len} bytes"));
+                }
+                Body::Replicate {
+                    page_id,
+                    page,
+                    offset,
+                    data: r.take(len)?.to_vec(),
+                }
+            }
+            24 => {
+                let page_id = PageId(r.u32()?);
+                r.zeros(4)?;
+                Body::ReplicateAck { page_id }
+            }
+            25 => {
+                let backups_wanted = r.u8()?;
+                r.zeros(7)?;
+                if backups_wanted as usize >= MAX_REPLICAS {
+                    return corrupt(format!("{backups_wanted} backups wanted"));
+                }
+                Body::DataAlloc { backups_wanted }
+            }
             other => return corrupt(format!("unknown message kind {other}")),
         };
         r.finish()?;
@@ -723,6 +1002,51 @@ mod tests {
                 dead_node: NodeId(3),
             }),
             msg(Body::Heartbeat { seq: 9 }),
+            msg(Body::NodesQuery),
+            msg(Body::NodeList {
+                nodes: vec![NodeInfo {
+                    node: NodeId(2),
+                    ip: [10, 0, 0, 2],
+                    port: 7470,
+                    free_pages: 99,
+                }],
+            }),
+            msg(Body::DataHello),
+            msg(Body::DataHelloAck {
+                page_size_bytes: 1 << 16,
+                data_addr: 0x7f00_0000_0000,
+                art_addr: 0x7eff_0000_0000,
+                rkey: 5,
+                art_rkey: 6,
+                page_count: 100,
+            }),
+            msg(Body::Update {
+                page_id: PageId(3),
+                offset: 64,
+                op: UpdateOp::Write(vec![7; MAX_UPDATE_BYTES]),
+            }),
+            msg(Body::Update {
+                page_id: PageId(3),
+                offset: 8,
+                op: UpdateOp::CompareAndSwap {
+                    expected: 1,
+                    new: 2,
+                },
+            }),
+            msg(Body::Update {
+                page_id: PageId(3),
+                offset: 16,
+                op: UpdateOp::FetchAdd { delta: u64::MAX },
+            }),
+            msg(Body::UpdateAck { old: 42 }),
+            msg(Body::Replicate {
+                page_id: PageId(3),
+                page: PageIndex(9),
+                offset: 0,
+                data: vec![1, 2, 3],
+            }),
+            msg(Body::ReplicateAck { page_id: PageId(3) }),
+            msg(Body::DataAlloc { backups_wanted: 2 }),
         ]
     }
 
@@ -907,7 +1231,9 @@ mod tests {
         assert_eq!(ErrorCode::Internal.code(), 10);
         assert_eq!(ErrorCode::BackupLost.code(), 11);
         assert_eq!(ErrorCode::PageLost.code(), 12);
-        assert_eq!(ErrorCode::from_code(13), None);
+        assert_eq!(ErrorCode::NotPrimary.code(), 13);
+        assert_eq!(ErrorCode::BadAddress.code(), 14);
+        assert_eq!(ErrorCode::from_code(15), None);
     }
 
     #[test]

@@ -85,6 +85,8 @@ struct Peer {
     reconcile: Option<Reconciling>,
     /// The node's ART as it exports it (read-only), from its Join: (region, page count).
     art: Option<(RemoteRegion, u32)>,
+    /// Where the node serves the data path (from its Join; clients ask [`Body::NodesQuery`]).
+    data_addr: Option<([u8; 4], u16)>,
     /// When the node last answered or asked anything, and when it was last sent a
     /// heartbeat.
     heard: Instant,
@@ -454,6 +456,7 @@ impl Monitor<'_> {
                 sent: HashMap::new(),
                 reconcile: None,
                 art: None,
+                data_addr: None,
                 heard: Instant::now(),
                 pinged: Instant::now(),
             }),
@@ -611,6 +614,12 @@ impl Monitor<'_> {
         let rid = msg.header.request_id;
         let answer = match msg.body {
             Body::Join(j) => self.join(i, msg.header.sender, &j),
+            // Clients (any process, joined or not, in any epoch: the answer carries the
+            // current one) find the data nodes and look mappings up.
+            Body::NodesQuery => Ok(self.node_list()),
+            Body::MappingLookup { page_id } if self.peers[i].node.is_none() => {
+                self.lookup_mapping(page_id)
+            }
             _ if self.peers[i].node != Some(msg.header.sender) => Err((
                 ErrorCode::Malformed,
                 "join first, as the node you are".into(),
@@ -645,6 +654,27 @@ impl Monitor<'_> {
             )),
         };
         Some(self.reply(rid, answer))
+    }
+
+    /// The live data nodes that serve the data path, with their free pages as the
+    /// coordinator counts them (nodes still reconciling are not listed).
+    fn node_list(&self) -> Body {
+        let nodes = self
+            .by_node
+            .iter()
+            .filter_map(|(&node, &i)| {
+                let (ip, port) = self.peers.get(i)?.data_addr?;
+                let view = self.coordinator.node(node)?;
+                Some(pmgas_layout::wire::NodeInfo {
+                    node,
+                    ip,
+                    port,
+                    free_pages: view.free_pages,
+                })
+            })
+            .take(pmgas_layout::wire::MAX_NODES)
+            .collect();
+        Body::NodeList { nodes }
     }
 
     /// The message that carries `answer` to wire request `rid`.
@@ -686,6 +716,7 @@ impl Monitor<'_> {
         let art_end = u64::from(j.page_count)
             .checked_mul(pmgas_layout::pool::ART_ENTRY_BYTES)
             .and_then(|b| b.checked_add(pmgas_layout::pool::ART_OFFSET));
+        peer.data_addr = (j.cm_port != 0).then_some((j.cm_ip, j.cm_port));
         peer.art = match art_end {
             Some(end)
                 if j.art_rkey != 0

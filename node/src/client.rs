@@ -45,6 +45,7 @@ use pmgas_layout::wire::{ErrorCode, Replica};
 use pmgas_layout::{ArtRecord, Epoch, GlobalAddr, NodeId, PageId, PageIndex};
 
 use crate::art::ReconcileReport;
+use crate::data::DataServer;
 use crate::objects::{ObjectAllocator, ObjectError, PageSource};
 use crate::pool::Pool;
 use crate::service::{self, Command, Shared};
@@ -64,6 +65,9 @@ pub struct ClientConfig {
     /// ZooKeeper connect string and cluster name: when the monitor connection is lost,
     /// find the active monitor there and rejoin (without it, the service stops).
     pub rediscover: Option<(String, String)>,
+    /// Serve the data path (clients' reads and updates, primaries' Replicates) on this
+    /// port of `bind` (0: any free port); `None`: no data path.
+    pub data_port: Option<u16>,
 }
 
 impl ClientConfig {
@@ -75,6 +79,7 @@ impl ClientConfig {
             object_backups: 2,
             request_timeout: Duration::from_secs(30),
             rediscover: None,
+            data_port: None,
         }
     }
 }
@@ -157,7 +162,30 @@ impl Client {
     /// joins. Returns once joined, or with the monitor's refusal (wrong cluster, page
     /// size, duplicate node id) or the connection error.
     pub fn connect(config: ClientConfig, pool: Arc<Pool>) -> Result<Self, ClientError> {
-        let (shared, service) = service::start(&config, &pool)?;
+        // The data path listens before the join, which tells the monitor its port.
+        let mut config = config;
+        let data = match config.data_port {
+            Some(port) => {
+                let d = DataServer::bind(
+                    config.node_id,
+                    SocketAddr::new(config.bind, port),
+                    Arc::clone(&pool),
+                )
+                .map_err(ClientError::Stopped)?;
+                config.data_port = Some(d.port());
+                Some(d)
+            }
+            None => None,
+        };
+        let registered = data.as_ref().map(DataServer::registered);
+        let (shared, service) = service::start(&config, &pool, registered)?;
+        if let Some(d) = data {
+            let shared = Arc::clone(&shared);
+            std::thread::Builder::new()
+                .name(format!("pmgas-data{}", config.node_id.0))
+                .spawn(move || d.run(shared))
+                .map_err(|e| ClientError::Stopped(e.to_string()))?;
+        }
         let source = ClusterPages {
             shared: Arc::clone(&shared),
             backups: config.object_backups,
@@ -206,26 +234,7 @@ impl Client {
     /// Where page `page_id` lives: a hit in the mapping cache costs a hash lookup; a miss
     /// (or an entry from an older epoch) asks the monitor over RDMA and caches the answer.
     pub fn lookup(&self, page_id: PageId) -> Result<Mapping, ClientError> {
-        let epoch = self.epoch();
-        if let Some((e, replicas)) = self
-            .shared
-            .cache
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&page_id)
-            && *e == epoch
-        {
-            return Ok(Mapping {
-                page_id,
-                replicas: replicas.clone(),
-            });
-        }
-        self.shared.lookups_remote.fetch_add(1, Ordering::Relaxed);
-        let m = self
-            .shared
-            .call(|reply| Command::Lookup { page_id, reply })?;
-        self.shared.remember(page_id, epoch, &m.replicas);
-        Ok(m)
+        self.shared.lookup(page_id)
     }
 
     /// Drops a page's entry from the mapping cache (the next lookup asks the monitor).

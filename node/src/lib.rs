@@ -7,12 +7,14 @@
 
 pub mod art;
 pub mod client;
+pub mod data;
 pub mod objects;
 pub mod participant;
 #[allow(unsafe_code)] // the one module that touches the mapping and issues flushes
 pub mod pmem;
 pub mod pool;
 pub mod service;
+pub mod space;
 
 pub use art::{ArtError, ArtState, ReconcileReport};
 pub use client::{Client, ClientConfig, ClientError, GlobalPage};

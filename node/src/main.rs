@@ -116,6 +116,13 @@ enum Command {
         /// failures at once.
         #[arg(long, default_value_t = 0)]
         retry_ms: u64,
+        /// Serve the data path (clients' reads and updates, primaries' Replicates) on this
+        /// port of --bind (0: any free port); the monitor lists it to clients.
+        #[arg(long, default_value_t = 7470)]
+        data_port: u16,
+        /// Serve no data path (allocation only).
+        #[arg(long)]
+        no_data_path: bool,
     },
     /// Crash-test workload (internal): formats a blank pool, then performs a seeded random
     /// sequence of ART transitions, printing `DONE i` after each is durable.
@@ -196,6 +203,8 @@ fn main() -> ExitCode {
             pause_ms,
             alloc_objects,
             retry_ms,
+            data_port,
+            no_data_path,
         } => {
             let rediscover = zk.clone().zip(cluster.clone());
             let t0 = std::time::Instant::now();
@@ -230,6 +239,7 @@ fn main() -> ExitCode {
             let mut config = ClientConfig::new(id.identity().node_id, bind, monitor);
             // With ZooKeeper, a lost monitor is looked up again and rejoined.
             config.rediscover = rediscover;
+            config.data_port = (!no_data_path).then_some(data_port);
             serve(&pm, id.identity(), size_bytes, config, &load)
         }
         Command::ArtDump { pm, json } => art_dump(&pm, json),

@@ -18,7 +18,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use pmgas_layout::gat::Mapping;
-use pmgas_layout::wire::{Body, ErrorCode, Join, Message, Replica};
+use pmgas_layout::wire::{Body, ErrorCode, Join, Message, NodeInfo, Replica};
 use pmgas_layout::{Epoch, NodeId, PageId, PageIndex, PageState};
 use pmgas_verbs::fault;
 use pmgas_verbs::msg::{Endpoint, Incoming, MsgConfig};
@@ -42,6 +42,8 @@ pub(crate) enum Command {
         page_id: PageId,
         reply: Reply<Mapping>,
     },
+    /// The monitor's list of live data nodes and their data-path addresses.
+    Nodes { reply: Reply<Vec<NodeInfo>> },
 }
 
 /// What the service thread and the handles share.
@@ -75,6 +77,28 @@ impl Shared {
             .unwrap_or_else(|_| Err(ClientError::Stopped("the service thread ended".into())))
     }
 
+    /// Where page `page_id` lives: a hit in the mapping cache costs a hash lookup; a miss
+    /// (or an entry from an older epoch) asks the monitor over RDMA and caches the answer.
+    pub(crate) fn lookup(&self, page_id: PageId) -> Result<Mapping, ClientError> {
+        let epoch = Epoch(self.epoch.load(Ordering::Acquire));
+        if let Some((e, replicas)) = self
+            .cache
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&page_id)
+            && *e == epoch
+        {
+            return Ok(Mapping {
+                page_id,
+                replicas: replicas.clone(),
+            });
+        }
+        self.lookups_remote.fetch_add(1, Ordering::Relaxed);
+        let m = self.call(|reply| Command::Lookup { page_id, reply })?;
+        self.remember(page_id, epoch, &m.replicas);
+        Ok(m)
+    }
+
     pub(crate) fn remember(&self, page_id: PageId, epoch: Epoch, replicas: &[Replica]) {
         self.cache
             .write()
@@ -88,9 +112,12 @@ pub(crate) type ServiceThread = JoinHandle<Result<(), String>>;
 
 /// Starts the node's service thread ([`run`]) and waits until it has joined and
 /// reconciled (or failed to).
+/// `registered`: the pool as the data path registered it already (the same device's
+/// protection domain serves both; pinning the pool twice is slow).
 pub(crate) fn start(
     config: &ClientConfig,
     pool: &Arc<Pool>,
+    registered: Option<Registered>,
 ) -> Result<(Arc<Shared>, ServiceThread), ClientError> {
     let (commands, rx) = mpsc::channel();
     let shared = Arc::new(Shared {
@@ -112,7 +139,7 @@ pub(crate) fn start(
         std::thread::Builder::new()
             .name(format!("pmgas-node{}", config.node_id.0))
             .spawn(move || {
-                let result = run(&config, &pool, &shared, rx, ready_tx);
+                let result = run(&config, &pool, &shared, rx, ready_tx, registered);
                 shared.stopped.store(true, Ordering::Release);
                 if let Err(e) = &result {
                     tracing::error!(error = %e, "node service stopped");
@@ -141,14 +168,17 @@ pub(crate) fn start(
 /// The pool's mapping as registered for RDMA, in two regions: the header and ART,
 /// readable by peers and never writable by them (the monitor's one-sided cross-check
 /// reads it), and the pages, readable, writable and atomically updatable.
-struct PoolRegions {
-    art: MemoryRegion,
-    data: MemoryRegion,
+pub(crate) struct PoolRegions {
+    pub(crate) art: MemoryRegion,
+    pub(crate) data: MemoryRegion,
 }
+
+/// The pool registered on a protection domain, shared by the service and the data path.
+pub(crate) type Registered = (ProtectionDomain, Arc<PoolRegions>);
 
 /// Registers the pool's whole mapping for one-sided access ([`PoolRegions`]).
 #[allow(unsafe_code)]
-fn register_pool(pd: &ProtectionDomain, pool: &Pool) -> Result<PoolRegions, String> {
+pub(crate) fn register_pool(pd: &ProtectionDomain, pool: &Pool) -> Result<PoolRegions, String> {
     let region = pool.region();
     let data_offset = pool
         .header()
@@ -184,6 +214,7 @@ struct Pending {
 enum Outstanding {
     Alloc(Pending),
     Lookup(PageId, Reply<Mapping>),
+    Nodes(Reply<Vec<NodeInfo>>),
     /// An allocation whose answer was lost with the previous monitor connection and whose
     /// page the reconciliation committed under this page id: its replicas are looked up.
     Resolve(Pending, PageId),
@@ -226,7 +257,7 @@ fn join(
         region_len: (mr.art.len() + mr.data.len()) as u64,
         rkey: mr.data.rkey(),
         cm_ip: ip,
-        cm_port: 0,
+        cm_port: config.data_port.unwrap_or(0),
         art_rkey: mr.art.rkey(),
     };
     let stopped = |e: String| ClientError::Stopped(e);
@@ -260,13 +291,13 @@ fn run(
     shared: &Shared,
     commands: Receiver<Command>,
     ready: SyncSender<Result<(), ClientError>>,
+    mut registered: Option<Registered>,
 ) -> Result<(), String> {
     let mut monitor = config.monitor;
     let mut first = true;
     let mut finder: Option<MonitorFinder> = None;
     // Allocations in flight when a connection ended: answered after the next join.
     let mut carried: Vec<Pending> = vec![];
-    let mut registered: Option<(ProtectionDomain, PoolRegions)> = None;
     let started = Instant::now();
     loop {
         let patient = config.rediscover.is_some() && started.elapsed() < FIRST_JOIN_PATIENCE;
@@ -356,7 +387,7 @@ fn connection(
     // one is looked up again instead of failing the start.
     patient: bool,
     carried: &mut Vec<Pending>,
-    registered: &mut Option<(ProtectionDomain, PoolRegions)>,
+    registered: &mut Option<Registered>,
 ) -> Result<(), Lost> {
     let mut setup = || -> Result<_, ClientError> {
         let stopped = |e: pmgas_verbs::Error| ClientError::Stopped(e.to_string());
@@ -394,7 +425,7 @@ fn connection(
         tracing::debug!(%monitor, ms = ms(), "connected");
         let mr = match mr {
             Some(mr) => mr,
-            None => register_pool(&pd, pool).map_err(ClientError::Stopped)?,
+            None => Arc::new(register_pool(&pd, pool).map_err(ClientError::Stopped)?),
         };
         match join(&mut ep, config, pool, &mr) {
             Ok(epoch) => {
@@ -472,6 +503,7 @@ fn connection(
         match o {
             Outstanding::Alloc(p) | Outstanding::Resolve(p, _) => carried.push(p),
             Outstanding::Lookup(_, r) => drop(r.send(Err(ClientError::Stopped(why.clone())))),
+            Outstanding::Nodes(r) => drop(r.send(Err(ClientError::Stopped(why.clone())))),
         }
     }
     refuse_waiting(commands, pool, &why);
@@ -496,6 +528,7 @@ fn refuse_waiting(commands: &Receiver<Command>, pool: &Pool, why: &str) {
                 drop(reply.send(Err(err)))
             }
             Command::Lookup { reply, .. } => drop(reply.send(Err(err))),
+            Command::Nodes { reply } => drop(reply.send(Err(err))),
         }
     }
 }
@@ -786,6 +819,18 @@ impl Service<'_> {
                 }
                 Ok(())
             }
+            Command::Nodes { reply } => {
+                let wire_id = self.next_wire_id;
+                self.next_wire_id += 1;
+                let msg = Message::new(self.epoch, self.me, wire_id, Body::NodesQuery);
+                match self.ep.request(&msg.encode(), self.timeout) {
+                    Ok(id) => {
+                        self.outstanding.insert(id, Outstanding::Nodes(reply));
+                    }
+                    Err(e) => drop(reply.send(Err(ClientError::Stopped(e.to_string())))),
+                }
+                Ok(())
+            }
         }
     }
 
@@ -848,6 +893,12 @@ impl Service<'_> {
                         page_id.0, self.timeout
                     ))));
                 }
+                Some(Outstanding::Nodes(reply)) => {
+                    let _ = reply.send(Err(ClientError::Stopped(format!(
+                        "no answer to the node list within {:?}",
+                        self.timeout
+                    ))));
+                }
                 None => {}
             },
         }
@@ -882,6 +933,17 @@ impl Service<'_> {
                 }
             }
             Some(Outstanding::Alloc(p)) => self.alloc_answer(p, payload),
+            Some(Outstanding::Nodes(reply)) => {
+                let answer = match Message::decode(payload).map(|m| m.body) {
+                    Ok(Body::NodeList { nodes }) => Ok(nodes),
+                    Ok(Body::Error { code, detail }) => Err(ClientError::Refused { code, detail }),
+                    other => Err(ClientError::Refused {
+                        code: ErrorCode::Malformed,
+                        detail: format!("unexpected answer to NodesQuery: {other:?}"),
+                    }),
+                };
+                let _ = reply.send(answer);
+            }
             Some(Outstanding::Resolve(p, page_id)) => {
                 let answer = match Message::decode(payload).map(|m| m.body) {
                     Ok(Body::Mapping {

@@ -1,0 +1,846 @@
+//! The data node's data path: a thread that accepts data-path connections (clients, and
+//! primaries of pages this node backs) and orders every update of the pages it is primary
+//! of. `node/DATAPATH.md` gives the design and its costs; the steps, in this file:
+//!
+//! - D1 [`DataServer::hello`]: a new connection learns where the pages are (address and
+//!   rkey of the pages' region, read-only rkey of the ART) for one-sided READs.
+//! - D2 [`DataServer::update`]: a client's Update reaches the page's primary; it checks the
+//!   address, that it is the primary in its epoch, and that its ART holds the page under
+//!   that page id; the update joins the page's queue (one update per page in flight).
+//! - D3 [`DataServer::start_next`]: the primary computes the update's bytes against its
+//!   own copy (the latest acknowledged value: nothing else writes the page), answers a
+//!   CAS that does not match at once (it changes nothing), and sends the absolute bytes to
+//!   every backup in one Replicate each, in parallel.
+//! - D4 [`DataServer::replicate`] (on each backup): the bytes are stored through the one
+//!   persistence function, then acknowledged.
+//! - D5 [`DataServer::finish`]: once every live backup acknowledged, the primary stores
+//!   the bytes in its own copy (persisted), and only then answers the client. One-sided
+//!   READs go to the primary, so a value becomes readable only once it is durable on every
+//!   replica.
+//! - D6 [`DataServer::tick`]: an update waiting on a backup that failed is sent again once
+//!   the backup is reachable, or completed without it once the monitor has declared it
+//!   dead (it then no longer appears in the page's mapping in the new epoch).
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use pmgas_layout::wire::{
+    Body, ErrorCode, MAX_MESSAGE_BYTES, MAX_UPDATE_BYTES, Message, NodeInfo, Replica, UpdateOp,
+};
+use pmgas_layout::{Epoch, NodeId, PageId, PageIndex, PageState};
+use pmgas_verbs::fault;
+use pmgas_verbs::msg::{Endpoint, Incoming, MsgConfig};
+use pmgas_verbs::{ConnectionConfig, Connector, Listener, ProtectionDomain};
+
+use crate::client::ClientError;
+use crate::pool::Pool;
+use crate::service::{Command, PoolRegions, Registered, Shared, register_pool};
+
+/// Message slots of a data-path connection: big enough for an Update of
+/// [`MAX_UPDATE_BYTES`].
+pub fn data_msg_config() -> MsgConfig {
+    MsgConfig {
+        ring_slots: 64,
+        max_payload_bytes: MAX_MESSAGE_BYTES.next_multiple_of(64),
+    }
+}
+
+/// How long a Replicate may go unanswered before it is sent again.
+const REPLICATE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often waiting updates are looked at again (D6).
+const TICK: Duration = Duration::from_millis(50);
+/// Least time between two connection attempts to one backup.
+const RECONNECT_EVERY: Duration = Duration::from_millis(200);
+
+/// A client's request, queued until its page is free to order it.
+struct Queued {
+    conn: u64,
+    request_id: u64,
+    wire_id: u64,
+    page: PageIndex,
+    offset: u32,
+    op: UpdateOp,
+    backups: Vec<Replica>,
+}
+
+/// The update of a page in flight (D3-D5).
+struct InFlight {
+    q: Queued,
+    bytes: Vec<u8>,
+    old: u64,
+    /// Backups that have not acknowledged yet, with the request id of the Replicate in
+    /// flight to each (None: to be sent again).
+    waiting: BTreeMap<NodeId, Option<u64>>,
+}
+
+#[derive(Default)]
+struct PageOrder {
+    queue: VecDeque<Queued>,
+    in_flight: Option<InFlight>,
+}
+
+/// An outgoing connection to another data node (this node as a primary).
+struct PeerLink {
+    ep: Endpoint,
+    /// Replicate request id -> page id.
+    sent: HashMap<u64, PageId>,
+}
+
+type AllocAnswer = (u64, u64, Body);
+
+pub(crate) struct DataServer {
+    me: NodeId,
+    bind: IpAddr,
+    pool: Arc<Pool>,
+    /// The node's service (mapping lookups, epoch, allocations); set by [`Self::run`].
+    shared: Option<Arc<Shared>>,
+    listener: Listener,
+    pd: ProtectionDomain,
+    regions: Arc<PoolRegions>,
+    conns: HashMap<u64, Endpoint>,
+    next_conn: u64,
+    links: HashMap<NodeId, PeerLink>,
+    last_attempt: HashMap<NodeId, Instant>,
+    addrs: HashMap<NodeId, SocketAddr>,
+    pages: HashMap<PageId, PageOrder>,
+    /// Answers of allocations run on helper threads: (connection, request id, answer).
+    allocs: (mpsc::Sender<AllocAnswer>, mpsc::Receiver<AllocAnswer>),
+    notifier: Arc<pmgas_verbs::wait::Notifier>,
+    last_tick: Instant,
+}
+
+fn error(code: ErrorCode, detail: String) -> Body {
+    Body::Error { code, detail }
+}
+
+impl DataServer {
+    /// Binds the data-path listener (before the node joins, so the Join can name its
+    /// port) and registers the pool for one-sided access on its device.
+    pub(crate) fn bind(me: NodeId, addr: SocketAddr, pool: Arc<Pool>) -> Result<Self, String> {
+        let listener = Listener::bind(addr, 64).map_err(|e| format!("data listener: {e}"))?;
+        let pd = ProtectionDomain::new(listener.context()).map_err(|e| e.to_string())?;
+        let regions = Arc::new(register_pool(&pd, &pool)?);
+        Ok(Self {
+            me,
+            bind: addr.ip(),
+            pool,
+            shared: None,
+            listener,
+            pd,
+            regions,
+            conns: HashMap::new(),
+            next_conn: 1,
+            links: HashMap::new(),
+            last_attempt: HashMap::new(),
+            addrs: HashMap::new(),
+            pages: HashMap::new(),
+            allocs: mpsc::channel(),
+            notifier: Arc::new(pmgas_verbs::wait::Notifier::new().map_err(|e| e.to_string())?),
+            last_tick: Instant::now(),
+        })
+    }
+
+    /// The protection domain and pool registration, for the node's service to share.
+    pub(crate) fn registered(&self) -> Registered {
+        (self.pd.clone(), Arc::clone(&self.regions))
+    }
+
+    pub(crate) fn port(&self) -> u16 {
+        self.listener.local_addr().port()
+    }
+
+    /// Serves until the node's service stops.
+    pub(crate) fn run(mut self, shared: Arc<Shared>) {
+        self.shared = Some(shared);
+        let mut spin = pmgas_verbs::spin::SpinThenSleep::default();
+        tracing::info!(node = %self.me, port = self.port(), persist_mode = "cpu", "data path serving");
+        while !self
+            .shared()
+            .stopped
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
+            let mut busy = self.accept();
+            busy |= self.poll_conns();
+            busy |= self.poll_links();
+            while let Ok((conn, request_id, body)) = self.allocs.1.try_recv() {
+                busy = true;
+                self.respond(conn, request_id, 0, body);
+            }
+            if self.last_tick.elapsed() >= TICK {
+                self.last_tick = Instant::now();
+                self.tick();
+            }
+            if busy {
+                spin.busy();
+            } else if spin.should_sleep() {
+                spin.busy();
+                self.sleep();
+            }
+        }
+    }
+
+    fn accept(&mut self) -> bool {
+        match self.listener.next_request(Duration::ZERO) {
+            Ok(Some(req)) => {
+                match req.accept_endpoint(
+                    &self.pd,
+                    &ConnectionConfig::default(),
+                    &[],
+                    data_msg_config(),
+                ) {
+                    Ok(ep) => {
+                        self.conns.insert(self.next_conn, ep);
+                        self.next_conn += 1;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "data-path accept failed"),
+                }
+                true
+            }
+            Ok(None) => false,
+            Err(e) => {
+                tracing::warn!(error = %e, "data-path listener");
+                false
+            }
+        }
+    }
+
+    fn sleep(&mut self) {
+        let mut fds = vec![self.listener.event_fd(), self.notifier.fd()];
+        for ep in self
+            .conns
+            .values_mut()
+            .chain(self.links.values_mut().map(|l| &mut l.ep))
+        {
+            match ep.arm() {
+                Ok(true) => {
+                    fds.push(ep.connection().cq_event_fd());
+                    fds.push(ep.connection().cm_event_fd());
+                }
+                // Something is waiting already, or the connection failed: poll again.
+                _ => return,
+            }
+        }
+        let _ = pmgas_verbs::wait::wait_readable(&fds, TICK);
+        self.notifier.drain();
+    }
+
+    /// Requests from clients and primaries on accepted connections.
+    fn poll_conns(&mut self) -> bool {
+        let mut busy = false;
+        let keys: Vec<u64> = self.conns.keys().copied().collect();
+        for key in keys {
+            while let Some(ep) = self.conns.get_mut(&key) {
+                let incoming = match ep.poll() {
+                    Ok(Some(m)) => m,
+                    Ok(None) => {
+                        if ep.connection().peer_disconnected().unwrap_or(true) {
+                            self.conns.remove(&key);
+                        }
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "data-path connection closed");
+                        self.conns.remove(&key);
+                        break;
+                    }
+                };
+                busy = true;
+                if let Incoming::Request {
+                    request_id,
+                    payload,
+                } = incoming
+                {
+                    self.request(key, request_id, &payload);
+                }
+            }
+        }
+        busy
+    }
+
+    fn respond(&mut self, conn: u64, request_id: u64, wire_id: u64, body: Body) {
+        let epoch = self.epoch();
+        if let Some(ep) = self.conns.get_mut(&conn) {
+            let _ = ep.respond(
+                request_id,
+                &Message::new(epoch, self.me, wire_id, body).encode(),
+            );
+        }
+    }
+
+    fn shared(&self) -> &Arc<Shared> {
+        self.shared
+            .as_ref()
+            .expect("run() sets the service before serving")
+    }
+
+    fn epoch(&self) -> Epoch {
+        Epoch(
+            self.shared()
+                .epoch
+                .load(std::sync::atomic::Ordering::Acquire),
+        )
+    }
+
+    /// One request on an accepted connection. Nothing a peer sends can stop the thread: a
+    /// malformed message gets an error answer.
+    fn request(&mut self, conn: u64, request_id: u64, payload: &[u8]) {
+        let m = match Message::decode(payload) {
+            Ok(m) => m,
+            Err(e) => {
+                return self.respond(
+                    conn,
+                    request_id,
+                    0,
+                    error(ErrorCode::Malformed, e.to_string()),
+                );
+            }
+        };
+        let wire_id = m.header.request_id;
+        let answer = match m.body {
+            Body::DataHello => Some(self.hello()),
+            Body::Update {
+                page_id,
+                offset,
+                op,
+            } => self.update(conn, request_id, wire_id, page_id, offset, op),
+            Body::Replicate {
+                page_id,
+                page,
+                offset,
+                data,
+            } => Some(self.replicate(m.header.epoch, page_id, page, offset, &data)),
+            Body::DataAlloc { backups_wanted } => {
+                self.alloc(conn, request_id, wire_id, backups_wanted);
+                None
+            }
+            other => Some(error(
+                ErrorCode::Malformed,
+                format!("{} is not a data-path request", other.name()),
+            )),
+        };
+        if let Some(body) = answer {
+            self.respond(conn, request_id, wire_id, body);
+        }
+    }
+
+    /// D1.
+    fn hello(&self) -> Body {
+        let h = self.pool.header();
+        Body::DataHelloAck {
+            page_size_bytes: h.page_size_bytes,
+            data_addr: self.regions.data.addr(),
+            art_addr: self.regions.art.addr(),
+            rkey: self.regions.data.rkey(),
+            art_rkey: self.regions.art.rkey(),
+            page_count: h.page_count,
+        }
+    }
+
+    /// A page allocated with this node as primary, for a client without PM: the node's
+    /// service runs the two-phase allocation on another thread (it takes a monitor round
+    /// trip and ZooKeeper writes), and the answer comes back through `allocs`.
+    fn alloc(&mut self, conn: u64, request_id: u64, wire_id: u64, backups: u8) {
+        let shared = Arc::clone(self.shared());
+        let tx = self.allocs.0.clone();
+        let notifier = Arc::clone(&self.notifier);
+        let spawned = std::thread::Builder::new()
+            .name("pmgas-data-alloc".into())
+            .spawn(move || {
+                let result = shared.call(|reply| Command::AllocPage {
+                    backups,
+                    prepared: None,
+                    reply,
+                });
+                let body = match result {
+                    Ok(g) => Body::Mapping {
+                        page_id: g.page_id,
+                        replicas: g.replicas,
+                    },
+                    Err(ClientError::Refused { code, detail }) => error(code, detail),
+                    Err(ClientError::NoLocalSpace) => {
+                        error(ErrorCode::NoSpace, "no free page on this node".into())
+                    }
+                    Err(e) => error(ErrorCode::Internal, e.to_string()),
+                };
+                let _ = tx.send((conn, request_id, body));
+                notifier.notify();
+            });
+        if let Err(e) = spawned {
+            self.respond(
+                conn,
+                request_id,
+                wire_id,
+                error(ErrorCode::Internal, e.to_string()),
+            );
+        }
+    }
+
+    /// Where `page_id` lives in this node's current epoch (cache, or the monitor).
+    fn mapping(&self, page_id: PageId) -> Result<Vec<Replica>, Body> {
+        self.shared()
+            .lookup(page_id)
+            .map(|m| m.replicas)
+            .map_err(|e| match e {
+                ClientError::Refused { code, detail } => error(code, detail),
+                other => error(ErrorCode::Internal, other.to_string()),
+            })
+    }
+
+    /// This node's page holding `page_id`, checked against its own ART.
+    fn local_page(&self, page_id: PageId, page: PageIndex) -> Result<PageIndex, Body> {
+        match self.pool.record(page) {
+            Ok(r) if r.state == PageState::Allocated && r.page_id == page_id => Ok(page),
+            Ok(r) => Err(error(
+                ErrorCode::UnknownPage,
+                format!(
+                    "page {} of {} is {:?} under id {}, not page id {}",
+                    page.0, self.me, r.state, r.page_id.0, page_id.0
+                ),
+            )),
+            Err(e) => Err(error(ErrorCode::UnknownPage, e.to_string())),
+        }
+    }
+
+    fn check_range(&self, offset: u32, op: &UpdateOp) -> Result<(), Body> {
+        let page_size = self.pool.header().page_size_bytes;
+        let len = match op {
+            UpdateOp::Write(d) => d.len() as u64,
+            _ => 8,
+        };
+        if !matches!(op, UpdateOp::Write(_)) && !offset.is_multiple_of(8) {
+            return Err(error(
+                ErrorCode::BadAddress,
+                format!("an 8-byte operation at offset {offset}: not 8-byte aligned"),
+            ));
+        }
+        if u64::from(offset) + len > page_size {
+            return Err(error(
+                ErrorCode::BadAddress,
+                format!("{len} bytes at offset {offset} cross the end of a {page_size}-byte page"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// D2.
+    fn update(
+        &mut self,
+        conn: u64,
+        request_id: u64,
+        wire_id: u64,
+        page_id: PageId,
+        offset: u32,
+        op: UpdateOp,
+    ) -> Option<Body> {
+        if let Err(b) = self.check_range(offset, &op) {
+            return Some(b);
+        }
+        let replicas = match self.mapping(page_id) {
+            Ok(r) => r,
+            Err(b) => return Some(b),
+        };
+        let Some(primary) = replicas.first().filter(|r| r.node == self.me) else {
+            return Some(error(
+                ErrorCode::NotPrimary,
+                format!(
+                    "{} is not the primary of page {} in epoch {}",
+                    self.me,
+                    page_id.0,
+                    self.epoch().0
+                ),
+            ));
+        };
+        let page = match self.local_page(page_id, primary.page) {
+            Ok(p) => p,
+            Err(b) => return Some(b),
+        };
+        let q = Queued {
+            conn,
+            request_id,
+            wire_id,
+            page,
+            offset,
+            op,
+            backups: replicas[1..].to_vec(),
+        };
+        let order = self.pages.entry(page_id).or_default();
+        order.queue.push_back(q);
+        if order.in_flight.is_none() {
+            self.start_next(page_id);
+        }
+        None
+    }
+
+    /// D3: takes the page's next queued update and sends it to the backups (or finishes it
+    /// at once: a CAS that fails, a page without backups).
+    fn start_next(&mut self, page_id: PageId) {
+        loop {
+            let Some(order) = self.pages.get_mut(&page_id) else {
+                return;
+            };
+            if order.in_flight.is_some() {
+                return;
+            }
+            let Some(q) = order.queue.pop_front() else {
+                self.pages.remove(&page_id);
+                return;
+            };
+            let mut word = [0u8; 8];
+            let current = match &q.op {
+                UpdateOp::Write(_) => Ok(0),
+                _ => self
+                    .pool
+                    .read_in_page(q.page, u64::from(q.offset), &mut word)
+                    .map(|()| u64::from_le_bytes(word)),
+            };
+            let old = match current {
+                Ok(v) => v,
+                Err(e) => {
+                    let (c, r, w) = (q.conn, q.request_id, q.wire_id);
+                    self.respond(c, r, w, error(ErrorCode::Internal, e.to_string()));
+                    continue;
+                }
+            };
+            let bytes = match &q.op {
+                UpdateOp::Write(d) => d.clone(),
+                UpdateOp::CompareAndSwap { expected, new } => {
+                    if old != *expected {
+                        // Changes nothing: answered now, in order with the page's updates.
+                        let (c, r, w) = (q.conn, q.request_id, q.wire_id);
+                        self.respond(c, r, w, Body::UpdateAck { old });
+                        continue;
+                    }
+                    new.to_le_bytes().to_vec()
+                }
+                UpdateOp::FetchAdd { delta } => old.wrapping_add(*delta).to_le_bytes().to_vec(),
+            };
+            let waiting = q.backups.iter().map(|r| (r.node, None)).collect();
+            let order = self.pages.entry(page_id).or_default();
+            order.in_flight = Some(InFlight {
+                q,
+                bytes,
+                old,
+                waiting,
+            });
+            self.send_replicates(page_id);
+            if self.finish_if_done(page_id) {
+                continue;
+            }
+            return;
+        }
+    }
+
+    /// Sends the in-flight update of `page_id` to every backup that has none in flight.
+    fn send_replicates(&mut self, page_id: PageId) {
+        let Some(f) = self.pages.get(&page_id).and_then(|o| o.in_flight.as_ref()) else {
+            return;
+        };
+        let to_send: Vec<(NodeId, Body)> = f
+            .waiting
+            .iter()
+            .filter(|(_, sent)| sent.is_none())
+            .filter_map(|(node, _)| {
+                let r = f.q.backups.iter().find(|r| r.node == *node)?;
+                Some((
+                    *node,
+                    Body::Replicate {
+                        page_id,
+                        page: r.page,
+                        offset: f.q.offset,
+                        data: f.bytes.clone(),
+                    },
+                ))
+            })
+            .collect();
+        let epoch = self.epoch();
+        for (node, body) in to_send {
+            let msg = Message::new(epoch, self.me, 0, body).encode();
+            let Some(link) = self.link(node) else {
+                continue;
+            };
+            match link.ep.request(&msg, REPLICATE_TIMEOUT) {
+                Ok(id) => {
+                    link.sent.insert(id, page_id);
+                    if let Some(w) = self
+                        .pages
+                        .get_mut(&page_id)
+                        .and_then(|o| o.in_flight.as_mut())
+                        .and_then(|f| f.waiting.get_mut(&node))
+                    {
+                        *w = Some(id);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(%node, error = %e, "sending Replicate failed; dropping the link");
+                    self.links.remove(&node);
+                }
+            }
+        }
+        fault::point("node.data-replicating");
+    }
+
+    /// The outgoing connection to `node`, made on demand (its address from the monitor's
+    /// node list), at most one attempt per [`RECONNECT_EVERY`].
+    fn link(&mut self, node: NodeId) -> Option<&mut PeerLink> {
+        if !self.links.contains_key(&node) {
+            if self
+                .last_attempt
+                .get(&node)
+                .is_some_and(|t| t.elapsed() < RECONNECT_EVERY)
+            {
+                return None;
+            }
+            self.last_attempt.insert(node, Instant::now());
+            let addr = match self.addrs.get(&node) {
+                Some(a) => *a,
+                None => {
+                    let nodes = self
+                        .shared()
+                        .call(|reply| Command::Nodes { reply })
+                        .map_err(|e| tracing::warn!(error = %e, "node list"))
+                        .ok()?;
+                    self.addrs = node_addrs(&nodes);
+                    *self.addrs.get(&node)?
+                }
+            };
+            let ep = Connector::new(Some(self.bind), addr)
+                .resolve()
+                .and_then(|route| {
+                    route.connect_endpoint(
+                        &self.pd,
+                        &ConnectionConfig::default(),
+                        &[],
+                        data_msg_config(),
+                    )
+                });
+            match ep {
+                Ok(ep) => {
+                    self.links.insert(
+                        node,
+                        PeerLink {
+                            ep,
+                            sent: HashMap::new(),
+                        },
+                    );
+                }
+                Err(e) => {
+                    tracing::warn!(%node, %addr, error = %e, "cannot reach a backup");
+                    // Its address may have changed (a restart): ask again next time.
+                    self.addrs.remove(&node);
+                    return None;
+                }
+            }
+        }
+        self.links.get_mut(&node)
+    }
+
+    /// Answers from backups on outgoing links.
+    fn poll_links(&mut self) -> bool {
+        let mut busy = false;
+        let (epoch, me) = (self.epoch(), self.me);
+        let nodes: Vec<NodeId> = self.links.keys().copied().collect();
+        for node in nodes {
+            while let Some(link) = self.links.get_mut(&node) {
+                let incoming = match link.ep.poll() {
+                    Ok(Some(m)) => m,
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::warn!(%node, error = %e, "link to a backup lost");
+                        self.lose_link(node);
+                        break;
+                    }
+                };
+                busy = true;
+                match incoming {
+                    Incoming::Response {
+                        request_id,
+                        payload,
+                    } => {
+                        let Some(page_id) = link.sent.remove(&request_id) else {
+                            continue;
+                        };
+                        self.replicate_answer(node, page_id, request_id, &payload);
+                    }
+                    Incoming::TimedOut { request_id } => {
+                        if let Some(page_id) = link.sent.remove(&request_id) {
+                            self.forget_sent(node, page_id, request_id);
+                        }
+                    }
+                    Incoming::Request { request_id, .. } => {
+                        let body = error(ErrorCode::Malformed, "not a request to a primary".into());
+                        let msg = Message::new(epoch, me, 0, body).encode();
+                        let _ = link.ep.respond(request_id, &msg);
+                    }
+                }
+            }
+        }
+        busy
+    }
+
+    /// A link failed: every Replicate in flight on it is to be sent again (D6).
+    fn lose_link(&mut self, node: NodeId) {
+        if let Some(link) = self.links.remove(&node) {
+            for (id, page_id) in link.sent {
+                self.forget_sent(node, page_id, id);
+            }
+        }
+        self.addrs.remove(&node);
+    }
+
+    fn forget_sent(&mut self, node: NodeId, page_id: PageId, request_id: u64) {
+        if let Some(w) = self
+            .pages
+            .get_mut(&page_id)
+            .and_then(|o| o.in_flight.as_mut())
+            .and_then(|f| f.waiting.get_mut(&node))
+            && *w == Some(request_id)
+        {
+            *w = None;
+        }
+    }
+
+    fn replicate_answer(&mut self, node: NodeId, page_id: PageId, request_id: u64, payload: &[u8]) {
+        match Message::decode(payload).map(|m| m.body) {
+            Ok(Body::ReplicateAck { page_id: got }) if got == page_id => {
+                let Some(f) = self
+                    .pages
+                    .get_mut(&page_id)
+                    .and_then(|o| o.in_flight.as_mut())
+                else {
+                    return;
+                };
+                if f.waiting.get(&node) == Some(&Some(request_id)) {
+                    f.waiting.remove(&node);
+                }
+                if self.finish_if_done(page_id) {
+                    self.start_next(page_id);
+                }
+            }
+            other => {
+                // A refusal (a stale epoch on either side, a page the backup does not hold
+                // under this id): sent again after the next mapping check (D6).
+                tracing::warn!(%node, page_id = page_id.0, answer = ?other, "Replicate refused");
+                self.forget_sent(node, page_id, request_id);
+            }
+        }
+    }
+
+    /// D5: once no backup is waited for, the primary's copy is updated and the client
+    /// answered. Returns whether the page's in-flight update finished.
+    fn finish_if_done(&mut self, page_id: PageId) -> bool {
+        let done = self
+            .pages
+            .get(&page_id)
+            .and_then(|o| o.in_flight.as_ref())
+            .is_some_and(|f| f.waiting.is_empty());
+        if !done {
+            return false;
+        }
+        let Some(f) = self
+            .pages
+            .get_mut(&page_id)
+            .and_then(|o| o.in_flight.take())
+        else {
+            return false;
+        };
+        self.finish(f);
+        true
+    }
+
+    fn finish(&mut self, f: InFlight) {
+        let q = &f.q;
+        let body = match self
+            .pool
+            .store_in_page(q.page, u64::from(q.offset), &f.bytes)
+        {
+            Ok(()) => {
+                fault::point("node.data-applied");
+                Body::UpdateAck { old: f.old }
+            }
+            Err(e) => error(ErrorCode::Internal, e.to_string()),
+        };
+        self.respond(q.conn, q.request_id, q.wire_id, body);
+    }
+
+    /// D4, on a backup.
+    fn replicate(
+        &self,
+        epoch: Epoch,
+        page_id: PageId,
+        page: PageIndex,
+        offset: u32,
+        data: &[u8],
+    ) -> Body {
+        let mine = self.epoch();
+        if epoch < mine {
+            return error(
+                ErrorCode::StaleEpoch,
+                format!("epoch {} is older than {}", epoch.0, mine.0),
+            );
+        }
+        if let Err(b) = self.local_page(page_id, page) {
+            return b;
+        }
+        if data.len() > MAX_UPDATE_BYTES {
+            return error(ErrorCode::Malformed, format!("{} bytes", data.len()));
+        }
+        match self.pool.store_in_page(page, u64::from(offset), data) {
+            Ok(()) => {
+                fault::point("node.data-backup-stored");
+                Body::ReplicateAck { page_id }
+            }
+            Err(e) => error(ErrorCode::BadAddress, e.to_string()),
+        }
+    }
+
+    /// D6: updates waiting on a backup with nothing in flight: if the backup left the
+    /// page's mapping (declared dead, new epoch), it is no longer waited for; otherwise the
+    /// Replicate is sent again (reconnecting if needed).
+    fn tick(&mut self) {
+        let stuck: Vec<PageId> = self
+            .pages
+            .iter()
+            .filter(|(_, o)| {
+                o.in_flight
+                    .as_ref()
+                    .is_some_and(|f| f.waiting.values().any(Option::is_none))
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for page_id in stuck {
+            if let Ok(replicas) = self.mapping(page_id)
+                && let Some(f) = self
+                    .pages
+                    .get_mut(&page_id)
+                    .and_then(|o| o.in_flight.as_mut())
+            {
+                let before = f.waiting.len();
+                f.waiting
+                    .retain(|n, _| replicas.iter().any(|r| r.node == *n));
+                if f.waiting.len() < before {
+                    tracing::warn!(
+                        page_id = page_id.0,
+                        dropped = before - f.waiting.len(),
+                        "update completes without backups that left the mapping"
+                    );
+                }
+            }
+            self.send_replicates(page_id);
+            if self.finish_if_done(page_id) {
+                self.start_next(page_id);
+            }
+        }
+    }
+}
+
+/// Data-path addresses by node, from the monitor's node list.
+pub fn node_addrs(nodes: &[NodeInfo]) -> HashMap<NodeId, SocketAddr> {
+    nodes
+        .iter()
+        .filter(|n| n.port != 0)
+        .map(|n| (n.node, SocketAddr::from((n.ip, n.port))))
+        .collect()
+}

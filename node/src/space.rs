@@ -1,0 +1,652 @@
+//! The application's handle on the global address space from any process, with or
+//! without PM of its own: [`Space`].
+//!
+//! A `Space` finds the active monitor through ZooKeeper, keeps the mapping-table cache
+//! (page id -> replicas, per config epoch), and connects to data nodes over rdma_cm on
+//! demand: one RC connection per node, shared by the handle's threads. Reads are one-sided
+//! RDMA READs of the page's primary; updates (write, compare-and-swap, fetch-and-add) go to
+//! the primary's CPU, which orders them, replicates them and answers once they are durable
+//! on every live replica (`node/DATAPATH.md`). Pages are allocated by asking a data node to
+//! be their primary.
+//!
+//! Failures: an update whose answer was lost (the primary died, the connection broke) is
+//! reported as [`SpaceError::Unknown`] and never sent again by this handle, so it takes
+//! effect at most once. Refusals that applied nothing (a stale mapping, a primary that is
+//! not one any more) are retried against a fresh mapping. Reads are retried until
+//! [`SpaceConfig::op_timeout`], riding out the time until a failed primary is declared dead
+//! and its backup promoted.
+//!
+//! ```no_run
+//! use pmgas_node::space::{Space, SpaceConfig};
+//! let space = Space::connect(SpaceConfig::new("10.0.0.4:2181", "demo")).unwrap();
+//! let page = space.alloc_page(2, None).unwrap();         // a primary + 2 backups
+//! let addr = space.addr(page.page_id, 64).unwrap();
+//! space.write(addr, b"hello").unwrap();                  // durable on all 3 replicas
+//! let mut buf = [0u8; 5];
+//! space.read(addr, &mut buf).unwrap();
+//! let old = space.compare_and_swap(space.addr(page.page_id, 0).unwrap(), 0, 7).unwrap();
+//! assert_eq!(old, 0);
+//! ```
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use pmgas_layout::gat::Mapping;
+use pmgas_layout::wire::{Body, ErrorCode, MAX_UPDATE_BYTES, Message, NodeInfo, Replica, UpdateOp};
+use pmgas_layout::{Epoch, GlobalAddr, NodeId, PageId};
+use pmgas_verbs::fault;
+use pmgas_verbs::msg::{Endpoint, MsgConfig};
+use pmgas_verbs::{
+    Access, AlignedBuf, ConnectionConfig, Connector, MemoryRegion, Opcode, ProtectionDomain,
+    RemoteRegion,
+};
+
+use crate::data::{data_msg_config, node_addrs};
+use crate::service::MonitorFinder;
+
+/// The sender id a client without a node id uses on the wire.
+pub const CLIENT_SENDER: NodeId = NodeId(u32::MAX - 1);
+/// Bytes one READ brings at most (a longer read is several).
+const READ_CHUNK_BYTES: usize = 1 << 16;
+
+#[derive(Debug, Clone)]
+pub struct SpaceConfig {
+    pub zk: String,
+    pub cluster: String,
+    /// The local address to connect from (picks the RDMA device); `None`: the route's.
+    pub bind: Option<IpAddr>,
+    /// How long one request may go unanswered.
+    pub request_timeout: Duration,
+    /// How long an operation keeps retrying what is safe to retry (reads, refusals that
+    /// applied nothing) before it fails.
+    pub op_timeout: Duration,
+}
+
+impl SpaceConfig {
+    pub fn new(zk: &str, cluster: &str) -> Self {
+        Self {
+            zk: zk.to_owned(),
+            cluster: cluster.to_owned(),
+            bind: None,
+            request_timeout: Duration::from_secs(5),
+            op_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum SpaceError {
+    /// Refused with nothing applied: `UnknownPage` (not mapped, or freed), `PageLost`,
+    /// `BadAddress`, `NoSpace`, `NotEnoughNodes`, ...
+    #[error("refused: {code:?}: {detail}")]
+    Refused { code: ErrorCode, detail: String },
+    /// The caller's address or length is not valid for the page (nothing was sent).
+    #[error("bad address: {0}")]
+    BadAddress(String),
+    /// The update was sent and its answer lost (the primary failed, the connection broke):
+    /// it may or may not have taken effect. It is not sent again.
+    #[error("outcome unknown: {0}")]
+    Unknown(String),
+    /// Nothing could be reached within the operation's time (nothing was applied).
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// One data node's connection: its endpoint, where its pages are, a local buffer for
+/// READs.
+struct NodeConn {
+    ep: Endpoint,
+    pages: RemoteRegion,
+    page_size_bytes: u64,
+    buf: MemoryRegion,
+}
+
+struct Monitor {
+    finder: MonitorFinder,
+    ep: Option<Endpoint>,
+    /// The device's PD (kept: registering on a new one per connection is wasted work).
+    pd: Option<ProtectionDomain>,
+}
+
+struct Inner {
+    config: SpaceConfig,
+    monitor: Mutex<Monitor>,
+    nodes: Mutex<HashMap<NodeId, Arc<Mutex<NodeConn>>>>,
+    addrs: RwLock<HashMap<NodeId, NodeInfo>>,
+    cache: RwLock<HashMap<PageId, (Epoch, Vec<Replica>)>>,
+    epoch: AtomicU64,
+    page_size_bytes: AtomicU64,
+    next_wire_id: AtomicU64,
+}
+
+/// The application's handle; cheap to clone, shared by threads.
+#[derive(Clone)]
+pub struct Space {
+    inner: Arc<Inner>,
+}
+
+/// What a failed request on a connection means for a retry.
+enum Failure {
+    /// Nothing was applied and the mapping may have moved: look it up again and retry.
+    Moved(String),
+    /// Final: give it to the caller.
+    Final(SpaceError),
+    /// The connection failed: for an update, the outcome is unknown.
+    Transport(String),
+}
+
+impl Space {
+    /// Finds the active monitor (waiting up to the operation timeout for one) and connects
+    /// to it. Data nodes are connected on first use.
+    pub fn connect(config: SpaceConfig) -> Result<Self, SpaceError> {
+        let finder =
+            MonitorFinder::new(&config.zk, &config.cluster).map_err(SpaceError::Unavailable)?;
+        let space = Self {
+            inner: Arc::new(Inner {
+                monitor: Mutex::new(Monitor {
+                    finder,
+                    ep: None,
+                    pd: None,
+                }),
+                nodes: Mutex::new(HashMap::new()),
+                addrs: RwLock::new(HashMap::new()),
+                cache: RwLock::new(HashMap::new()),
+                epoch: AtomicU64::new(0),
+                page_size_bytes: AtomicU64::new(0),
+                next_wire_id: AtomicU64::new(1),
+                config,
+            }),
+        };
+        space.nodes()?;
+        Ok(space)
+    }
+
+    /// The cluster's page size (learned from the first data node connected).
+    pub fn page_size_bytes(&self) -> Result<u64, SpaceError> {
+        let known = self.inner.page_size_bytes.load(Ordering::Acquire);
+        if known != 0 {
+            return Ok(known);
+        }
+        let nodes = self.nodes()?;
+        let first = nodes
+            .first()
+            .ok_or_else(|| SpaceError::Unavailable("no live data node".into()))?;
+        let conn = self.node(first.node)?;
+        let size = lock(&conn).page_size_bytes;
+        Ok(size)
+    }
+
+    /// The global address of byte `offset` of page `page_id`.
+    pub fn addr(&self, page_id: PageId, offset: u64) -> Result<GlobalAddr, SpaceError> {
+        GlobalAddr::new(page_id, offset, self.page_size_bytes()?)
+            .map_err(|e| SpaceError::BadAddress(e.to_string()))
+    }
+
+    /// The config epoch this handle last heard of.
+    pub fn epoch(&self) -> Epoch {
+        Epoch(self.inner.epoch.load(Ordering::Acquire))
+    }
+
+    /// The live data nodes, where they serve and how much room they have (from the
+    /// monitor).
+    pub fn nodes(&self) -> Result<Vec<NodeInfo>, SpaceError> {
+        match self.monitor_call(Body::NodesQuery)? {
+            Body::NodeList { nodes } => {
+                let mut addrs = self.inner.addrs.write().unwrap_or_else(|p| p.into_inner());
+                addrs.clear();
+                addrs.extend(nodes.iter().map(|n| (n.node, *n)));
+                Ok(nodes)
+            }
+            other => Err(unexpected("NodesQuery", &other)),
+        }
+    }
+
+    /// Where page `page_id` lives (primary first): from the cache when it holds the page
+    /// in the current epoch, else from the monitor.
+    pub fn lookup(&self, page_id: PageId) -> Result<Mapping, SpaceError> {
+        let epoch = self.epoch();
+        if let Some((e, replicas)) = self
+            .inner
+            .cache
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&page_id)
+            && *e == epoch
+        {
+            return Ok(Mapping {
+                page_id,
+                replicas: replicas.clone(),
+            });
+        }
+        match self.monitor_call(Body::MappingLookup { page_id })? {
+            Body::Mapping {
+                page_id: got,
+                replicas,
+            } if got == page_id => {
+                self.inner
+                    .cache
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(page_id, (self.epoch(), replicas.clone()));
+                Ok(Mapping { page_id, replicas })
+            }
+            other => Err(unexpected("MappingLookup", &other)),
+        }
+    }
+
+    /// Drops a page's cached mapping.
+    pub fn invalidate(&self, page_id: PageId) {
+        self.inner
+            .cache
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&page_id);
+    }
+
+    /// Allocates a page with `backups` backups; its primary is `on`, or the live node with
+    /// the most free pages.
+    pub fn alloc_page(&self, backups: u8, on: Option<NodeId>) -> Result<Mapping, SpaceError> {
+        let node = match on {
+            Some(n) => n,
+            None => self
+                .nodes()?
+                .iter()
+                .filter(|n| n.port != 0)
+                .max_by_key(|n| (n.free_pages, std::cmp::Reverse(n.node)))
+                .map(|n| n.node)
+                .ok_or_else(|| {
+                    SpaceError::Unavailable("no live data node serves the data path".into())
+                })?,
+        };
+        let body = Body::DataAlloc {
+            backups_wanted: backups,
+        };
+        // An allocation whose answer is lost leaves its page to the node's reconciliation.
+        match self.node_call(node, body, Duration::from_secs(60)) {
+            Ok(Body::Mapping { page_id, replicas }) => {
+                self.inner
+                    .cache
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(page_id, (self.epoch(), replicas.clone()));
+                Ok(Mapping { page_id, replicas })
+            }
+            Ok(other) => Err(unexpected("DataAlloc", &other)),
+            Err(Failure::Final(e)) => Err(e),
+            Err(Failure::Moved(e)) => Err(SpaceError::Unavailable(e)),
+            Err(Failure::Transport(e)) => Err(SpaceError::Unknown(e)),
+        }
+    }
+
+    /// Reads `out.len()` bytes at `addr` (within one page) from the page's primary with
+    /// one-sided READs: the latest update acknowledged to any client.
+    pub fn read(&self, addr: GlobalAddr, out: &mut [u8]) -> Result<(), SpaceError> {
+        self.check(addr, out.len())?;
+        let deadline = Instant::now() + self.inner.config.op_timeout;
+        let mut last = String::new();
+        while Instant::now() < deadline {
+            match self.read_once(addr, out) {
+                Ok(()) => return Ok(()),
+                Err(Failure::Final(e)) => return Err(e),
+                Err(Failure::Moved(e) | Failure::Transport(e)) => {
+                    last = e;
+                    self.invalidate(addr.page());
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
+        Err(SpaceError::Unavailable(format!(
+            "read of page {}: {last}",
+            addr.page().0
+        )))
+    }
+
+    /// Reads the aligned 8-byte word at `addr`.
+    pub fn read_u64(&self, addr: GlobalAddr) -> Result<u64, SpaceError> {
+        let mut b = [0u8; 8];
+        self.read(addr, &mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+
+    fn read_once(&self, addr: GlobalAddr, out: &mut [u8]) -> Result<(), Failure> {
+        let primary = self.primary(addr.page())?;
+        let conn = self.node(primary.node).map_err(Failure::Final)?;
+        let mut c = lock(&conn);
+        let base = u64::from(primary.page.0) * c.page_size_bytes + addr.offset();
+        let mut done = 0usize;
+        while done < out.len() {
+            let n = (out.len() - done).min(READ_CHUNK_BYTES);
+            let NodeConn { ep, pages, buf, .. } = &mut *c;
+            if let Err(e) = ep.one_sided(
+                Opcode::Read,
+                buf,
+                0,
+                (pages, base + done as u64),
+                n,
+                self.inner.config.request_timeout,
+            ) {
+                drop(c);
+                self.drop_node(primary.node);
+                return Err(Failure::Transport(format!(
+                    "READ from {}: {e}",
+                    primary.node
+                )));
+            }
+            buf.read_at(0, &mut out[done..done + n])
+                .map_err(|e| Failure::Final(SpaceError::Unavailable(e.to_string())))?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Writes `data` at `addr` (within one page); returns once durable on every live
+    /// replica. Writes longer than one message are several updates, each atomic per
+    /// aligned 8-byte word.
+    pub fn write(&self, addr: GlobalAddr, data: &[u8]) -> Result<(), SpaceError> {
+        self.check(addr, data.len())?;
+        for (i, chunk) in data.chunks(MAX_UPDATE_BYTES).enumerate() {
+            let offset = addr.offset() + (i * MAX_UPDATE_BYTES) as u64;
+            self.update(addr.page(), offset, UpdateOp::Write(chunk.to_vec()))?;
+        }
+        Ok(())
+    }
+
+    /// Stores `new` in the aligned 8-byte word at `addr` if it holds `expected`; returns
+    /// the word found (equal to `expected` iff the swap happened).
+    pub fn compare_and_swap(
+        &self,
+        addr: GlobalAddr,
+        expected: u64,
+        new: u64,
+    ) -> Result<u64, SpaceError> {
+        self.check(addr, 8)?;
+        self.update(
+            addr.page(),
+            addr.offset(),
+            UpdateOp::CompareAndSwap { expected, new },
+        )
+    }
+
+    /// Adds `delta` (wrapping) to the aligned 8-byte word at `addr`; returns the old word.
+    pub fn fetch_add(&self, addr: GlobalAddr, delta: u64) -> Result<u64, SpaceError> {
+        self.check(addr, 8)?;
+        self.update(addr.page(), addr.offset(), UpdateOp::FetchAdd { delta })
+    }
+
+    fn check(&self, addr: GlobalAddr, len: usize) -> Result<(), SpaceError> {
+        let page_size = self.page_size_bytes()?;
+        if addr
+            .offset()
+            .checked_add(len as u64)
+            .is_none_or(|end| end > page_size)
+        {
+            return Err(SpaceError::BadAddress(format!(
+                "{len} bytes at offset {} cross the end of a {page_size}-byte page",
+                addr.offset()
+            )));
+        }
+        Ok(())
+    }
+
+    fn update(&self, page_id: PageId, offset: u64, op: UpdateOp) -> Result<u64, SpaceError> {
+        let deadline = Instant::now() + self.inner.config.op_timeout;
+        let offset = u32::try_from(offset)
+            .map_err(|_| SpaceError::BadAddress(format!("offset {offset}")))?;
+        loop {
+            let primary = match self.primary(page_id) {
+                Ok(p) => p,
+                Err(Failure::Final(e)) => return Err(e),
+                Err(Failure::Moved(e) | Failure::Transport(e)) => {
+                    if Instant::now() >= deadline {
+                        return Err(SpaceError::Unavailable(e));
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                    continue;
+                }
+            };
+            let body = Body::Update {
+                page_id,
+                offset,
+                op: op.clone(),
+            };
+            match self.node_call(primary.node, body, self.inner.config.request_timeout) {
+                Ok(Body::UpdateAck { old }) => return Ok(old),
+                Ok(other) => return Err(unexpected("Update", &other)),
+                Err(Failure::Final(e)) => return Err(e),
+                Err(Failure::Transport(e)) => return Err(SpaceError::Unknown(e)),
+                Err(Failure::Moved(e)) => {
+                    // Nothing was applied: the mapping changed under us.
+                    self.invalidate(page_id);
+                    if Instant::now() >= deadline {
+                        return Err(SpaceError::Unavailable(e));
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
+    }
+
+    fn primary(&self, page_id: PageId) -> Result<Replica, Failure> {
+        match self.lookup(page_id) {
+            Ok(m) => m.replicas.first().copied().ok_or_else(|| {
+                Failure::Final(SpaceError::Refused {
+                    code: ErrorCode::PageLost,
+                    detail: format!("page {} has no replica", page_id.0),
+                })
+            }),
+            Err(SpaceError::Unavailable(e)) => Err(Failure::Transport(e)),
+            Err(e) => Err(Failure::Final(e)),
+        }
+    }
+
+    /// Sends one request to a data node and waits for its answer.
+    fn node_call(&self, node: NodeId, body: Body, timeout: Duration) -> Result<Body, Failure> {
+        let conn = self.node(node).map_err(|e| match e {
+            SpaceError::Unavailable(e) => Failure::Moved(e),
+            other => Failure::Final(other),
+        })?;
+        let wire_id = self.inner.next_wire_id.fetch_add(1, Ordering::Relaxed);
+        let msg = Message::new(self.epoch(), CLIENT_SENDER, wire_id, body).encode();
+        let answer = lock(&conn).ep.call(&msg, timeout);
+        fault::point("client.update-sent");
+        let payload = match answer {
+            Ok(p) => p,
+            Err(e) => {
+                self.drop_node(node);
+                return Err(Failure::Transport(format!("{node}: {e}")));
+            }
+        };
+        let m = Message::decode(&payload)
+            .map_err(|e| Failure::Transport(format!("{node} answered: {e}")))?;
+        self.adopt(m.header.epoch);
+        match m.body {
+            Body::Error {
+                code: ErrorCode::NotPrimary | ErrorCode::StaleEpoch,
+                detail,
+            } => Err(Failure::Moved(detail)),
+            Body::Error { code, detail } => {
+                Err(Failure::Final(SpaceError::Refused { code, detail }))
+            }
+            other => Ok(other),
+        }
+    }
+
+    /// A newer epoch: every cached mapping is from an older one and is looked up again.
+    fn adopt(&self, epoch: Epoch) {
+        if self.inner.epoch.fetch_max(epoch.0, Ordering::AcqRel) < epoch.0 {
+            self.inner
+                .cache
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .retain(|_, (e, _)| *e >= epoch);
+        }
+    }
+
+    fn drop_node(&self, node: NodeId) {
+        self.inner
+            .nodes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&node);
+    }
+
+    /// The connection to `node`, made on first use.
+    fn node(&self, node: NodeId) -> Result<Arc<Mutex<NodeConn>>, SpaceError> {
+        if let Some(c) = self
+            .inner
+            .nodes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&node)
+        {
+            return Ok(Arc::clone(c));
+        }
+        let info = self
+            .inner
+            .addrs
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&node)
+            .copied();
+        let info = match info {
+            Some(i) => i,
+            None => self
+                .nodes()?
+                .into_iter()
+                .find(|n| n.node == node)
+                .ok_or_else(|| SpaceError::Unavailable(format!("{node} is not live")))?,
+        };
+        let addr = node_addrs(&[info])
+            .remove(&node)
+            .ok_or_else(|| SpaceError::Unavailable(format!("{node} serves no data path")))?;
+        let conn = self.connect_node(node, addr)?;
+        self.inner
+            .page_size_bytes
+            .store(conn.page_size_bytes, Ordering::Release);
+        let conn = Arc::new(Mutex::new(conn));
+        self.inner
+            .nodes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(node, Arc::clone(&conn));
+        Ok(conn)
+    }
+
+    fn connect_node(&self, node: NodeId, addr: SocketAddr) -> Result<NodeConn, SpaceError> {
+        let unavailable =
+            |e: pmgas_verbs::Error| SpaceError::Unavailable(format!("{node} at {addr}: {e}"));
+        let route = Connector::new(self.inner.config.bind, addr)
+            .resolve()
+            .map_err(unavailable)?;
+        let pd = ProtectionDomain::new(route.context()).map_err(unavailable)?;
+        let mut ep = route
+            .connect_endpoint(&pd, &ConnectionConfig::default(), &[], data_msg_config())
+            .map_err(unavailable)?;
+        let wire_id = self.inner.next_wire_id.fetch_add(1, Ordering::Relaxed);
+        let hello = Message::new(self.epoch(), CLIENT_SENDER, wire_id, Body::DataHello).encode();
+        let answer = ep
+            .call(&hello, self.inner.config.request_timeout)
+            .map_err(unavailable)?;
+        match Message::decode(&answer).map(|m| m.body) {
+            Ok(Body::DataHelloAck {
+                page_size_bytes,
+                data_addr,
+                rkey,
+                page_count,
+                ..
+            }) => {
+                let buf = AlignedBuf::zeroed(READ_CHUNK_BYTES).map_err(unavailable)?;
+                let buf = pd.register(buf, Access::LOCAL).map_err(unavailable)?;
+                Ok(NodeConn {
+                    ep,
+                    pages: RemoteRegion {
+                        addr: data_addr,
+                        len: u64::from(page_count) * page_size_bytes,
+                        rkey,
+                    },
+                    page_size_bytes,
+                    buf,
+                })
+            }
+            other => Err(SpaceError::Unavailable(format!(
+                "{node} answered DataHello with {other:?}"
+            ))),
+        }
+    }
+
+    /// One request to the active monitor; a lost connection is made again (finding the
+    /// monitor anew in ZooKeeper) until the operation timeout.
+    fn monitor_call(&self, body: Body) -> Result<Body, SpaceError> {
+        let deadline = Instant::now() + self.inner.config.op_timeout;
+        let mut m = self.inner.monitor.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            let attempt = self.monitor_once(&mut m, &body);
+            match attempt {
+                Ok(b) => return Ok(b),
+                Err(e) if Instant::now() >= deadline => return Err(SpaceError::Unavailable(e)),
+                Err(e) => {
+                    tracing::debug!(error = %e, "monitor request failed; looking for the monitor again");
+                    m.ep = None;
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        }
+    }
+
+    fn monitor_once(&self, m: &mut Monitor, body: &Body) -> Result<Body, String> {
+        if m.ep.is_none() {
+            let addr = m.finder.find()?;
+            let route = Connector::new(self.inner.config.bind, addr)
+                .resolve()
+                .map_err(|e| e.to_string())?;
+            let pd = match m.pd.take() {
+                Some(pd) if pd.context().same_device(route.context()) => pd,
+                _ => ProtectionDomain::new(route.context()).map_err(|e| e.to_string())?,
+            };
+            let ep = route
+                .connect_endpoint(&pd, &ConnectionConfig::default(), &[], MsgConfig::default())
+                .map_err(|e| format!("monitor at {addr}: {e}"));
+            m.pd = Some(pd);
+            m.ep = Some(ep?);
+        }
+        let ep = m.ep.as_mut().ok_or("no monitor connection")?;
+        let wire_id = self.inner.next_wire_id.fetch_add(1, Ordering::Relaxed);
+        let msg = Message::new(self.epoch(), CLIENT_SENDER, wire_id, body.clone()).encode();
+        let payload = ep
+            .call(&msg, self.inner.config.request_timeout)
+            .map_err(|e| e.to_string())?;
+        let answer = Message::decode(&payload).map_err(|e| e.to_string())?;
+        self.adopt(answer.header.epoch);
+        match answer.body {
+            // Asked again (of the monitor found anew): a deposed monitor, or one that could
+            // not answer now.
+            Body::Error {
+                code: code @ (ErrorCode::NotLeader | ErrorCode::Internal),
+                detail,
+            } => Err(format!("{code:?}: {detail}")),
+            // Every other answer, refusals included, is the caller's.
+            other => Ok(other),
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn unexpected(what: &str, body: &Body) -> SpaceError {
+    match body {
+        Body::Error { code, detail } => SpaceError::Refused {
+            code: *code,
+            detail: detail.clone(),
+        },
+        other => SpaceError::Refused {
+            code: ErrorCode::Malformed,
+            detail: format!("unexpected answer to {what}: {}", other.name()),
+        },
+    }
+}

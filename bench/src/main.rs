@@ -4,6 +4,7 @@
 mod alloc_page;
 #[allow(unsafe_code)] // RDTSC; the block carries its SAFETY argument
 mod clock;
+mod lincheck;
 #[allow(unsafe_code)] // FFI to libpmemobj and malloc; each block carries its SAFETY argument
 mod objects;
 mod peer_proc;
@@ -14,6 +15,7 @@ mod takeover;
 mod verbs_lat;
 
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -44,6 +46,17 @@ enum Command {
         #[arg(long, requires = "device")]
         gid_for: Option<IpAddr>,
     },
+    /// Checks a recorded history (JSON lines) for linearizability, per address.
+    CheckHistory {
+        /// The history, one JSON record per line.
+        path: PathBuf,
+        /// One JSON object per address, then one with the totals.
+        #[arg(long)]
+        json: bool,
+        /// Search steps allowed per address before its verdict is "undecided".
+        #[arg(long, default_value_t = lincheck::DEFAULT_MAX_STEPS)]
+        max_steps: u64,
+    },
     /// The peer that `verbs` starts on the remote host (internal).
     #[command(hide = true)]
     VerbsPeer {
@@ -67,6 +80,11 @@ fn main() -> ExitCode {
         Command::AllocPage(args) => alloc_page::run(&args),
         Command::Recovery(args) => recovery::run(&args),
         Command::Devices { device, gid_for } => devices(device.as_deref(), gid_for),
+        Command::CheckHistory {
+            path,
+            json,
+            max_steps,
+        } => lincheck::run(&path, json, max_steps),
         Command::VerbsPeer { bind, region, cpu } => peer_proc::serve(bind, &region, cpu),
     };
     match result {

@@ -7,6 +7,9 @@
 //! - D2 [`DataServer::update`]: a client's Update reaches the page's primary; it checks the
 //!   address, that it is the primary in its epoch, and that its ART holds the page under
 //!   that page id; the update joins the page's queue (one update per page in flight).
+//! - D2a (in [`DataServer::update`]): the first update of a page in this process and
+//!   epoch is preceded by a copy of the whole page to its backups, so that an update in
+//!   flight when the previous primary died reaches every replica or none.
 //! - D3 [`DataServer::start_next`]: the primary computes the update's bytes against its
 //!   own copy (the latest acknowledged value: nothing else writes the page), answers a
 //!   CAS that does not match at once (it changes nothing), and sends the absolute bytes to
@@ -48,6 +51,8 @@ pub fn data_msg_config() -> MsgConfig {
     }
 }
 
+/// The connection key of updates nobody waits for (D2a's copies).
+const NO_CLIENT: u64 = 0;
 /// How long a Replicate may go unanswered before it is sent again.
 const REPLICATE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How often waiting updates are looked at again (D6).
@@ -64,6 +69,9 @@ struct Queued {
     offset: u32,
     op: UpdateOp,
     backups: Vec<Replica>,
+    /// D2a: copy this many bytes of the primary's own copy at `offset` (read when the copy
+    /// starts, so it includes every update ordered before it); `op` is ignored.
+    copy_len: Option<usize>,
 }
 
 /// The update of a page in flight (D3-D5).
@@ -106,6 +114,9 @@ pub(crate) struct DataServer {
     last_attempt: HashMap<NodeId, Instant>,
     addrs: HashMap<NodeId, SocketAddr>,
     pages: HashMap<PageId, PageOrder>,
+    /// Pages whose backups this process has made equal to its own copy, and in which
+    /// epoch (D2a).
+    synced: HashMap<PageId, Epoch>,
     /// Answers of allocations run on helper threads: (connection, request id, answer).
     allocs: (mpsc::Sender<AllocAnswer>, mpsc::Receiver<AllocAnswer>),
     notifier: Arc<pmgas_verbs::wait::Notifier>,
@@ -137,6 +148,7 @@ impl DataServer {
             last_attempt: HashMap::new(),
             addrs: HashMap::new(),
             pages: HashMap::new(),
+            synced: HashMap::new(),
             allocs: mpsc::channel(),
             notifier: Arc::new(pmgas_verbs::wait::Notifier::new().map_err(|e| e.to_string())?),
             last_tick: Instant::now(),
@@ -465,8 +477,39 @@ impl DataServer {
             offset,
             op,
             backups: replicas[1..].to_vec(),
+            copy_len: None,
         };
+        let epoch = self.epoch();
+        let resync = self.synced.insert(page_id, epoch) != Some(epoch);
+        let page_size = self.pool.header().page_size_bytes;
         let order = self.pages.entry(page_id).or_default();
+        if resync && !q.backups.is_empty() {
+            // D2a: the first update of a page in this process and epoch is preceded by a
+            // copy of the whole page to its backups, through the same queue. An update in
+            // flight when the previous primary died (or this process restarted) may have
+            // reached some backups and not others; this primary's copy is the truth
+            // (nothing was readable before every replica had it), so the replicas agree
+            // again before anything new is ordered.
+            for chunk in 0..page_size.div_ceil(MAX_UPDATE_BYTES as u64) {
+                let offset = chunk * MAX_UPDATE_BYTES as u64;
+                let len = (page_size - offset).min(MAX_UPDATE_BYTES as u64) as usize;
+                order.queue.push_back(Queued {
+                    conn: NO_CLIENT,
+                    request_id: 0,
+                    wire_id: 0,
+                    page,
+                    offset: offset as u32,
+                    op: UpdateOp::Write(vec![]),
+                    backups: q.backups.clone(),
+                    copy_len: Some(len),
+                });
+            }
+            tracing::debug!(
+                page_id = page_id.0,
+                epoch = epoch.0,
+                "page copied to its backups before its first update"
+            );
+        }
         order.queue.push_back(q);
         if order.in_flight.is_none() {
             self.start_next(page_id);
@@ -489,7 +532,12 @@ impl DataServer {
                 return;
             };
             let mut word = [0u8; 8];
+            let mut copy = vec![0u8; q.copy_len.unwrap_or(0)];
             let current = match &q.op {
+                _ if q.copy_len.is_some() => self
+                    .pool
+                    .read_in_page(q.page, u64::from(q.offset), &mut copy)
+                    .map(|()| 0),
                 UpdateOp::Write(_) => Ok(0),
                 _ => self
                     .pool
@@ -505,6 +553,7 @@ impl DataServer {
                 }
             };
             let bytes = match &q.op {
+                _ if q.copy_len.is_some() => copy,
                 UpdateOp::Write(d) => d.clone(),
                 UpdateOp::CompareAndSwap { expected, new } => {
                     if old != *expected {

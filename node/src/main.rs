@@ -69,6 +69,16 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Prints a digest (FNV-1a 64) of the bytes of the page that holds each given page id
+    /// (`PAGE page_id=P page=I state=S fnv=H`), to compare replicas byte for byte; never
+    /// writes.
+    PageDigest {
+        #[arg(long)]
+        pm: PathBuf,
+        /// Page ids to digest (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        page_id: Vec<u32>,
+    },
     /// Runs a data node: opens (or formats) the pool, joins the monitor over rdma_cm and
     /// serves the two-phase page allocation; with --alloc-pages, also allocates that many
     /// replicated pages as a primary from --concurrency threads through the client API:
@@ -118,7 +128,7 @@ enum Command {
         retry_ms: u64,
         /// Serve the data path (clients' reads and updates, primaries' Replicates) on this
         /// port of --bind (0: any free port); the monitor lists it to clients.
-        #[arg(long, default_value_t = 7470)]
+        #[arg(long, default_value_t = 0)]
         data_port: u16,
         /// Serve no data path (allocation only).
         #[arg(long)]
@@ -243,6 +253,7 @@ fn main() -> ExitCode {
             serve(&pm, id.identity(), size_bytes, config, &load)
         }
         Command::ArtDump { pm, json } => art_dump(&pm, json),
+        Command::PageDigest { pm, page_id } => page_digest(&pm, &page_id),
         Command::CrashExercise(a) => crash_exercise(&a),
         Command::ObjectExercise(a) => object_exercise(&a),
     };
@@ -253,6 +264,32 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn page_digest(pm: &std::path::Path, ids: &[u32]) -> Result<(), String> {
+    let pool = Pool::open(pm, None, OnBlank::Refuse, None).map_err(|e| e.to_string())?;
+    let page_size = pool.header().page_size_bytes as usize;
+    for &id in ids {
+        let found = pool
+            .art()
+            .iter()
+            .find(|(_, r)| r.page_id.0 == id && r.state != pmgas_layout::PageState::Free);
+        let Some((page, rec)) = found else {
+            println!("PAGE page_id={id} missing");
+            continue;
+        };
+        let mut bytes = vec![0u8; page_size];
+        pool.read_in_page(page, 0, &mut bytes)
+            .map_err(|e| e.to_string())?;
+        let fnv = bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+        });
+        println!(
+            "PAGE page_id={id} page={} state={:?} fnv={fnv:016x}",
+            page.0, rec.state
+        );
+    }
+    Ok(())
 }
 
 fn art_dump(pm: &std::path::Path, json: bool) -> Result<(), String> {

@@ -314,7 +314,12 @@ impl Space {
 
     fn read_once(&self, addr: GlobalAddr, out: &mut [u8]) -> Result<(), Failure> {
         let primary = self.primary(addr.page())?;
-        let conn = self.node(primary.node).map_err(Failure::Final)?;
+        // A primary that cannot be reached may be dead and about to be replaced: asked
+        // again (a read is safe to repeat).
+        let conn = self.node(primary.node).map_err(|e| match e {
+            SpaceError::Unavailable(e) => Failure::Transport(e),
+            other => Failure::Final(other),
+        })?;
         let mut c = lock(&conn);
         let base = u64::from(primary.page.0) * c.page_size_bytes + addr.offset();
         let mut done = 0usize;

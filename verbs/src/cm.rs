@@ -452,6 +452,10 @@ impl Listener {
             return Err(Error::last_os("rdma_listen", addr.to_string()));
         }
         let context = id.context()?;
+        // Port 0 asks for any free port: learn which one was bound.
+        // SAFETY: valid bound id.
+        let port = u16::from_be(unsafe { sys::rdma_get_src_port(id.as_ptr()) });
+        let addr = SocketAddr::new(addr.ip(), port);
         Ok(Self { id, context, addr })
     }
 
@@ -464,6 +468,7 @@ impl Listener {
         self.id.channel.fd()
     }
 
+    /// The bound address, with the port the kernel chose when asked for port 0.
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
     }

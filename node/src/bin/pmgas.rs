@@ -94,8 +94,9 @@ struct RegistersArgs {
     /// Names this process's clients in the history: `<prefix>t<thread>`.
     #[arg(long, default_value = "p1")]
     client: String,
-    #[arg(long)]
-    history: PathBuf,
+    /// Where the history goes (appended; required unless --init).
+    #[arg(long, required_unless_present = "init")]
+    history: Option<PathBuf>,
     #[arg(long, default_value_t = 1)]
     seed: u64,
     /// Set every register to 0 first (run once, before any workload process starts).
@@ -333,11 +334,12 @@ fn registers(space: &Space, r: &RegistersArgs) -> Result<(), String> {
         println!("REGISTERS INIT page_id={} count={}", r.page_id, r.count);
         return Ok(());
     }
+    let path = r.history.as_ref().ok_or("--history is required")?;
     let file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(&r.history)
-        .map_err(|e| format!("{}: {e}", r.history.display()))?;
+        .open(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
     let file = Mutex::new(file);
     // One write(2) per record: a process killed at any point leaves whole lines.
     let emit = |line: String| {

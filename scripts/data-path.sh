@@ -1,0 +1,162 @@
+#!/usr/bin/env bash
+# The data path on the rig (#11): ZooKeeper, three monitors on host 4 (one active), three
+# data nodes on hosts 1-3 (PM pools on tmpfs), and `pmgas` client processes without PM.
+#
+#   1. Bad input against live processes: reads and writes past the page, an unaligned
+#      CAS, an unknown page; each must fail with a clear error and change nothing.
+#   2. Registers, no fault: two client processes (hosts 4 and 1), two threads each, on 8
+#      registers of a page with 2 backups; every operation recorded in a JSON-lines
+#      history, checked for linearizability (pmgas-bench check-history); then the page's
+#      three replicas compared byte for byte.
+#   3. Registers, primary killed: the same workload again; once the history holds
+#      KILL_AFTER records, the page's primary (node 1) is killed -9. The monitor declares it
+#      dead (4 s node timeout), its backup is promoted, the clients go on; the history must
+#      still be linearizable (operations whose answer was lost are "unknown": maybe
+#      applied) and the two surviving replicas identical.
+#
+# Exit status 0 when every check passes. PMGAS_ZK=host:port uses that ZooKeeper.
+# Usage (outside the rig it re-runs itself inside): scripts/data-path.sh [--ops N]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+ops=500
+args=("$@")
+while (($#)); do
+  case $1 in
+    --ops) ops=$2; shift 2 ;;
+    *) echo "usage: $0 [--ops N]" >&2; exit 2 ;;
+  esac
+done
+if [[ ${PMGAS_RIG:-} != 1 ]]; then
+  cargo build --release --bins --quiet
+  exec bash scripts/rig.sh --hosts 4 -- bash "$root/scripts/data-path.sh" "${args[@]}"
+fi
+
+bin=${PMGAS_BIN:-$root/target/release}
+for b in pmgas pmgas-node pmgas-monitor pmgas-bench; do
+  [[ -x $bin/$b ]] || { echo "data-path: no $b in $bin" >&2; exit 1; }
+done
+read -r h1 h2 h3 h4 _ <<<"$PMGAS_HOSTS"
+work=$(mktemp -d /tmp/pmgas-data.XXXXXX)
+cluster=d$$
+pids=()  # pids[1..3]: the nodes
+mpids=() # the monitors
+cleanup() {
+  for p in "${pids[@]}" "${mpids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  [[ -n ${PMGAS_ZK:-} ]] || bash "$root/scripts/zookeeper.sh" stop --dir "$work/zk" >/dev/null 2>&1 || true
+  rm -f /dev/shm/pmgas-"$cluster"-node*
+}
+trap cleanup EXIT
+ulimit -c 0
+fail() { echo "data-path: FAILED: $*"; exit 1; }
+# wait_line FILE PATTERN SECONDS: waits until FILE has a line matching PATTERN.
+wait_line() {
+  local until=$((SECONDS + $3))
+  while ((SECONDS < until)); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.05; done
+  echo "data-path: no '$2' in $1 within $3 s:"; tail -n 20 "$1"; return 1
+}
+
+if [[ -n ${PMGAS_ZK:-} ]]; then
+  zk=$PMGAS_ZK
+else
+  zk=$(bash "$root/scripts/zookeeper.sh" start --port 2181 --dir "$work/zk")
+fi
+echo "data-path: ZooKeeper at $zk; monitors on $h4; nodes on $h1 $h2 $h3; clients on $h4 and $h1"
+for m in 1 2 3; do
+  "$bin/pmgas-monitor" serve --zk "$zk" --cluster "$cluster" --cluster-id 7 --page-size 65536 \
+    --listen "$h4:$((6999 + m))" --session-timeout-ms 2000 --node-timeout-ms 4000 \
+    --heartbeat-timeout-ms 2000 >"$work/monitor$m.log" 2>&1 &
+  mpids+=($!)
+  ((m == 1)) && wait_line "$work/monitor1.log" "MONITOR READY" 120
+done
+start_node() {
+  local i=$1 h=$2
+  "$bin/pmgas-node" serve --pm "/dev/shm/pmgas-$cluster-node$i" --size-bytes $((8 << 20)) --cluster-id 7 \
+    --node-id "$i" --page-size 65536 --zk "$zk" --cluster "$cluster" --bind "$h" >>"$work/node$i.log" 2>&1 &
+  pids[$i]=$!
+}
+start_node 1 "$h1"
+start_node 2 "$h2"
+start_node 3 "$h3"
+for i in 1 2 3; do wait_line "$work/node$i.log" "NODE READY" 120; done
+
+cli() { "$bin/pmgas" --zk "$zk" --cluster "$cluster" --bind "$h4" "$@"; }
+cli nodes
+page=$(cli alloc-page --backups 2 --on 1)
+echo "data-path: registers on $page"
+pid=$(sed -n 's/.*page_id=\([0-9]*\).*/\1/p' <<<"$page")
+[[ $(sed -n 's/.*replicas=\(node[0-9]*\).*/\1/p' <<<"$page") == node1 ]] || fail "the page's primary is not node 1: $page"
+base=$((pid << 32))
+
+# --- 1. bad input: each must fail, say why, and change nothing.
+cli write $((base + 8)) --u64 777
+expect_refusal() { # expect_refusal WHAT PATTERN CMD...
+  local what=$1 pattern=$2; shift 2
+  local out
+  if out=$(cli "$@" 2>&1); then fail "$what was accepted: $out"; fi
+  grep -qi "$pattern" <<<"$out" || fail "$what: unclear error: $out"
+  echo "data-path: refused as expected ($what): $out"
+}
+expect_refusal "read past the page" "cross" read $((base + 65536 - 4)) --len 8
+expect_refusal "write crossing the page end" "cross" write $((base + 65535)) 0102
+expect_refusal "unaligned CAS" "aligned" cas $((base + 12)) 0 1
+expect_refusal "unaligned FAA" "aligned" faa $((base + 4)) 1
+expect_refusal "offset past the page" "offset\|page" read $((base + 70000))
+expect_refusal "unknown page" "UnknownPage\|not mapped" read $(((pid + 1000) << 32))
+[[ $(cli read $((base + 8)) --u64) == 777 ]] || fail "a refused request changed the register"
+cli write $((base + 8)) --u64 0
+
+registers() { # registers PHASE EXTRA...: two client processes, two threads each
+  local phase=$1; shift
+  # The checker starts every register at 0: set them so while no client runs.
+  cli registers --page-id "$pid" --init
+  : >"$work/history$phase.jsonl"
+  "$bin/pmgas" --zk "$zk" --cluster "$cluster" --bind "$h4" registers --page-id "$pid" --threads 2 \
+    --ops "$ops" --client "p1" --seed "$phase" --history "$work/history$phase.jsonl" "$@" >"$work/reg$phase-1.log" 2>&1 &
+  r1=$!
+  "$bin/pmgas" --zk "$zk" --cluster "$cluster" --bind "$h1" registers --page-id "$pid" --threads 2 \
+    --ops "$ops" --client "p2" --seed "$((phase + 100))" --history "$work/history$phase.jsonl" "$@" >"$work/reg$phase-2.log" 2>&1 &
+  r2=$!
+}
+finish_registers() { # finish_registers PHASE
+  local rc=0
+  wait "$r1" || rc=1
+  wait "$r2" || rc=1
+  grep -h "REGISTERS DONE" "$work/reg$1-1.log" "$work/reg$1-2.log" || true
+  grep -h "outcome unknown\|failed:" "$work/reg$1-1.log" "$work/reg$1-2.log" | head -n 6 || true
+  ((rc == 0)) || fail "a register process failed: $(tail -n 5 "$work/reg$1-1.log" "$work/reg$1-2.log")"
+  echo "data-path: checking history $1 ($(wc -l <"$work/history$1.jsonl") records)"
+  "$bin/pmgas-bench" check-history "$work/history$1.jsonl" || fail "history $1 is not linearizable"
+}
+digests() { # digests NODE...: the page's digest on each node must be the same
+  local i d first=
+  for i in "$@"; do
+    d=$("$bin/pmgas-node" page-digest --pm "/dev/shm/pmgas-$cluster-node$i" --page-id "$pid")
+    echo "data-path: node$i $d"
+    [[ $d == *state=Allocated* ]] || fail "node $i holds no allocated replica of page $pid"
+    d=${d##*fnv=}
+    [[ -z $first || $d == "$first" ]] || fail "replicas of page $pid differ"
+    first=$d
+  done
+}
+
+# --- 2. registers, no fault.
+registers 1
+finish_registers 1
+digests 1 2 3
+
+# --- 3. registers, the primary killed -9 mid-run.
+registers 2 --max-ms 120000
+kill_after=$((ops))
+for _ in $(seq 1 2400); do
+  (($(wc -l <"$work/history2.jsonl" 2>/dev/null || echo 0) >= kill_after)) && break
+  sleep 0.05
+done
+(($(wc -l <"$work/history2.jsonl") >= kill_after)) || fail "the workload never reached $kill_after records"
+kill -9 "${pids[1]}"
+echo "data-path: killed node 1 (the primary) after $(wc -l <"$work/history2.jsonl") history records"
+wait_line "$work/monitor1.log" "NODE DEAD node=1" 60
+finish_registers 2
+digests 2 3
+echo "data-path: ok"

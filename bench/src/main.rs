@@ -4,6 +4,7 @@
 mod alloc_page;
 #[allow(unsafe_code)] // RDTSC; the block carries its SAFETY argument
 mod clock;
+mod data;
 mod lincheck;
 #[allow(unsafe_code)] // FFI to libpmemobj and malloc; each block carries its SAFETY argument
 mod objects;
@@ -36,6 +37,9 @@ enum Command {
     /// Replicated page allocation through the client API at several concurrency levels,
     /// side by side with a plain ZooKeeper create of the same payload on the same server.
     AllocPage(alloc_page::AllocPageArgs),
+    /// The data path through the client API: reads, durable writes, CAS and FAA with 0, 1
+    /// and 2 backups, batches with 16 in flight (scripts/bench-data.sh: beside perftest).
+    Data(data::DataArgs),
     /// How long a starting monitor takes to reload GATs of several sizes from ZooKeeper.
     Recovery(recovery::RecoveryArgs),
     /// Lists RDMA devices, their ports and RoCE v2 GIDs; with --gid-for, prints just the
@@ -79,6 +83,7 @@ fn main() -> ExitCode {
         Command::Objects(args) => objects::run(&args),
         Command::AllocPage(args) => alloc_page::run(&args),
         Command::Recovery(args) => recovery::run(&args),
+        Command::Data(args) => data::run(&args),
         Command::Devices { device, gid_for } => devices(device.as_deref(), gid_for),
         Command::CheckHistory {
             path,

@@ -282,6 +282,14 @@ impl Space {
         }
     }
 
+    /// A batch of operations to post together and wait for together ([`Batch::quiet`]).
+    pub fn batch(&self) -> Batch<'_> {
+        Batch {
+            space: self,
+            ops: vec![],
+        }
+    }
+
     /// Reads `out.len()` bytes at `addr` (within one page) from the page's primary with
     /// one-sided READs: the latest update acknowledged to any client.
     pub fn read(&self, addr: GlobalAddr, out: &mut [u8]) -> Result<(), SpaceError> {
@@ -635,6 +643,307 @@ impl Space {
             } => Err(format!("{code:?}: {detail}")),
             // Every other answer, refusals included, is the caller's.
             other => Ok(other),
+        }
+    }
+}
+
+/// One operation of a [`Batch`].
+#[derive(Debug, Clone)]
+enum BatchOp {
+    Read { addr: GlobalAddr, len: usize },
+    Update { addr: GlobalAddr, op: UpdateOp },
+}
+
+/// What one operation of a [`Batch`] returned, in the order they were added.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BatchResult {
+    /// The bytes a read returned.
+    Read(Vec<u8>),
+    /// An update's old word (0 for a write).
+    Updated(u64),
+}
+
+/// Operations posted together and waited for together ([`Batch::quiet`]), as OpenSHMEM's
+/// `_nbi` calls and `shmem_quiet`: reads of one node go out as back-to-back one-sided
+/// READs on its connection, updates of one node as pipelined requests (up to the
+/// connection's request limit in flight). Operations on different addresses are not
+/// ordered against each other; two updates of one page are ordered by its primary in the
+/// order they arrive there.
+pub struct Batch<'a> {
+    space: &'a Space,
+    ops: Vec<BatchOp>,
+}
+
+impl Batch<'_> {
+    /// Adds a read of `len` bytes at `addr` (within a page, at most 64 KiB).
+    pub fn read(&mut self, addr: GlobalAddr, len: usize) -> &mut Self {
+        self.ops.push(BatchOp::Read { addr, len });
+        self
+    }
+
+    /// Adds a write of at most [`MAX_UPDATE_BYTES`] bytes.
+    pub fn write(&mut self, addr: GlobalAddr, data: &[u8]) -> &mut Self {
+        let op = UpdateOp::Write(data.to_vec());
+        self.ops.push(BatchOp::Update { addr, op });
+        self
+    }
+
+    pub fn compare_and_swap(&mut self, addr: GlobalAddr, expected: u64, new: u64) -> &mut Self {
+        let op = UpdateOp::CompareAndSwap { expected, new };
+        self.ops.push(BatchOp::Update { addr, op });
+        self
+    }
+
+    pub fn fetch_add(&mut self, addr: GlobalAddr, delta: u64) -> &mut Self {
+        let op = UpdateOp::FetchAdd { delta };
+        self.ops.push(BatchOp::Update { addr, op });
+        self
+    }
+
+    pub fn len(&self) -> usize {
+        self.ops.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+
+    /// Carries out every operation and waits until all are complete (updates durable on
+    /// every live replica). One result per operation, in order. An operation that failed
+    /// does not stop the others.
+    pub fn quiet(self) -> Vec<Result<BatchResult, SpaceError>> {
+        let mut results: Vec<Option<Result<BatchResult, SpaceError>>> = vec![None; self.ops.len()];
+        let mut reads: HashMap<NodeId, Vec<(usize, u64, usize)>> = HashMap::new();
+        let mut updates: HashMap<NodeId, Vec<usize>> = HashMap::new();
+        for (i, op) in self.ops.iter().enumerate() {
+            let (addr, len) = match op {
+                BatchOp::Read { addr, len } => (*addr, *len),
+                BatchOp::Update {
+                    addr,
+                    op: UpdateOp::Write(d),
+                } => (*addr, d.len()),
+                BatchOp::Update { addr, .. } => (*addr, 8),
+            };
+            let placed = self.space.check(addr, len).and_then(|()| {
+                self.space.primary(addr.page()).map_err(|f| match f {
+                    Failure::Final(e) => e,
+                    Failure::Moved(e) | Failure::Transport(e) => SpaceError::Unavailable(e),
+                })
+            });
+            match (placed, op) {
+                (Err(e), _) => results[i] = Some(Err(e)),
+                (Ok(_), BatchOp::Read { len, .. }) if *len > READ_CHUNK_BYTES => {
+                    results[i] = Some(Err(SpaceError::BadAddress(format!(
+                        "a batched read of {len} bytes (at most {READ_CHUNK_BYTES})"
+                    ))))
+                }
+                (Ok(p), BatchOp::Read { len, .. }) => {
+                    reads
+                        .entry(p.node)
+                        .or_default()
+                        .push((i, u64::from(p.page.0), *len));
+                }
+                (Ok(p), BatchOp::Update { .. }) => updates.entry(p.node).or_default().push(i),
+            }
+        }
+        for (node, list) in reads {
+            self.reads_on(node, &list, &mut results);
+        }
+        for (node, list) in updates {
+            self.updates_on(node, &list, &mut results);
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(SpaceError::Unavailable("not carried out".into()))))
+            .collect()
+    }
+
+    /// The reads of one node: as many as fit the connection's READ buffer go out back to
+    /// back, then the next group. A read that fails falls back to [`Space::read`] (which
+    /// retries across a failover).
+    fn reads_on(
+        &self,
+        node: NodeId,
+        list: &[(usize, u64, usize)],
+        results: &mut [Option<Result<BatchResult, SpaceError>>],
+    ) {
+        let addr_of = |i: usize| match &self.ops[i] {
+            BatchOp::Read { addr, .. } | BatchOp::Update { addr, .. } => *addr,
+        };
+        let conn = self.space.node(node);
+        let mut group: Vec<(usize, u64, usize)> = vec![];
+        let flush = |group: &mut Vec<(usize, u64, usize)>, results: &mut [Option<_>]| {
+            if group.is_empty() {
+                return;
+            }
+            let done = conn.as_ref().ok().and_then(|conn| {
+                let mut c = lock(conn);
+                let NodeConn {
+                    ep,
+                    pages,
+                    buf,
+                    page_size_bytes,
+                } = &mut *c;
+                let mut at = 0usize;
+                let ops: Vec<(usize, u64, usize)> = group
+                    .iter()
+                    .map(|&(i, page, len)| {
+                        let local = at;
+                        at += len;
+                        (local, page * *page_size_bytes + addr_of(i).offset(), len)
+                    })
+                    .collect();
+                let timeout = self.space.inner.config.request_timeout;
+                ep.one_sided_batch(Opcode::Read, buf, pages, &ops, timeout)
+                    .ok()?;
+                let mut out = vec![];
+                for (&(_, _, len), &(local, _, _)) in group.iter().zip(&ops) {
+                    let mut bytes = vec![0u8; len];
+                    buf.read_at(local, &mut bytes).ok()?;
+                    out.push(bytes);
+                }
+                Some(out)
+            });
+            match done {
+                Some(out) => {
+                    for (&(i, _, _), bytes) in group.iter().zip(out) {
+                        results[i] = Some(Ok(BatchResult::Read(bytes)));
+                    }
+                }
+                None => {
+                    self.space.drop_node(node);
+                    for &(i, _, len) in group.iter() {
+                        let mut bytes = vec![0u8; len];
+                        results[i] = Some(
+                            self.space
+                                .read(addr_of(i), &mut bytes)
+                                .map(|()| BatchResult::Read(bytes)),
+                        );
+                    }
+                }
+            }
+            group.clear();
+        };
+        let mut used = 0usize;
+        for &(i, page, len) in list {
+            if used + len > READ_CHUNK_BYTES {
+                flush(&mut group, results);
+                used = 0;
+            }
+            group.push((i, page, len));
+            used += len;
+        }
+        flush(&mut group, results);
+    }
+
+    /// The updates of one node, pipelined: up to the connection's request limit in flight.
+    /// Refusals that applied nothing go through [`Space::update`] again, one by one; an
+    /// update whose answer is lost is [`SpaceError::Unknown`].
+    fn updates_on(
+        &self,
+        node: NodeId,
+        list: &[usize],
+        results: &mut [Option<Result<BatchResult, SpaceError>>],
+    ) {
+        let space = self.space;
+        let mut again: Vec<usize> = vec![];
+        match space.node(node) {
+            Err(_) => again.extend_from_slice(list),
+            Ok(conn) => {
+                let mut c = lock(&conn);
+                let timeout = space.inner.config.request_timeout;
+                let mut next = 0usize;
+                let mut in_flight: HashMap<u64, usize> = HashMap::new();
+                let mut broken: Option<String> = None;
+                while (next < list.len() || !in_flight.is_empty()) && broken.is_none() {
+                    while next < list.len() && in_flight.len() < c.ep.request_limit() {
+                        let i = list[next];
+                        let BatchOp::Update { addr, op } = &self.ops[i] else {
+                            next += 1;
+                            continue;
+                        };
+                        let Ok(offset) = u32::try_from(addr.offset()) else {
+                            results[i] = Some(Err(SpaceError::BadAddress(format!("{addr:?}"))));
+                            next += 1;
+                            continue;
+                        };
+                        let body = Body::Update {
+                            page_id: addr.page(),
+                            offset,
+                            op: op.clone(),
+                        };
+                        let wire_id = space.inner.next_wire_id.fetch_add(1, Ordering::Relaxed);
+                        let msg =
+                            Message::new(space.epoch(), CLIENT_SENDER, wire_id, body).encode();
+                        match c.ep.request(&msg, timeout) {
+                            Ok(id) => {
+                                in_flight.insert(id, i);
+                                next += 1;
+                            }
+                            Err(e) => {
+                                broken = Some(e.to_string());
+                                break;
+                            }
+                        }
+                    }
+                    match c.ep.poll() {
+                        Ok(Some(pmgas_verbs::Incoming::Response {
+                            request_id,
+                            payload,
+                        })) => {
+                            let Some(i) = in_flight.remove(&request_id) else {
+                                continue;
+                            };
+                            match Message::decode(&payload) {
+                                Ok(m) => {
+                                    space.adopt(m.header.epoch);
+                                    match m.body {
+                                        Body::UpdateAck { old } => {
+                                            results[i] = Some(Ok(BatchResult::Updated(old)))
+                                        }
+                                        Body::Error {
+                                            code: ErrorCode::NotPrimary | ErrorCode::StaleEpoch,
+                                            ..
+                                        } => again.push(i),
+                                        other => {
+                                            results[i] = Some(Err(unexpected("Update", &other)))
+                                        }
+                                    }
+                                }
+                                Err(e) => {
+                                    results[i] = Some(Err(SpaceError::Unknown(e.to_string())))
+                                }
+                            }
+                        }
+                        Ok(Some(pmgas_verbs::Incoming::TimedOut { request_id })) => {
+                            if let Some(i) = in_flight.remove(&request_id) {
+                                results[i] = Some(Err(SpaceError::Unknown(format!(
+                                    "{node} did not answer within {timeout:?}"
+                                ))));
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(e) => broken = Some(e.to_string()),
+                    }
+                }
+                if let Some(why) = broken {
+                    drop(c);
+                    space.drop_node(node);
+                    for (_, i) in in_flight.drain() {
+                        results[i] = Some(Err(SpaceError::Unknown(format!("{node}: {why}"))));
+                    }
+                    again.extend_from_slice(&list[next..]);
+                }
+            }
+        }
+        for i in again {
+            if let BatchOp::Update { addr, op } = &self.ops[i] {
+                results[i] = Some(
+                    space
+                        .update(addr.page(), addr.offset(), op.clone())
+                        .map(BatchResult::Updated),
+                );
+            }
         }
     }
 }

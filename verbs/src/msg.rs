@@ -146,8 +146,8 @@ pub struct Endpoint {
     pending: HashMap<u64, Instant>,
     /// Messages received while `call` waited for its own response.
     deferred: VecDeque<Incoming>,
-    /// Set when the one-sided operation in flight ([`Self::one_sided`]) completes.
-    one_sided_done: bool,
+    /// One-sided operations ([`Self::one_sided_batch`]) completed so far.
+    one_sided_completed: u64,
     stats: MsgStats,
 }
 
@@ -170,7 +170,7 @@ impl Endpoint {
             next_request_id: 1,
             pending: HashMap::new(),
             deferred: VecDeque::new(),
-            one_sided_done: false,
+            one_sided_completed: 0,
             stats: MsgStats::default(),
             config,
         };
@@ -303,7 +303,7 @@ impl Endpoint {
         }
         if wc.wr_id & SEND_BIT != 0 {
             if wc.wr_id & ONE_SIDED_BIT != 0 {
-                self.one_sided_done = true;
+                self.one_sided_completed += 1;
             }
             self.free_send_slots
                 .push((wc.wr_id & !(SEND_BIT | ONE_SIDED_BIT)) as usize);
@@ -411,50 +411,73 @@ impl Endpoint {
         len: usize,
         timeout: Duration,
     ) -> Result<()> {
+        self.one_sided_batch(
+            opcode,
+            local,
+            region,
+            &[(local_offset, offset, len)],
+            timeout,
+        )
+    }
+
+    /// Several one-sided operations of one kind, posted back to back (as many in flight
+    /// as there are free send slots) and waited for together: `ops` holds (local offset,
+    /// remote offset, length) each. An RC QP executes them in order; the call returns once
+    /// every one completed. Failures are as for [`Self::one_sided`].
+    pub fn one_sided_batch(
+        &mut self,
+        opcode: Opcode,
+        local: &MemoryRegion,
+        region: &crate::mr::RemoteRegion,
+        ops: &[(usize, u64, usize)],
+        timeout: Duration,
+    ) -> Result<()> {
         if !matches!(opcode, Opcode::Read | Opcode::Write) {
             return Err(Error::InvalidArgument(format!(
                 "{opcode:?} is not a one-sided READ or WRITE"
             )));
         }
         let deadline = Instant::now() + timeout;
-        while self.free_send_slots.is_empty() {
-            if !self.progress()? && Instant::now() >= deadline {
-                return Err(Error::Timeout {
-                    what: format!(
-                        "a send slot for a one-sided {opcode:?} with {}",
-                        self.conn.peer()
-                    ),
-                    timeout_ms: timeout.as_millis() as u64,
-                });
+        let target = self.one_sided_completed + ops.len() as u64;
+        let mut spins = 0u32;
+        for &(local_offset, offset, len) in ops {
+            while self.free_send_slots.is_empty() {
+                if !self.progress()? && Instant::now() >= deadline {
+                    return Err(Error::Timeout {
+                        what: format!(
+                            "a send slot for a one-sided {opcode:?} with {}",
+                            self.conn.peer()
+                        ),
+                        timeout_ms: timeout.as_millis() as u64,
+                    });
+                }
+            }
+            let Some(slot) = self.free_send_slots.pop() else {
+                unreachable!("a free send slot was just seen");
+            };
+            let mut wr = WorkRequest::new(opcode, local, local_offset, len, Some((region, offset)))
+                .inspect_err(|_| self.free_send_slots.push(slot))?;
+            wr.set_wr_id(SEND_BIT | ONE_SIDED_BIT | slot as u64);
+            // SAFETY: `local` is borrowed until every operation completes below (or the
+            // connection fails, which flushes them).
+            if let Err(e) = unsafe { self.conn.post(&mut wr) } {
+                self.free_send_slots.push(slot);
+                return Err(e);
             }
         }
-        let Some(slot) = self.free_send_slots.pop() else {
-            unreachable!("a free send slot was just seen");
-        };
-        let mut wr = WorkRequest::new(opcode, local, local_offset, len, Some((region, offset)))
-            .inspect_err(|_| self.free_send_slots.push(slot))?;
-        wr.set_wr_id(SEND_BIT | ONE_SIDED_BIT | slot as u64);
-        self.one_sided_done = false;
-        // SAFETY: `local` is borrowed until the operation completes below (or the
-        // connection fails, which flushes it).
-        if let Err(e) = unsafe { self.conn.post(&mut wr) } {
-            self.free_send_slots.push(slot);
-            return Err(e);
-        }
-        let mut spins = 0u32;
-        while !self.one_sided_done {
+        while self.one_sided_completed < target {
             self.progress()?;
             spins = spins.wrapping_add(1);
             if spins.is_multiple_of(CLOCK_EVERY) && Instant::now() >= deadline {
-                // The READ may still land later: the caller must drop the connection
+                // The operations may still land later: the caller must drop the connection
                 // (its QP) before reusing `local`.
                 return Err(Error::Timeout {
-                    what: format!("RDMA {opcode:?} of {len} bytes with {}", self.conn.peer()),
+                    what: format!("{} RDMA {opcode:?}s with {}", ops.len(), self.conn.peer()),
                     timeout_ms: timeout.as_millis() as u64,
                 });
             }
         }
-        self.stats.reads += 1;
+        self.stats.reads += ops.len() as u64;
         Ok(())
     }
 

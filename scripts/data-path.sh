@@ -3,7 +3,9 @@
 # data nodes on hosts 1-3 (PM pools on tmpfs), and `pmgas` client processes without PM.
 #
 #   1. Bad input against live processes: reads and writes past the page, an unaligned
-#      CAS, an unknown page; each must fail with a clear error and change nothing.
+#      CAS, an unknown page through the client; garbage, truncated, out-of-bounds and
+#      misdirected requests sent straight to the data ports (pmgas-bench data-probe);
+#      each must fail with a clear error and change nothing.
 #   2. Registers, no fault: two client processes (hosts 4 and 1), two threads each, on 8
 #      registers of a page with 2 backups; every operation recorded in a JSON-lines
 #      history, checked for linearizability (pmgas-bench check-history); then the page's
@@ -13,6 +15,9 @@
 #      dead (4 s node timeout), its backup is promoted, the clients go on; the history must
 #      still be linearizable (operations whose answer was lost are "unknown": maybe
 #      applied) and the two surviving replicas identical.
+#   4. The persistence audit of every node (binaries built with the `persist-audit`
+#      feature record every store, write-back and acknowledgement): every acknowledged byte
+#      was written back after it was last stored, before the acknowledgement.
 #
 # Exit status 0 when every check passes. PMGAS_ZK=host:port uses that ZooKeeper.
 # Usage (outside the rig it re-runs itself inside): scripts/data-path.sh [--ops N]
@@ -28,7 +33,7 @@ while (($#)); do
   esac
 done
 if [[ ${PMGAS_RIG:-} != 1 ]]; then
-  cargo build --release --bins --quiet
+  cargo build --release --bins --quiet --features pmgas-node/persist-audit
   exec bash scripts/rig.sh --hosts 4 -- bash "$root/scripts/data-path.sh" "${args[@]}"
 fi
 
@@ -72,7 +77,8 @@ for m in 1 2 3; do
 done
 start_node() {
   local i=$1 h=$2
-  "$bin/pmgas-node" serve --pm "/dev/shm/pmgas-$cluster-node$i" --size-bytes $((8 << 20)) --cluster-id 7 \
+  PMGAS_PERSIST_AUDIT=$work/audit-node$i.log \
+    "$bin/pmgas-node" serve --pm "/dev/shm/pmgas-$cluster-node$i" --size-bytes $((8 << 20)) --cluster-id 7 \
     --node-id "$i" --page-size 65536 --zk "$zk" --cluster "$cluster" --bind "$h" >>"$work/node$i.log" 2>&1 &
   pids[$i]=$!
 }
@@ -105,6 +111,9 @@ expect_refusal "unaligned FAA" "aligned" faa $((base + 4)) 1
 expect_refusal "offset past the page" "offset\|page" read $((base + 70000))
 expect_refusal "unknown page" "UnknownPage\|not mapped" read $(((pid + 1000) << 32))
 [[ $(cli read $((base + 8)) --u64) == 777 ]] || fail "a refused request changed the register"
+# ... and from a peer that bypasses the client's checks: raw requests to the data ports.
+"$bin/pmgas-bench" data-probe --zk "$zk" --cluster "$cluster" --bind "$h4" --page-id "$pid" \
+  --primary 1 --backup 2 || fail "a data node mishandled a malformed or misdirected request"
 cli write $((base + 8)) --u64 0
 
 registers() { # registers PHASE EXTRA...: two client processes, two threads each
@@ -159,4 +168,12 @@ echo "data-path: killed node 1 (the primary) after $(wc -l <"$work/history2.json
 wait_line "$work/monitor1.log" "NODE DEAD node=1" 60
 finish_registers 2
 digests 2 3
+
+# --- 4. the persistence audit: no acknowledgement of bytes not yet written back.
+for i in 1 2 3; do
+  [[ -s $work/audit-node$i.log ]] || fail "node $i wrote no persistence audit (build with --features pmgas-node/persist-audit)"
+  out=$("$bin/pmgas-node" audit-check --file "$work/audit-node$i.log" 2>&1) || fail "node $i: $out"
+  [[ $out != *" acks=0"* ]] || fail "node $i acknowledged nothing: $out"
+  echo "data-path: node$i $out"
+done
 echo "data-path: ok"

@@ -5,6 +5,7 @@ mod alloc_page;
 #[allow(unsafe_code)] // RDTSC; the block carries its SAFETY argument
 mod clock;
 mod data;
+mod data_probe;
 mod lincheck;
 #[allow(unsafe_code)] // FFI to libpmemobj and malloc; each block carries its SAFETY argument
 mod objects;
@@ -61,6 +62,10 @@ enum Command {
         #[arg(long, default_value_t = lincheck::DEFAULT_MAX_STEPS)]
         max_steps: u64,
     },
+    /// Sends a live data node malformed and misdirected requests; each must be refused
+    /// clearly and change nothing (rig tests).
+    #[command(hide = true)]
+    DataProbe(data_probe::ProbeArgs),
     /// The peer that `verbs` starts on the remote host (internal).
     #[command(hide = true)]
     VerbsPeer {
@@ -84,6 +89,7 @@ fn main() -> ExitCode {
         Command::AllocPage(args) => alloc_page::run(&args),
         Command::Recovery(args) => recovery::run(&args),
         Command::Data(args) => data::run(&args),
+        Command::DataProbe(args) => data_probe::run(&args),
         Command::Devices { device, gid_for } => devices(device.as_deref(), gid_for),
         Command::CheckHistory {
             path,

@@ -806,12 +806,20 @@ impl DataServer {
             .store_in_page(q.page, u64::from(q.offset), &f.bytes)
         {
             Ok(()) => {
+                self.audit_ack(q.page, q.offset, f.bytes.len());
                 fault::point("node.data-applied");
                 Body::UpdateAck { old: f.old }
             }
             Err(e) => error(ErrorCode::Internal, e.to_string()),
         };
         self.respond(q.conn, q.request_id, q.wire_id, body);
+    }
+
+    /// Records, for the persistence audit, that bytes of `page` are acknowledged now.
+    fn audit_ack(&self, page: PageIndex, offset: u32, len: usize) {
+        if let Some(base) = self.pool.header().page_offset(page) {
+            crate::audit::record('A', base + u64::from(offset), len as u64);
+        }
     }
 
     /// D4, on a backup.
@@ -838,6 +846,7 @@ impl DataServer {
         }
         match self.pool.store_in_page(page, u64::from(offset), data) {
             Ok(()) => {
+                self.audit_ack(page, offset, data.len());
                 fault::point("node.data-backup-stored");
                 Body::ReplicateAck { page_id }
             }

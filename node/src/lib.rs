@@ -6,6 +6,7 @@
 #![deny(unsafe_code)]
 
 pub mod art;
+pub mod audit;
 pub mod client;
 pub mod data;
 pub mod objects;

@@ -79,6 +79,13 @@ enum Command {
         #[arg(long, value_delimiter = ',')]
         page_id: Vec<u32>,
     },
+    /// Replays a persistence audit file (PMGAS_PERSIST_AUDIT of a node built with the
+    /// `persist-audit` feature): every acknowledged byte must have been written back after
+    /// it was last stored. Prints `AUDIT ok stores=… writebacks=… acks=…`.
+    AuditCheck {
+        #[arg(long)]
+        file: PathBuf,
+    },
     /// Runs a data node: opens (or formats) the pool, joins the monitor over rdma_cm and
     /// serves the two-phase page allocation; with --alloc-pages, also allocates that many
     /// replicated pages as a primary from --concurrency threads through the client API:
@@ -254,6 +261,15 @@ fn main() -> ExitCode {
         }
         Command::ArtDump { pm, json } => art_dump(&pm, json),
         Command::PageDigest { pm, page_id } => page_digest(&pm, &page_id),
+        Command::AuditCheck { file } => std::fs::read_to_string(&file)
+            .map_err(|e| format!("{}: {e}", file.display()))
+            .and_then(|text| pmgas_node::audit::check(&text))
+            .map(|s| {
+                println!(
+                    "AUDIT ok stores={} writebacks={} acks={}",
+                    s.stores, s.writebacks, s.acks
+                )
+            }),
         Command::CrashExercise(a) => crash_exercise(&a),
         Command::ObjectExercise(a) => object_exercise(&a),
     };

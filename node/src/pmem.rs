@@ -153,6 +153,7 @@ impl Pmem {
                 data.len()
             );
         }
+        crate::audit::record('W', start as u64, len as u64);
         // SAFETY: in bounds of the live, writable mapping (checked above).
         unsafe { write_words(self.region.as_ptr().add(start), &data[..len]) };
         self.persist_range(start, len);
@@ -234,6 +235,7 @@ impl Pmem {
             line += LINE_BYTES;
         }
         fence();
+        crate::audit::record('P', (first - base) as u64, (line - first) as u64);
     }
 }
 

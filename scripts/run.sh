@@ -11,7 +11,9 @@
 #  4. runs the allocation benchmark: replicated pages at concurrency 1, 4 and 16 next
 #     to a plain ZooKeeper create on the same server (scripts/bench-alloc.sh);
 #  5. runs the recovery benchmark: GAT reload time, takeover after kill -9 of the active
-#     monitor, per-node reconciliation (scripts/bench-recovery.sh).
+#     monitor, per-node reconciliation (scripts/bench-recovery.sh);
+#  6. runs the data-path benchmark beside perftest: reads, durable writes, CAS with 0-2
+#     backups, batches (scripts/bench-data.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bench-vs-perftest.sh "$@"
@@ -24,3 +26,5 @@ echo
 bash scripts/bench-alloc.sh --backups 2 --concurrency 1,4,16
 echo
 bash scripts/bench-recovery.sh --mappings 10000,100000 --trials 10
+echo
+bash scripts/bench-data.sh

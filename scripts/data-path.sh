@@ -6,16 +6,22 @@
 #      CAS, an unknown page through the client; garbage, truncated, out-of-bounds and
 #      misdirected requests sent straight to the data ports (pmgas-bench data-probe);
 #      each must fail with a clear error and change nothing.
-#   2. Registers, no fault: two client processes (hosts 4 and 1), two threads each, on 8
-#      registers of a page with 2 backups; every operation recorded in a JSON-lines
-#      history, checked for linearizability (pmgas-bench check-history); then the page's
-#      three replicas compared byte for byte.
-#   3. Registers, primary killed: the same workload again; once the history holds
-#      KILL_AFTER records, the page's primary (node 1) is killed -9. The monitor declares it
-#      dead (4 s node timeout), its backup is promoted, the clients go on; the history must
-#      still be linearizable (operations whose answer was lost are "unknown": maybe
-#      applied) and the two surviving replicas identical.
-#   4. The persistence audit of every node (binaries built with the `persist-audit`
+#   2. Registers, a client killed: two client processes (hosts 4 and 1), two threads each,
+#      on 8 registers of a page with 2 backups, and a third (host 2) that kills itself at
+#      crash point client.update-sent (an update applied, its answer never seen); every
+#      operation recorded in one JSON-lines history, checked for linearizability
+#      (pmgas-bench check-history); then the page's three replicas compared byte for byte.
+#   3. Registers, the primary killed: the same workload again; once the history holds
+#      --ops records, node 1 (the primary) is armed to kill itself at crash point
+#      node.data-replicating (an update sent to the backups, not yet acknowledged nor
+#      stored on the primary). The monitor declares it dead (4 s node timeout), its backup
+#      is promoted and first copies the page to the other backup, the clients go on; the
+#      history must still be linearizable (operations whose answer was lost are "unknown":
+#      maybe applied) and the two surviving replicas identical.
+#   4. Registers, a backup killed: node 3 (now the page's only backup) kills itself at
+#      node.data-backup-stored (bytes stored, no ack sent); updates wait until it is
+#      declared dead, then go on with node 2 alone; the history must be linearizable.
+#   5. The persistence audit of every node (binaries built with the `persist-audit`
 #      feature record every store, write-back and acknowledgement): every acknowledged byte
 #      was written back after it was last stored, before the acknowledgement.
 #
@@ -75,16 +81,17 @@ for m in 1 2 3; do
   mpids+=($!)
   ((m == 1)) && wait_line "$work/monitor1.log" "MONITOR READY" 120
 done
-start_node() {
-  local i=$1 h=$2
-  PMGAS_PERSIST_AUDIT=$work/audit-node$i.log \
+start_node() { # start_node I HOST [ENV...]
+  local i=$1 h=$2; shift 2
+  env PMGAS_PERSIST_AUDIT="$work/audit-node$i.log" "$@" \
     "$bin/pmgas-node" serve --pm "/dev/shm/pmgas-$cluster-node$i" --size-bytes $((8 << 20)) --cluster-id 7 \
     --node-id "$i" --page-size 65536 --zk "$zk" --cluster "$cluster" --bind "$h" >>"$work/node$i.log" 2>&1 &
   pids[$i]=$!
 }
-start_node 1 "$h1"
+# Crash points armed later (PMGAS_CRASH_ARMED_BY): they count only once their phase starts.
+start_node 1 "$h1" PMGAS_CRASH_AT=node.data-replicating:60 PMGAS_CRASH_ARMED_BY="$work/arm-node1"
 start_node 2 "$h2"
-start_node 3 "$h3"
+start_node 3 "$h3" PMGAS_CRASH_AT=node.data-backup-stored:60 PMGAS_CRASH_ARMED_BY="$work/arm-node3"
 for i in 1 2 3; do wait_line "$work/node$i.log" "NODE READY" 120; done
 
 cli() { "$bin/pmgas" --zk "$zk" --cluster "$cluster" --bind "$h4" "$@"; }
@@ -116,8 +123,16 @@ expect_refusal "unknown page" "UnknownPage\|not mapped" read $(((pid + 1000) << 
   --primary 1 --backup 2 || fail "a data node mishandled a malformed or misdirected request"
 cli write $((base + 8)) --u64 0
 
-registers() { # registers PHASE EXTRA...: two client processes, two threads each
+registers() { # registers PHASE [--crash-client]: two client processes, two threads each
   local phase=$1; shift
+  r3=
+  if [[ ${1:-} == --crash-client ]]; then
+    shift
+    PMGAS_CRASH_AT=client.update-sent:40 "$bin/pmgas" --zk "$zk" --cluster "$cluster" --bind "$h2" registers \
+      --page-id "$pid" --threads 1 --ops "$ops" --client p3 --seed "$((phase + 200))" \
+      --history "$work/history$phase.jsonl" >"$work/reg$phase-3.log" 2>&1 &
+    r3=$!
+  fi
   # The checker starts every register at 0: set them so while no client runs.
   cli registers --page-id "$pid" --init
   : >"$work/history$phase.jsonl"
@@ -132,6 +147,13 @@ finish_registers() { # finish_registers PHASE
   local rc=0
   wait "$r1" || rc=1
   wait "$r2" || rc=1
+  if [[ -n $r3 ]]; then
+    local rc3=0
+    wait "$r3" || rc3=$?
+    grep -q "CRASH POINT client.update-sent" "$work/reg$1-3.log" && ((rc3 == 137)) ||
+      fail "client p3 did not die at its crash point (exit $rc3): $(tail -n 3 "$work/reg$1-3.log")"
+    echo "data-path: client p3 killed itself at client.update-sent (its last update applied, answer unseen)"
+  fi
   grep -h "REGISTERS DONE" "$work/reg$1-1.log" "$work/reg$1-2.log" || true
   grep -h "outcome unknown\|failed:" "$work/reg$1-1.log" "$work/reg$1-2.log" | head -n 6 || true
   ((rc == 0)) || fail "a register process failed: $(tail -n 5 "$work/reg$1-1.log" "$work/reg$1-2.log")"
@@ -150,26 +172,40 @@ digests() { # digests NODE...: the page's digest on each node must be the same
   done
 }
 
-# --- 2. registers, no fault.
-registers 1
+# arm_when PHASE NODE: once the phase's history holds --ops records, arms node NODE's
+# crash point and waits for the node to die there and to be declared dead.
+arm_when() {
+  local h=$work/history$1.jsonl n=$2
+  for _ in $(seq 1 2400); do
+    (($(wc -l <"$h") >= ops)) && break
+    sleep 0.05
+  done
+  (($(wc -l <"$h") >= ops)) || fail "phase $1 never reached $ops records"
+  touch "$work/arm-node$n"
+  echo "data-path: armed node $n's crash point after $(wc -l <"$h") history records"
+  wait_line "$work/node$n.log" "CRASH POINT" 120 || fail "node $n never reached its crash point"
+  echo "data-path: node $n: $(grep -a "CRASH POINT" "$work/node$n.log")"
+  wait_line "$work/monitor1.log" "NODE DEAD node=$n" 60 || fail "node $n was not declared dead"
+}
+
+# --- 2. registers, a client killed at its crash point.
+registers 1 --crash-client
 finish_registers 1
 digests 1 2 3
 
-# --- 3. registers, the primary killed -9 mid-run.
-registers 2 --max-ms 120000
-kill_after=$((ops))
-for _ in $(seq 1 2400); do
-  (($(wc -l <"$work/history2.jsonl" 2>/dev/null || echo 0) >= kill_after)) && break
-  sleep 0.05
-done
-(($(wc -l <"$work/history2.jsonl") >= kill_after)) || fail "the workload never reached $kill_after records"
-kill -9 "${pids[1]}"
-echo "data-path: killed node 1 (the primary) after $(wc -l <"$work/history2.jsonl") history records"
-wait_line "$work/monitor1.log" "NODE DEAD node=1" 60
+# --- 3. registers, the primary killed at node.data-replicating.
+registers 2
+arm_when 2 1
 finish_registers 2
 digests 2 3
 
-# --- 4. the persistence audit: no acknowledgement of bytes not yet written back.
+# --- 4. registers, the (only) backup killed at node.data-backup-stored.
+registers 3
+arm_when 3 3
+finish_registers 3
+digests 2
+
+# --- 5. the persistence audit: no acknowledgement of bytes not yet written back.
 for i in 1 2 3; do
   [[ -s $work/audit-node$i.log ]] || fail "node $i wrote no persistence audit (build with --features pmgas-node/persist-audit)"
   out=$("$bin/pmgas-node" audit-check --file "$work/audit-node$i.log" 2>&1) || fail "node $i: $out"

@@ -1,13 +1,14 @@
 //! The data path on the rig (scripts/data-path.sh): three monitors, three data nodes and
 //! client processes without PM. Bad input is refused and changes nothing; a register
-//! workload is recorded and checked for linearizability, without a fault and with the
-//! page's primary killed -9 mid-run; replicas are compared byte for byte after each.
+//! workload is recorded and checked for linearizability with a client, then the page's
+//! primary, then its backup killed at crash points; replicas are compared byte for byte
+//! after each, and every node's persistence audit is checked.
 
 use std::path::PathBuf;
 use std::process::Command;
 
 #[test]
-fn data_path_is_linearizable_durable_and_survives_its_primary() {
+fn data_path_is_linearizable_durable_and_survives_crashes() {
     let hosts = std::env::var("PMGAS_HOSTS").unwrap_or_default();
     assert!(
         hosts.split_whitespace().count() >= 4,
@@ -36,7 +37,14 @@ fn data_path_is_linearizable_durable_and_survives_its_primary() {
         "the data-path run failed:\n{}",
         failures.join("\n")
     );
-    // Both histories were checked, and the kill happened.
-    assert_eq!(stdout.matches("data-path: checking history").count(), 2);
-    assert!(stdout.contains("killed node 1 (the primary)"));
+    // Every history was checked, and every crash point was reached.
+    assert_eq!(stdout.matches("data-path: checking history").count(), 3);
+    for point in [
+        "client.update-sent",
+        "node 1: CRASH POINT node.data-replicating",
+        "node 3: CRASH POINT node.data-backup-stored",
+    ] {
+        assert!(stdout.contains(point), "crash point {point} not reached");
+    }
+    assert_eq!(stdout.matches("AUDIT ok").count(), 3);
 }

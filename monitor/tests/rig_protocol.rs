@@ -174,6 +174,10 @@ fn the_monitor_refuses_bad_messages_without_side_effects() {
         Command::new(bin("pmgas-monitor"))
             .args(["serve", "--zk", &zk, "--cluster", &cluster])
             .args(["--cluster-id", &CLUSTER_ID.to_string()])
+            // A 2 s session, as scripts/cluster.sh uses: with the 600 ms default the
+            // client's per-request timeout is 240 ms, which a ZooKeeper just started
+            // under TCG misses for long enough to fail this test's 60 s connect deadline.
+            .args(["--session-timeout-ms", "2000"])
             .args(["--page-size", &PAGE.to_string(), "--listen"])
             .arg(listen.to_string())
             .stdout(Stdio::null())

@@ -71,7 +71,10 @@ impl SpaceConfig {
             zk: zk.to_owned(),
             cluster: cluster.to_owned(),
             bind: None,
-            request_timeout: Duration::from_secs(5),
+            // Longer than a primary may hold an update for a failed backup until the
+            // monitor declares it dead (the node timeout): an answer that takes that long
+            // is not lost.
+            request_timeout: Duration::from_secs(15),
             op_timeout: Duration::from_secs(30),
         }
     }
@@ -99,6 +102,9 @@ pub enum SpaceError {
 /// One data node's connection: its endpoint, where its pages are, a local buffer for
 /// READs.
 struct NodeConn {
+    /// Set once an operation on the connection failed: threads that were waiting for it
+    /// send nothing more on it (they ask for a new one).
+    broken: bool,
     ep: Endpoint,
     pages: RemoteRegion,
     page_size_bytes: u64,
@@ -329,11 +335,25 @@ impl Space {
             other => Failure::Final(other),
         })?;
         let mut c = lock(&conn);
+        if c.broken {
+            drop(c);
+            self.drop_node(primary.node);
+            return Err(Failure::Transport(format!(
+                "connection to {} lost",
+                primary.node
+            )));
+        }
         let base = u64::from(primary.page.0) * c.page_size_bytes + addr.offset();
         let mut done = 0usize;
         while done < out.len() {
             let n = (out.len() - done).min(READ_CHUNK_BYTES);
-            let NodeConn { ep, pages, buf, .. } = &mut *c;
+            let NodeConn {
+                ep,
+                pages,
+                buf,
+                broken,
+                ..
+            } = &mut *c;
             if let Err(e) = ep.one_sided(
                 Opcode::Read,
                 buf,
@@ -342,6 +362,7 @@ impl Space {
                 n,
                 self.inner.config.request_timeout,
             ) {
+                *broken = true;
                 drop(c);
                 self.drop_node(primary.node);
                 return Err(Failure::Transport(format!(
@@ -464,7 +485,18 @@ impl Space {
         })?;
         let wire_id = self.inner.next_wire_id.fetch_add(1, Ordering::Relaxed);
         let msg = Message::new(self.epoch(), CLIENT_SENDER, wire_id, body).encode();
-        let answer = lock(&conn).ep.call(&msg, timeout);
+        let answer = {
+            let mut c = lock(&conn);
+            if c.broken {
+                // Nothing was sent on it: ask again on a new connection.
+                drop(c);
+                self.drop_node(node);
+                return Err(Failure::Moved(format!("connection to {node} lost")));
+            }
+            let answer = c.ep.call(&msg, timeout);
+            c.broken = answer.is_err();
+            answer
+        };
         fault::point("client.update-sent");
         let payload = match answer {
             Ok(p) => p,
@@ -575,6 +607,7 @@ impl Space {
                 let buf = AlignedBuf::zeroed(READ_CHUNK_BYTES).map_err(unavailable)?;
                 let buf = pd.register(buf, Access::LOCAL).map_err(unavailable)?;
                 Ok(NodeConn {
+                    broken: false,
                     ep,
                     pages: RemoteRegion {
                         addr: data_addr,
@@ -778,11 +811,15 @@ impl Batch<'_> {
             }
             let done = conn.as_ref().ok().and_then(|conn| {
                 let mut c = lock(conn);
+                if c.broken {
+                    return None;
+                }
                 let NodeConn {
                     ep,
                     pages,
                     buf,
                     page_size_bytes,
+                    broken,
                 } = &mut *c;
                 let mut at = 0usize;
                 let ops: Vec<(usize, u64, usize)> = group
@@ -794,8 +831,9 @@ impl Batch<'_> {
                     })
                     .collect();
                 let timeout = self.space.inner.config.request_timeout;
-                ep.one_sided_batch(Opcode::Read, buf, pages, &ops, timeout)
-                    .ok()?;
+                let sent = ep.one_sided_batch(Opcode::Read, buf, pages, &ops, timeout);
+                *broken = sent.is_err();
+                sent.ok()?;
                 let mut out = vec![];
                 for (&(_, _, len), &(local, _, _)) in group.iter().zip(&ops) {
                     let mut bytes = vec![0u8; len];
@@ -851,6 +889,12 @@ impl Batch<'_> {
             Err(_) => again.extend_from_slice(list),
             Ok(conn) => {
                 let mut c = lock(&conn);
+                if c.broken {
+                    // Nothing was sent on it: every update goes again, one by one.
+                    drop(c);
+                    space.drop_node(node);
+                    return self.retry(list, results);
+                }
                 let timeout = space.inner.config.request_timeout;
                 let mut next = 0usize;
                 let mut in_flight: HashMap<u64, usize> = HashMap::new();
@@ -927,6 +971,7 @@ impl Batch<'_> {
                     }
                 }
                 if let Some(why) = broken {
+                    c.broken = true;
                     drop(c);
                     space.drop_node(node);
                     for (_, i) in in_flight.drain() {
@@ -936,10 +981,16 @@ impl Batch<'_> {
                 }
             }
         }
-        for i in again {
+        self.retry(&again, results);
+    }
+
+    /// Updates that were refused without being applied, or never sent: one by one through
+    /// [`Space::update`] (which looks the mapping up again).
+    fn retry(&self, again: &[usize], results: &mut [Option<Result<BatchResult, SpaceError>>]) {
+        for &i in again {
             if let BatchOp::Update { addr, op } = &self.ops[i] {
                 results[i] = Some(
-                    space
+                    self.space
                         .update(addr.page(), addr.offset(), op.clone())
                         .map(BatchResult::Updated),
                 );

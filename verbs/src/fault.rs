@@ -7,8 +7,15 @@
 //! until someone sends SIGCONT: a hung process, caught at a chosen step. Unset
 //! (production), a crash point costs one relaxed atomic load.
 //!
-//! The points are named `<process>.<step>`; the list is in [`POINTS`] and every one is
-//! exercised by the suite.
+//! `PMGAS_CRASH_ARMED_BY=<file>` counts passes only once that file exists: a script arms
+//! a long-running process at the moment its scenario starts (the data-path test arms a
+//! node's crash point when the phase that must see it begins), whatever the process did
+//! before.
+//!
+//! The points are named `<process>.<step>`; the list is in [`POINTS`]. The allocation and
+//! recovery points are exercised by the crash suite (`scripts/crash-suite.sh`), the data
+//! path's by `scripts/data-path.sh` (`client.update-sent`, `node.data-replicating`,
+//! `node.data-backup-stored`; `node.data-applied` by none yet).
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -68,6 +75,22 @@ pub const POINTS: &[(&str, &str)] = &[
         "node.reconciled",
         "recovery: the ART reconciled with the GAT, before answering",
     ),
+    (
+        "node.data-replicating",
+        "primary: an update's Replicates sent to its backups, before their acks",
+    ),
+    (
+        "node.data-backup-stored",
+        "backup: a Replicate's bytes stored durably, before the ack",
+    ),
+    (
+        "node.data-applied",
+        "primary: an update stored durably in its own copy, before the client is answered",
+    ),
+    (
+        "client.update-sent",
+        "client: an update sent and answered, before the caller learns the answer",
+    ),
 ];
 
 struct Plan {
@@ -76,6 +99,9 @@ struct Plan {
     seen: AtomicU64,
     /// SIGSTOP (PMGAS_STOP_AT) rather than SIGKILL (PMGAS_CRASH_AT).
     stop: bool,
+    /// PMGAS_CRASH_ARMED_BY: passes count once this file exists.
+    armed_by: Option<std::path::PathBuf>,
+    armed: std::sync::atomic::AtomicBool,
 }
 
 fn plan() -> Option<&'static Plan> {
@@ -89,11 +115,14 @@ fn plan() -> Option<&'static Plan> {
             Some((p, n)) => (p.to_owned(), n.parse().ok()?),
             None => (spec, 1),
         };
+        let armed_by = std::env::var_os("PMGAS_CRASH_ARMED_BY").map(Into::into);
         Some(Plan {
             point,
             at,
             seen: AtomicU64::new(0),
             stop,
+            armed: std::sync::atomic::AtomicBool::new(armed_by.is_none()),
+            armed_by,
         })
     })
     .as_ref()
@@ -111,7 +140,17 @@ pub fn unix_ms() -> u128 {
 /// or stops it (SIGSTOP) if it was told to stop there, and goes on once continued.
 pub fn point(name: &str) {
     let Some(p) = plan() else { return };
-    if p.point != name || p.seen.fetch_add(1, Ordering::Relaxed) + 1 != p.at {
+    if p.point != name {
+        return;
+    }
+    if !p.armed.load(Ordering::Relaxed) {
+        if !p.armed_by.as_ref().is_some_and(|f| f.exists()) {
+            return;
+        }
+        p.armed.store(true, Ordering::Relaxed);
+        eprintln!("ARMED POINT {name} unix_ms={}", unix_ms());
+    }
+    if p.seen.fetch_add(1, Ordering::Relaxed) + 1 != p.at {
         return;
     }
     let (what, signal) = if p.stop {

@@ -468,6 +468,9 @@ impl Endpoint {
         while self.one_sided_completed < target {
             self.progress()?;
             spins = spins.wrapping_add(1);
+            if spins.is_multiple_of(CLOCK_EVERY) && self.conn.peer_disconnected()? {
+                return Err(Error::Disconnected);
+            }
             if spins.is_multiple_of(CLOCK_EVERY) && Instant::now() >= deadline {
                 // The operations may still land later: the caller must drop the connection
                 // (its QP) before reusing `local`.
@@ -505,6 +508,11 @@ impl Endpoint {
             }
             if !spins.is_multiple_of(CLOCK_EVERY) {
                 continue;
+            }
+            // A peer that died answers nothing: its disconnect ends the wait at once.
+            if self.conn.peer_disconnected()? {
+                self.pending.remove(&request_id);
+                return Err(Error::Disconnected);
             }
             let deadline = self.pending.get(&request_id).copied();
             if deadline.is_some_and(|d| Instant::now() >= d) {

@@ -327,6 +327,7 @@ impl Space {
     }
 
     fn read_once(&self, addr: GlobalAddr, out: &mut [u8]) -> Result<(), Failure> {
+        let epoch = self.epoch();
         let primary = self.primary(addr.page())?;
         // A primary that cannot be reached may be dead and about to be replaced: asked
         // again (a read is safe to repeat).
@@ -334,6 +335,10 @@ impl Space {
             SpaceError::Unavailable(e) => Failure::Transport(e),
             other => Failure::Final(other),
         })?;
+        if self.epoch() != epoch {
+            // Connecting taught this handle a newer epoch: the mapping is looked up again.
+            return Err(Failure::Moved(format!("the epoch moved past {}", epoch.0)));
+        }
         let mut c = lock(&conn);
         if c.broken {
             drop(c);
@@ -596,7 +601,14 @@ impl Space {
         let answer = ep
             .call(&hello, self.inner.config.request_timeout)
             .map_err(unavailable)?;
-        match Message::decode(&answer).map(|m| m.body) {
+        let answer = Message::decode(&answer);
+        // A node (re)connected to says which epoch it is in: a node that came back after
+        // being declared dead is in a newer one than this handle's cached mappings, which
+        // may still name it (its stale replicas must not be read).
+        if let Ok(m) = &answer {
+            self.adopt(m.header.epoch);
+        }
+        match answer.map(|m| m.body) {
             Ok(Body::DataHelloAck {
                 page_size_bytes,
                 data_addr,

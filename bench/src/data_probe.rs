@@ -58,13 +58,15 @@ pub fn run(a: &ProbeArgs) -> Result<(), String> {
     };
     let page = PageId(a.page_id);
     let mapping = space.lookup(page).map_err(|e| e.to_string())?;
-    let before: Vec<u64> = (0..8)
-        .map(|i| {
-            space
-                .read_u64(space.addr(page, i * 8).map_err(|e| e.to_string())?)
-                .map_err(|e| e.to_string())
-        })
-        .collect::<Result<_, _>>()?;
+    let registers = || -> Result<Vec<u64>, String> {
+        (0..8)
+            .map(|i| {
+                let a = space.addr(page, i * 8).map_err(|e| e.to_string())?;
+                space.read_u64(a).map_err(|e| e.to_string())
+            })
+            .collect()
+    };
+    let before = registers()?;
     let epoch = space.epoch();
     let msg = |body: Body| Message::new(epoch, CLIENT_SENDER, 7, body).encode();
     let update = |offset: u32, op: UpdateOp| {
@@ -185,13 +187,7 @@ pub fn run(a: &ProbeArgs) -> Result<(), String> {
             other => return Err(format!("{what}: expected {want:?}, got {other:?}")),
         }
     }
-    let after: Vec<u64> = (0..8)
-        .map(|i| {
-            space
-                .read_u64(space.addr(page, i * 8).map_err(|e| e.to_string())?)
-                .map_err(|e| e.to_string())
-        })
-        .collect::<Result<_, _>>()?;
+    let after = registers()?;
     if before != after {
         return Err(format!("the registers changed: {before:?} -> {after:?}"));
     }

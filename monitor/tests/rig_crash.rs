@@ -2,30 +2,11 @@
 //! monitor or a node at a named step of the two-phase allocation or of recovery, restarts
 //! it, and checks the GAT against every ART. Any violated invariant fails this test.
 
-use std::path::PathBuf;
-use std::process::Command;
+mod support;
 
 #[test]
 fn crash_injection_suite_keeps_every_invariant() {
-    let hosts = std::env::var("PMGAS_HOSTS").unwrap_or_default();
-    assert!(
-        hosts.split_whitespace().count() >= 4,
-        "the rig must provide 4 simulated hosts (PMGAS_HOSTS={hosts:?}); run through scripts/test.sh"
-    );
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let bin_dir = std::env::current_exe()
-        .expect("own path")
-        .parent()
-        .and_then(|d| d.parent())
-        .expect("target dir")
-        .to_path_buf();
-    let out = Command::new("bash")
-        .arg(root.join("scripts/crash-suite.sh"))
-        .env("PMGAS_BIN", &bin_dir)
-        .output()
-        .expect("run scripts/crash-suite.sh");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    eprintln!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    let (stdout, status) = support::run_rig_script("crash-suite.sh");
     let summary = stdout
         .lines()
         .rev()
@@ -56,5 +37,5 @@ fn crash_injection_suite_keeps_every_invariant() {
         "crash scenarios violated an invariant: {summary}\n{}",
         which.join("\n")
     );
-    assert!(out.status.success(), "the crash suite failed");
+    assert!(status.success(), "the crash suite failed");
 }

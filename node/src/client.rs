@@ -239,11 +239,7 @@ impl Client {
 
     /// Drops a page's entry from the mapping cache (the next lookup asks the monitor).
     pub fn invalidate(&self, page_id: PageId) {
-        self.shared
-            .cache
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&page_id);
+        self.shared.cache.remove(page_id);
     }
 
     /// What reconciling this node's ART with the GAT did when it joined: PREALLOCATED

@@ -7,6 +7,7 @@
 
 pub mod art;
 pub mod audit;
+mod cache;
 pub mod client;
 pub mod data;
 pub mod objects;

@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -25,6 +25,7 @@ use pmgas_verbs::msg::{Endpoint, Incoming, MsgConfig};
 use pmgas_verbs::{Access, ConnectionConfig, Connector, MemoryRegion, ProtectionDomain};
 
 use crate::art::ReconcileReport;
+use crate::cache::MappingCache;
 use crate::client::{ClientConfig, ClientError, GlobalPage};
 use crate::participant::{Participant, primary_finish, primary_prepare};
 use crate::pool::Pool;
@@ -53,7 +54,7 @@ pub(crate) struct Shared {
     pub(crate) epoch: AtomicU64,
     pub(crate) stopped: AtomicBool,
     /// The mapping-table cache: page id -> (epoch it was learned in, replicas).
-    pub(crate) cache: RwLock<HashMap<PageId, (Epoch, Vec<Replica>)>>,
+    pub(crate) cache: MappingCache,
     pub(crate) lookups_remote: AtomicU64,
     /// Wakes the service thread when a command is queued.
     pub(crate) notifier: pmgas_verbs::wait::Notifier,
@@ -81,17 +82,8 @@ impl Shared {
     /// (or an entry from an older epoch) asks the monitor over RDMA and caches the answer.
     pub(crate) fn lookup(&self, page_id: PageId) -> Result<Mapping, ClientError> {
         let epoch = Epoch(self.epoch.load(Ordering::Acquire));
-        if let Some((e, replicas)) = self
-            .cache
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&page_id)
-            && *e == epoch
-        {
-            return Ok(Mapping {
-                page_id,
-                replicas: replicas.clone(),
-            });
+        if let Some(m) = self.cache.get(page_id, epoch) {
+            return Ok(m);
         }
         self.lookups_remote.fetch_add(1, Ordering::Relaxed);
         let m = self.call(|reply| Command::Lookup { page_id, reply })?;
@@ -100,10 +92,7 @@ impl Shared {
     }
 
     pub(crate) fn remember(&self, page_id: PageId, epoch: Epoch, replicas: &[Replica]) {
-        self.cache
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(page_id, (epoch, replicas.to_vec()));
+        self.cache.insert(page_id, epoch, replicas);
     }
 }
 
@@ -125,7 +114,7 @@ pub(crate) fn start(
         commands: Mutex::new(commands),
         epoch: AtomicU64::new(0),
         stopped: AtomicBool::new(false),
-        cache: RwLock::new(HashMap::new()),
+        cache: MappingCache::default(),
         lookups_remote: AtomicU64::new(0),
         notifier: pmgas_verbs::wait::Notifier::new()
             .map_err(|e| ClientError::Stopped(e.to_string()))?,
@@ -1145,13 +1134,8 @@ impl Service<'_> {
             );
             self.epoch = epoch;
             self.shared.epoch.store(epoch.0, Ordering::Release);
-            let mut cache = self.shared.cache.write().unwrap_or_else(|p| p.into_inner());
-            let before = cache.len();
-            cache.retain(|_, (e, _)| *e >= epoch);
-            tracing::debug!(
-                dropped = before - cache.len(),
-                "mapping cache entries of older epochs dropped"
-            );
+            let dropped = self.shared.cache.drop_older_than(epoch);
+            tracing::debug!(dropped, "mapping cache entries of older epochs dropped");
         }
     }
 }

@@ -44,6 +44,7 @@ use pmgas_verbs::{
     RemoteRegion,
 };
 
+use crate::cache::MappingCache;
 use crate::data::{data_msg_config, node_addrs};
 use crate::service::MonitorFinder;
 
@@ -123,7 +124,7 @@ struct Inner {
     monitor: Mutex<Monitor>,
     nodes: Mutex<HashMap<NodeId, Arc<Mutex<NodeConn>>>>,
     addrs: RwLock<HashMap<NodeId, NodeInfo>>,
-    cache: RwLock<HashMap<PageId, (Epoch, Vec<Replica>)>>,
+    cache: MappingCache,
     epoch: AtomicU64,
     page_size_bytes: AtomicU64,
     next_wire_id: AtomicU64,
@@ -160,7 +161,7 @@ impl Space {
                 }),
                 nodes: Mutex::new(HashMap::new()),
                 addrs: RwLock::new(HashMap::new()),
-                cache: RwLock::new(HashMap::new()),
+                cache: MappingCache::default(),
                 epoch: AtomicU64::new(0),
                 page_size_bytes: AtomicU64::new(0),
                 next_wire_id: AtomicU64::new(1),
@@ -215,29 +216,15 @@ impl Space {
     /// in the current epoch, else from the monitor.
     pub fn lookup(&self, page_id: PageId) -> Result<Mapping, SpaceError> {
         let epoch = self.epoch();
-        if let Some((e, replicas)) = self
-            .inner
-            .cache
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&page_id)
-            && *e == epoch
-        {
-            return Ok(Mapping {
-                page_id,
-                replicas: replicas.clone(),
-            });
+        if let Some(m) = self.inner.cache.get(page_id, epoch) {
+            return Ok(m);
         }
         match self.monitor_call(Body::MappingLookup { page_id })? {
             Body::Mapping {
                 page_id: got,
                 replicas,
             } if got == page_id => {
-                self.inner
-                    .cache
-                    .write()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(page_id, (self.epoch(), replicas.clone()));
+                self.inner.cache.insert(page_id, self.epoch(), &replicas);
                 Ok(Mapping { page_id, replicas })
             }
             other => Err(unexpected("MappingLookup", &other)),
@@ -246,11 +233,7 @@ impl Space {
 
     /// Drops a page's cached mapping.
     pub fn invalidate(&self, page_id: PageId) {
-        self.inner
-            .cache
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&page_id);
+        self.inner.cache.remove(page_id);
     }
 
     /// Allocates a page with `backups` backups; its primary is `on`, or the live node with
@@ -274,11 +257,7 @@ impl Space {
         // An allocation whose answer is lost leaves its page to the node's reconciliation.
         match self.node_call(node, body, Duration::from_secs(60)) {
             Ok(Body::Mapping { page_id, replicas }) => {
-                self.inner
-                    .cache
-                    .write()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(page_id, (self.epoch(), replicas.clone()));
+                self.inner.cache.insert(page_id, self.epoch(), &replicas);
                 Ok(Mapping { page_id, replicas })
             }
             Ok(other) => Err(unexpected("DataAlloc", &other)),
@@ -528,11 +507,7 @@ impl Space {
     /// A newer epoch: every cached mapping is from an older one and is looked up again.
     fn adopt(&self, epoch: Epoch) {
         if self.inner.epoch.fetch_max(epoch.0, Ordering::AcqRel) < epoch.0 {
-            self.inner
-                .cache
-                .write()
-                .unwrap_or_else(|p| p.into_inner())
-                .retain(|_, (e, _)| *e >= epoch);
+            self.inner.cache.drop_older_than(epoch);
         }
     }
 

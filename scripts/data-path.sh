@@ -124,23 +124,23 @@ expect_refusal "unknown page" "UnknownPage\|not mapped" read $(((pid + 1000) << 
 cli write $((base + 8)) --u64 0
 
 registers() { # registers PHASE [--crash-client]: two client processes, two threads each
-  local phase=$1; shift
+  local phase=$1 crash_client=${2:-}
+  # The checker starts every register at 0: set them so before any client of the phase
+  # runs, and start its history empty.
+  cli registers --page-id "$pid" --init
+  : >"$work/history$phase.jsonl"
   r3=
-  if [[ ${1:-} == --crash-client ]]; then
-    shift
+  if [[ $crash_client == --crash-client ]]; then
     PMGAS_CRASH_AT=client.update-sent:40 "$bin/pmgas" --zk "$zk" --cluster "$cluster" --bind "$h2" registers \
       --page-id "$pid" --threads 1 --ops "$ops" --client p3 --seed "$((phase + 200))" \
       --history "$work/history$phase.jsonl" >"$work/reg$phase-3.log" 2>&1 &
     r3=$!
   fi
-  # The checker starts every register at 0: set them so while no client runs.
-  cli registers --page-id "$pid" --init
-  : >"$work/history$phase.jsonl"
   "$bin/pmgas" --zk "$zk" --cluster "$cluster" --bind "$h4" registers --page-id "$pid" --threads 2 \
-    --ops "$ops" --client "p1" --seed "$phase" --history "$work/history$phase.jsonl" "$@" >"$work/reg$phase-1.log" 2>&1 &
+    --ops "$ops" --client "p1" --seed "$phase" --history "$work/history$phase.jsonl" >"$work/reg$phase-1.log" 2>&1 &
   r1=$!
   "$bin/pmgas" --zk "$zk" --cluster "$cluster" --bind "$h1" registers --page-id "$pid" --threads 2 \
-    --ops "$ops" --client "p2" --seed "$((phase + 100))" --history "$work/history$phase.jsonl" "$@" >"$work/reg$phase-2.log" 2>&1 &
+    --ops "$ops" --client "p2" --seed "$((phase + 100))" --history "$work/history$phase.jsonl" >"$work/reg$phase-2.log" 2>&1 &
   r2=$!
 }
 finish_registers() { # finish_registers PHASE

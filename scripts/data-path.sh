@@ -21,6 +21,8 @@
 #   4. Registers, a backup killed: node 3 (now the page's only backup) kills itself at
 #      node.data-backup-stored (bytes stored, no ack sent); updates wait until it is
 #      declared dead, then go on with node 2 alone; the history must be linearizable.
+#      Then node 1 comes back: it rejoins, is in no mapping of the page and refuses to
+#      order its updates (its stale replica is never served).
 #   5. The persistence audit of every node (binaries built with the `persist-audit`
 #      feature record every store, write-back and acknowledgement): every acknowledged byte
 #      was written back after it was last stored, before the acknowledgement.
@@ -204,6 +206,14 @@ registers 3
 arm_when 3 3
 finish_registers 3
 digests 2
+
+# --- 4b. node 1 comes back (its pool holds its old, stale replica of the page): it rejoins,
+# but no longer appears in the page's mapping and refuses to order the page's updates.
+mv "$work/node1.log" "$work/node1-first.log"
+start_node 1 "$h1"
+wait_line "$work/node1.log" "NODE READY" 120 || fail "node 1 did not rejoin"
+"$bin/pmgas-bench" data-probe --zk "$zk" --cluster "$cluster" --bind "$h4" --page-id "$pid" \
+  --returned 1 || fail "node 1, back after being declared dead, served its stale replica"
 
 # --- 5. the persistence audit: no acknowledgement of bytes not yet written back.
 for i in 1 2 3; do

@@ -28,6 +28,11 @@ pub struct ProbeArgs {
     /// A node that holds a backup of the page (not its primary).
     #[arg(long, default_value_t = 2)]
     backup: u32,
+    /// Only check that this node, which came back after being declared dead and still
+    /// holds an old replica of the page, refuses to order an update of it (NotPrimary) and
+    /// that the page's registers are unchanged.
+    #[arg(long)]
+    returned: Option<u32>,
 }
 
 fn connect(bind: std::net::IpAddr, addr: SocketAddr) -> Result<Endpoint, String> {
@@ -76,6 +81,32 @@ pub fn run(a: &ProbeArgs) -> Result<(), String> {
             op,
         })
     };
+    if let Some(node) = a.returned {
+        let mut ep = connect(a.bind, addr_of(node)?)?;
+        let answer = ep
+            .call(
+                &update(0, UpdateOp::FetchAdd { delta: 1 }),
+                Duration::from_secs(10),
+            )
+            .map_err(|e| format!("no answer from node{node}: {e}"))?;
+        match Message::decode(&answer).map(|m| m.body) {
+            Ok(Body::Error {
+                code: ErrorCode::NotPrimary,
+                detail,
+            }) => println!(
+                "PROBE node{node}, back after being declared dead: refused, NotPrimary: {detail}"
+            ),
+            other => return Err(format!("node{node} came back and answered {other:?}")),
+        }
+        if registers()? != before {
+            return Err("the registers changed".into());
+        }
+        if mapping.replicas.iter().any(|r| r.node == NodeId(node)) {
+            return Err(format!("node{node} is in the page's mapping again"));
+        }
+        println!("PROBE ok returned node{node}");
+        return Ok(());
+    }
     let page_size = space.page_size_bytes().map_err(|e| e.to_string())?;
     let backup_page = mapping
         .replicas

@@ -28,4 +28,8 @@ fn data_path_is_linearizable_durable_and_survives_crashes() {
         assert!(stdout.contains(point), "crash point {point} not reached");
     }
     assert_eq!(stdout.matches("AUDIT ok").count(), 3);
+    assert!(
+        stdout.contains("PROBE ok returned node1"),
+        "the returned node was not probed"
+    );
 }

@@ -23,3 +23,25 @@ pub use client::{Client, ClientConfig, ClientError, GlobalPage};
 pub use objects::{LocalPageIds, ObjectAllocator, ObjectError, PageSource, ThreadCache};
 pub use pmgas_verbs::{MappedRegion, RegionKind};
 pub use pool::{OnBlank, Pool, PoolError, PoolIdentity};
+
+/// Logs to stderr through `tracing`: warnings and errors unless `RUST_LOG` says otherwise
+/// (failures of peers, nodes declared dead and replicas lost must reach an operator by
+/// default). The node's binaries (`pmgas-node`, `pmgas`) call it first.
+pub fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::builder()
+                .with_default_directive(tracing_subscriber::filter::LevelFilter::WARN.into())
+                .from_env_lossy(),
+        )
+        .init();
+}
+
+/// FNV-1a, 64 bits: a stable digest of a page's bytes or a client's name (not a
+/// cryptographic hash).
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}

@@ -167,16 +167,7 @@ struct ExerciseArgs {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        // Warnings and errors unless RUST_LOG says otherwise: failures of peers, nodes
-        // declared dead and replicas lost must reach an operator by default.
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::builder()
-                .with_default_directive(tracing_subscriber::filter::LevelFilter::WARN.into())
-                .from_env_lossy(),
-        )
-        .init();
+    pmgas_node::init_logging();
     let result = match Cli::parse().command {
         Command::CheckPm { pm, size_bytes } => pmgas_node::MappedRegion::open(&pm, size_bytes)
             .map(|region| {
@@ -297,9 +288,7 @@ fn page_digest(pm: &std::path::Path, ids: &[u32]) -> Result<(), String> {
         let mut bytes = vec![0u8; page_size];
         pool.read_in_page(page, 0, &mut bytes)
             .map_err(|e| e.to_string())?;
-        let fnv = bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
-        });
+        let fnv = pmgas_node::fnv1a(&bytes);
         println!(
             "PAGE page_id={id} page={} state={:?} fnv={fnv:016x}",
             page.0, rec.state

@@ -108,14 +108,7 @@ struct RegistersArgs {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::builder()
-                .with_default_directive(tracing_subscriber::filter::LevelFilter::WARN.into())
-                .from_env_lossy(),
-        )
-        .init();
+    pmgas_node::init_logging();
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -354,7 +347,9 @@ fn registers(space: &Space, r: &RegistersArgs) -> Result<(), String> {
                 let addrs = &addrs;
                 scope.spawn(move || {
                     let client = format!("{}t{t}", r.client);
-                    let mut rng = Rng(r.seed ^ ((t as u64 + 1) << 32) ^ fxhash(&r.client));
+                    let mut rng = Rng(r.seed
+                        ^ ((t as u64 + 1) << 32)
+                        ^ pmgas_node::fnv1a(r.client.as_bytes()));
                     let (mut ok, mut failed, mut unknown) = (0u64, 0u64, 0u64);
                     for seq in 0..r.ops {
                         if r.max_ms > 0 && start.elapsed() >= Duration::from_millis(r.max_ms) {
@@ -362,7 +357,8 @@ fn registers(space: &Space, r: &RegistersArgs) -> Result<(), String> {
                         }
                         let a = addrs[(rng.next() % addrs.len() as u64) as usize];
                         // Values unique to this client and operation keep the check fast.
-                        let unique = (fxhash(&client) & 0xffff) << 40 | (seq + 1);
+                        let unique =
+                            (pmgas_node::fnv1a(client.as_bytes()) & 0xffff) << 40 | (seq + 1);
                         let op = match rng.next() % 10 {
                             0..=3 => RegOp::Read,
                             4..=6 => RegOp::Write(unique),
@@ -421,12 +417,4 @@ fn registers(space: &Space, r: &RegistersArgs) -> Result<(), String> {
         start.elapsed().as_millis()
     );
     Ok(())
-}
-
-/// A stable 64-bit hash of a short string (FNV-1a): distinct client names get distinct
-/// value ranges.
-fn fxhash(text: &str) -> u64 {
-    text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    })
 }

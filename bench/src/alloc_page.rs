@@ -85,6 +85,7 @@ fn payload(replicas: usize) -> Vec<u8> {
                 page: PageIndex(n),
             })
             .collect(),
+        freed: false,
     };
     encode_chunk(&[m]).expect("one mapping fits a chunk")
 }

@@ -72,6 +72,7 @@ fn mapping(id: u32, replicas: u32) -> Mapping {
                 page: PageIndex(id / 5),
             })
             .collect(),
+        freed: false,
     }
 }
 

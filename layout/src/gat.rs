@@ -5,6 +5,12 @@
 //! A monitor worker writes each group commit as a small delta znode in this encoding and
 //! later folds deltas into full chunks (the monitor's `GatWriter`), so adding a mapping
 //! never re-serialises older ones. FORMAT.md describes the bytes and the znode series.
+//!
+//! A freed page leaves a *tombstone*: its mapping again, flagged freed, written in a later
+//! znode than the mapping (possibly another worker's series). The page id is never handed
+//! out again, and the replicas it names are freed by their nodes (also at reconciliation,
+//! for a node that was away). [`merge_tombstones`] makes the GAT's view: a page id may be
+//! stored at most twice, once live and once freed, and the tombstone wins.
 
 use crate::PageId;
 use crate::ids::{NodeId, PageIndex};
@@ -18,17 +24,62 @@ pub const CHUNK_HEADER_BYTES: usize = 24;
 /// server's in-heap log of recent transactions stays small.
 pub const CHUNK_MAX_BYTES: usize = 64 << 10;
 
-/// One committed page: its id and its replicas, primary first.
+/// One committed page: its id and its replicas, primary first; or, with `freed` set, the
+/// tombstone of a freed page (the replicas it had, to be freed on their nodes).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Mapping {
     pub page_id: PageId,
     pub replicas: Vec<Replica>,
+    pub freed: bool,
 }
 
 impl Mapping {
+    /// A live mapping.
+    pub fn new(page_id: PageId, replicas: Vec<Replica>) -> Self {
+        Self {
+            page_id,
+            replicas,
+            freed: false,
+        }
+    }
+
+    /// This mapping's tombstone.
+    pub fn tombstone(&self) -> Self {
+        Self {
+            freed: true,
+            ..self.clone()
+        }
+    }
+
     pub fn encoded_bytes(&self) -> usize {
         8 + 8 * self.replicas.len()
     }
+}
+
+/// Flag bit of a mapping's header: the page was freed (a tombstone).
+const FLAG_FREED: u8 = 1;
+
+/// Merges a GAT's mappings, sorted by page id, into its view: where a page id is stored
+/// live and as a tombstone, the tombstone stays. Returns the page id of the first
+/// violation (an id stored twice live, or twice freed) as an error.
+pub fn merge_tombstones(mappings: &mut Vec<Mapping>) -> Result<(), PageId> {
+    mappings.sort_unstable_by_key(|m| (m.page_id, m.freed));
+    if let Some(w) = mappings
+        .windows(2)
+        .find(|w| w[0].page_id == w[1].page_id && w[0].freed == w[1].freed)
+    {
+        return Err(w[0].page_id);
+    }
+    // Sorted with `false` first: of a (live, freed) pair, the tombstone replaces the live.
+    let mut out: Vec<Mapping> = Vec::with_capacity(mappings.len());
+    for m in mappings.drain(..) {
+        match out.last_mut() {
+            Some(last) if last.page_id == m.page_id => *last = m,
+            _ => out.push(m),
+        }
+    }
+    *mappings = out;
+    Ok(())
 }
 
 /// A data server declared dead (`/pmgas/<cluster>/dead/node<N>`): its replicas of every
@@ -104,7 +155,7 @@ fn corrupt<T>(reason: impl Into<String>) -> Result<T, GatError> {
 
 /// Encodes a chunk. Header: checksum u32 (CRC32C of bytes 4..), version u16, reserved
 /// u16, magic [8], count u32, reserved u32; then per mapping: page_id u32, count u8,
-/// reserved [3], count × (node u32, page u32).
+/// flags u8 (bit 0: freed, a tombstone), reserved [2], count × (node u32, page u32).
 pub fn encode_chunk(mappings: &[Mapping]) -> Result<Vec<u8>, GatError> {
     let len = CHUNK_HEADER_BYTES + mappings.iter().map(Mapping::encoded_bytes).sum::<usize>();
     if len > CHUNK_MAX_BYTES {
@@ -118,13 +169,15 @@ pub fn encode_chunk(mappings: &[Mapping]) -> Result<Vec<u8>, GatError> {
     out.extend_from_slice(&(mappings.len() as u32).to_le_bytes());
     out.extend_from_slice(&[0; 4]);
     for m in mappings {
+        // A tombstone of a page whose replicas all died has none.
         assert!(
-            !m.replicas.is_empty() && m.replicas.len() <= MAX_REPLICAS,
+            (m.freed || !m.replicas.is_empty()) && m.replicas.len() <= MAX_REPLICAS,
             "replica count"
         );
         out.extend_from_slice(&m.page_id.0.to_le_bytes());
         out.push(m.replicas.len() as u8);
-        out.extend_from_slice(&[0; 3]);
+        out.push(if m.freed { FLAG_FREED } else { 0 });
+        out.extend_from_slice(&[0; 2]);
         for r in &m.replicas {
             out.extend_from_slice(&r.node.0.to_le_bytes());
             out.extend_from_slice(&r.page.0.to_le_bytes());
@@ -136,7 +189,8 @@ pub fn encode_chunk(mappings: &[Mapping]) -> Result<Vec<u8>, GatError> {
 }
 
 /// Decodes and validates a chunk: checksum, version, magic, exact length, reserved bytes,
-/// 1..=8 replicas on distinct nodes per mapping, no page id twice in the chunk.
+/// 1..=8 replicas on distinct nodes per mapping (0..=8 for a tombstone), no page id twice
+/// in the chunk except once live and once freed.
 pub fn decode_chunk(bytes: &[u8]) -> Result<Vec<Mapping>, GatError> {
     if bytes.len() < CHUNK_HEADER_BYTES || bytes.len() > CHUNK_MAX_BYTES {
         return corrupt(format!("{} bytes", bytes.len()));
@@ -163,13 +217,14 @@ pub fn decode_chunk(bytes: &[u8]) -> Result<Vec<Mapping>, GatError> {
         };
         let page_id = PageId(u32::from_le_bytes([head[0], head[1], head[2], head[3]]));
         let n = head[4] as usize;
-        if n == 0 || n > MAX_REPLICAS || head[5..8] != [0, 0, 0] {
+        let freed = head[5] == FLAG_FREED;
+        if (n == 0 && !freed) || n > MAX_REPLICAS || head[5] > FLAG_FREED || head[6..8] != [0, 0] {
             return corrupt(format!(
                 "page {}: {n} replicas or reserved bytes set",
                 page_id.0
             ));
         }
-        ids.push(page_id.0);
+        ids.push((page_id.0, freed));
         pos += 8;
         let Some(body) = bytes.get(pos..pos + 8 * n) else {
             return corrupt("truncated replicas");
@@ -186,14 +241,18 @@ pub fn decode_chunk(bytes: &[u8]) -> Result<Vec<Mapping>, GatError> {
             return corrupt(format!("page {}: two replicas on one node", page_id.0));
         }
         pos += 8 * n;
-        out.push(Mapping { page_id, replicas });
+        out.push(Mapping {
+            page_id,
+            replicas,
+            freed,
+        });
     }
     if pos != bytes.len() {
         return corrupt(format!("{} trailing bytes", bytes.len() - pos));
     }
     ids.sort_unstable();
     if let Some(twice) = ids.windows(2).find(|w| w[0] == w[1]) {
-        return corrupt(format!("page {} twice", twice[0]));
+        return corrupt(format!("page {} twice", twice[0].0));
     }
     Ok(out)
 }
@@ -208,16 +267,59 @@ mod tests {
     use super::*;
 
     fn m(id: u32, nodes: &[u32]) -> Mapping {
-        Mapping {
-            page_id: PageId(id),
-            replicas: nodes
+        Mapping::new(
+            PageId(id),
+            nodes
                 .iter()
                 .map(|&n| Replica {
                     node: NodeId(n),
                     page: PageIndex(id.wrapping_mul(10).wrapping_add(n)),
                 })
                 .collect(),
+        )
+    }
+
+    #[test]
+    fn tombstones_round_trip_and_win_over_the_live_mapping() {
+        let dead_everywhere = Mapping {
+            page_id: PageId(4),
+            replicas: vec![],
+            freed: true,
+        };
+        let ms = vec![
+            m(1, &[1, 2]),
+            m(1, &[1, 2]).tombstone(),
+            dead_everywhere.clone(),
+        ];
+        let bytes = encode_chunk(&ms).unwrap();
+        assert_eq!(bytes[24 + 5], 0, "live: flags 0");
+        assert_eq!(bytes[24 + 24 + 5], 1, "tombstone: flag bit 0");
+        assert_eq!(decode_chunk(&bytes).unwrap(), ms);
+        // A live mapping without replicas is still corrupt.
+        let mut bad = encode_chunk(&[dead_everywhere.clone()]).unwrap();
+        bad[24 + 5] = 0;
+        let sum = crc32c(&bad[4..]);
+        bad[0..4].copy_from_slice(&sum.to_le_bytes());
+        assert!(decode_chunk(&bad).is_err());
+        // Unknown flag bits are corrupt.
+        let mut bad = encode_chunk(&[m(2, &[1])]).unwrap();
+        bad[24 + 5] = 2;
+        let sum = crc32c(&bad[4..]);
+        bad[0..4].copy_from_slice(&sum.to_le_bytes());
+        assert!(decode_chunk(&bad).is_err());
+        // The view: tombstone replaces the live mapping, wherever each was stored.
+        let mut view = vec![m(1, &[1, 2]).tombstone(), m(3, &[2]), m(1, &[1, 2])];
+        merge_tombstones(&mut view).unwrap();
+        assert_eq!(view, vec![m(1, &[1, 2]).tombstone(), m(3, &[2])]);
+        for twice in [
+            vec![m(1, &[1]), m(1, &[2])],
+            vec![m(1, &[1]).tombstone(), m(1, &[1]).tombstone()],
+        ] {
+            let mut v = twice;
+            assert_eq!(merge_tombstones(&mut v), Err(PageId(1)));
         }
+        // Within one chunk: once live and once freed is fine, twice either way is not.
+        assert!(decode_chunk(&encode_chunk(&[m(5, &[1]), m(5, &[1])]).unwrap()).is_err());
     }
 
     #[test]

@@ -81,10 +81,12 @@ pub enum ErrorCode {
     /// A data request names bytes outside its page, or an 8-byte operation on an
     /// unaligned address. Nothing was applied.
     BadAddress,
+    /// The page was freed (its id is never handed out again). Nothing was applied.
+    PageFreed,
 }
 
 impl ErrorCode {
-    const ALL: [Self; 14] = [
+    const ALL: [Self; 15] = [
         Self::Malformed,
         Self::StaleEpoch,
         Self::UnknownPage,
@@ -99,6 +101,7 @@ impl ErrorCode {
         Self::PageLost,
         Self::NotPrimary,
         Self::BadAddress,
+        Self::PageFreed,
     ];
 
     pub fn code(self) -> u16 {
@@ -276,6 +279,22 @@ pub enum Body {
     DataAlloc {
         backups_wanted: u8,
     },
+    /// Client -> monitor: free page `page_id` (a tombstone in the GAT, then every replica
+    /// FREE); answered [`Body::Freed`] once every live replica is FREE.
+    FreePage {
+        page_id: PageId,
+    },
+    /// Monitor -> node: these of its pages held these page ids, which are freed: each
+    /// still ALLOCATED under its id becomes FREE (zeroed first); the others are left as
+    /// they are. Answered [`Body::Freed`].
+    FreeReplicas {
+        entries: Vec<(PageIndex, PageId)>,
+    },
+    /// How many replicas the free turned FREE (a node: of the entries it was sent; the
+    /// monitor: of the page's replicas).
+    Freed {
+        count: u32,
+    },
 }
 
 impl Body {
@@ -306,6 +325,9 @@ impl Body {
             Self::Replicate { .. } => 23,
             Self::ReplicateAck { .. } => 24,
             Self::DataAlloc { .. } => 25,
+            Self::FreePage { .. } => 26,
+            Self::FreeReplicas { .. } => 27,
+            Self::Freed { .. } => 28,
         }
     }
 
@@ -336,6 +358,9 @@ impl Body {
             Self::Replicate { .. } => "Replicate",
             Self::ReplicateAck { .. } => "ReplicateAck",
             Self::DataAlloc { .. } => "DataAlloc",
+            Self::FreePage { .. } => "FreePage",
+            Self::FreeReplicas { .. } => "FreeReplicas",
+            Self::Freed { .. } => "Freed",
         }
     }
 }
@@ -639,6 +664,23 @@ impl Message {
                 w.u8(*backups_wanted);
                 w.zeros(7);
             }
+            Body::FreePage { page_id } => {
+                w.u32(page_id.0);
+                w.zeros(4);
+            }
+            Body::FreeReplicas { entries } => {
+                assert!(entries.len() <= MAX_RECONCILE_ENTRIES, "free entries");
+                w.u32(entries.len() as u32);
+                w.zeros(4);
+                for (page, id) in entries {
+                    w.u32(page.0);
+                    w.u32(id.0);
+                }
+            }
+            Body::Freed { count } => {
+                w.u32(*count);
+                w.zeros(4);
+            }
         }
         let body_len = (w.0.len() - HEADER_BYTES) as u32;
         w.0[4..8].copy_from_slice(&body_len.to_le_bytes());
@@ -908,6 +950,33 @@ impl Message {
                 }
                 Body::DataAlloc { backups_wanted }
             }
+            26 => {
+                let page_id = PageId(r.u32()?);
+                r.zeros(4)?;
+                Body::FreePage { page_id }
+            }
+            27 => {
+                let count = r.u32()? as usize;
+                r.zeros(4)?;
+                if count > MAX_RECONCILE_ENTRIES {
+                    return corrupt(format!("{count} free entries"));
+                }
+                let mut entries = Vec::with_capacity(count);
+                for _ in 0..count {
+                    let page = PageIndex(r.u32()?);
+                    let id = PageId(r.u32()?);
+                    if id.0 == 0 {
+                        return corrupt(format!("free entry {page:?} -> page id 0"));
+                    }
+                    entries.push((page, id));
+                }
+                Body::FreeReplicas { entries }
+            }
+            28 => {
+                let count = r.u32()?;
+                r.zeros(4)?;
+                Body::Freed { count }
+            }
             other => return corrupt(format!("unknown message kind {other}")),
         };
         r.finish()?;
@@ -1047,6 +1116,11 @@ mod tests {
             }),
             msg(Body::ReplicateAck { page_id: PageId(3) }),
             msg(Body::DataAlloc { backups_wanted: 2 }),
+            msg(Body::FreePage { page_id: PageId(9) }),
+            msg(Body::FreeReplicas {
+                entries: vec![(PageIndex(3), PageId(9)), (PageIndex(0), PageId(12))],
+            }),
+            msg(Body::Freed { count: 2 }),
         ]
     }
 
@@ -1233,7 +1307,8 @@ mod tests {
         assert_eq!(ErrorCode::PageLost.code(), 12);
         assert_eq!(ErrorCode::NotPrimary.code(), 13);
         assert_eq!(ErrorCode::BadAddress.code(), 14);
-        assert_eq!(ErrorCode::from_code(15), None);
+        assert_eq!(ErrorCode::PageFreed.code(), 15);
+        assert_eq!(ErrorCode::from_code(16), None);
     }
 
     #[test]

@@ -421,7 +421,7 @@ impl Coordinator {
                 == replicas.len(),
             "two replicas on one node"
         );
-        let mapping = Mapping { page_id, replicas };
+        let mapping = Mapping::new(page_id, replicas);
         t.mapping = Some(mapping.clone());
         t.phase = Phase::Persisting;
         out.push(Action::Persist { txn_id, mapping });
@@ -700,6 +700,7 @@ mod tests {
                     page: PageIndex(8),
                 },
             ],
+            freed: false,
         };
         assert_eq!(
             a,

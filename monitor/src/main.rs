@@ -199,7 +199,7 @@ fn gat_dump(zk: &str, cluster: &str, json: bool) -> Result<(), String> {
                 writeln!(
                     out,
                     "{}",
-                    serde_json::json!({"page_id": m.page_id.0, "replicas": replicas})
+                    serde_json::json!({"page_id": m.page_id.0, "replicas": replicas, "freed": m.freed})
                 )?;
             }
         } else {
@@ -224,7 +224,13 @@ fn gat_dump(zk: &str, cluster: &str, json: bool) -> Result<(), String> {
                     .iter()
                     .map(|r| format!("node{}:{}", r.node.0, r.page.0))
                     .collect();
-                writeln!(out, "page {:>10} -> {}", m.page_id.0, replicas.join(" "))?;
+                let freed = if m.freed { " (freed)" } else { "" };
+                writeln!(
+                    out,
+                    "page {:>10} -> {}{freed}",
+                    m.page_id.0,
+                    replicas.join(" ")
+                )?;
             }
         }
         out.flush()

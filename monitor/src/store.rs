@@ -83,7 +83,8 @@ pub struct Store {
 /// The whole GAT as loaded from ZooKeeper.
 #[derive(Debug, Default)]
 pub struct LoadedGat {
-    /// The current view: dead nodes' replicas removed ([`DeadNodes::apply`]).
+    /// The current view, sorted by page id: dead nodes' replicas removed
+    /// ([`DeadNodes::apply`]), freed pages as their tombstones.
     pub mappings: Vec<Mapping>,
     pub dead: DeadNodes,
     /// Replicas the dead-node records removed from the stored mappings.
@@ -504,14 +505,8 @@ impl Store {
             }
         }
         // Sorted, a page id stored twice sits next to itself (a hash set of a million ids
-        // took as long as decoding them).
-        out.mappings.sort_unstable_by_key(|m| m.page_id);
-        if let Some(twice) = out
-            .mappings
-            .windows(2)
-            .find(|w| w[0].page_id == w[1].page_id)
-        {
-            let id = twice[0].page_id;
+        // took as long as decoding them); a freed page's tombstone replaces its mapping.
+        if let Err(id) = gat::merge_tombstones(&mut out.mappings) {
             return Err(StoreError::Corrupt {
                 path: self.chunks_holding(&paths, id).await.join(" and "),
                 reason: format!("page id {} stored twice", id.0),

@@ -58,6 +58,7 @@ fn mapping(id: u32, nodes: &[u32]) -> Mapping {
                 page: PageIndex(id % 1000),
             })
             .collect(),
+        freed: false,
     }
 }
 
@@ -184,6 +185,48 @@ async fn a_page_id_in_two_series_is_reported_with_both_znodes() {
     assert!(matches!(err, StoreError::Corrupt { .. }), "{text}");
     assert!(text.contains("page id 2 stored twice"), "{text}");
     assert!(text.contains("w0000/") && text.contains("w0001/"), "{text}");
+}
+
+#[tokio::test]
+async fn a_tombstone_in_another_series_replaces_the_mapping_and_survives_compaction() {
+    let s = store("tombstones").await;
+    let mut a = GatWriter::open(&s, 0).await.unwrap();
+    let mut b = GatWriter::open(&s, 1).await.unwrap();
+    a.append(&[mapping(1, &[1, 2]), mapping(2, &[2])])
+        .await
+        .unwrap();
+    b.append(&[mapping(1, &[1, 2]).tombstone()]).await.unwrap();
+    let gat = s.load_gat().await.unwrap();
+    assert_eq!(
+        gat.mappings,
+        vec![mapping(1, &[1, 2]).tombstone(), mapping(2, &[2])]
+    );
+    // The largest id stays counted: a freed id is never handed out again.
+    b.append(&[mapping(3, &[1])]).await.unwrap();
+    b.append(&[mapping(3, &[1]).tombstone()]).await.unwrap();
+    assert_eq!(
+        b.compact().await.unwrap(),
+        3,
+        "live and tombstone in one chunk"
+    );
+    let gat = s.load_gat().await.unwrap();
+    assert_eq!(gat.max_page_id, 3);
+    assert_eq!(
+        gat.mappings
+            .iter()
+            .map(|m| (m.page_id.0, m.freed))
+            .collect::<Vec<_>>(),
+        vec![(1, true), (2, false), (3, true)]
+    );
+    // Freed twice is corruption, not a silent merge.
+    a.append(&[
+        mapping(2, &[2]).tombstone(),
+        mapping(1, &[1, 2]).tombstone(),
+    ])
+    .await
+    .unwrap();
+    let err = s.load_gat().await.unwrap_err();
+    assert!(err.to_string().contains("page id 1 stored twice"), "{err}");
 }
 
 #[test]

@@ -21,6 +21,7 @@ impl MappingCache {
         (*e == epoch).then(|| Mapping {
             page_id,
             replicas: replicas.clone(),
+            freed: false,
         })
     }
 

@@ -962,7 +962,7 @@ impl Service<'_> {
                     Ok(Body::Mapping {
                         page_id: got,
                         replicas,
-                    }) if got == page_id => Ok(Mapping { page_id, replicas }),
+                    }) if got == page_id => Ok(Mapping::new(page_id, replicas)),
                     Ok(Body::Error { code, detail }) => Err(ClientError::Refused { code, detail }),
                     other => Err(ClientError::Refused {
                         code: ErrorCode::Malformed,

@@ -225,7 +225,7 @@ impl Space {
                 replicas,
             } if got == page_id => {
                 self.inner.cache.insert(page_id, self.epoch(), &replicas);
-                Ok(Mapping { page_id, replicas })
+                Ok(Mapping::new(page_id, replicas))
             }
             other => Err(unexpected("MappingLookup", &other)),
         }
@@ -258,7 +258,7 @@ impl Space {
         match self.node_call(node, body, Duration::from_secs(60)) {
             Ok(Body::Mapping { page_id, replicas }) => {
                 self.inner.cache.insert(page_id, self.epoch(), &replicas);
-                Ok(Mapping { page_id, replicas })
+                Ok(Mapping::new(page_id, replicas))
             }
             Ok(other) => Err(unexpected("DataAlloc", &other)),
             Err(Failure::Final(e)) => Err(e),

@@ -296,7 +296,7 @@ mod tests {
         assert_eq!(bytes[24 + 24 + 5], 1, "tombstone: flag bit 0");
         assert_eq!(decode_chunk(&bytes).unwrap(), ms);
         // A live mapping without replicas is still corrupt.
-        let mut bad = encode_chunk(&[dead_everywhere.clone()]).unwrap();
+        let mut bad = encode_chunk(std::slice::from_ref(&dead_everywhere)).unwrap();
         bad[24 + 5] = 0;
         let sum = crc32c(&bad[4..]);
         bad[0..4].copy_from_slice(&sum.to_le_bytes());

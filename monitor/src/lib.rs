@@ -1,10 +1,12 @@
 //! pmgas global monitor: the two-phase page allocation as a pure state machine
 //! ([`coordinator`]), the GAT's persistence in ZooKeeper ([`store`]: fenced delta writes,
 //! compaction into chunks, atomic node registration) and the RDMA shell that joins nodes
-//! and drives allocations ([`server`]). Standbys and recovery arrive with their issue.
+//! and drives allocations ([`server`]); freeing a page is its own small state machine
+//! ([`freeing`]).
 #![forbid(unsafe_code)]
 
 pub mod coordinator;
+pub mod freeing;
 pub mod server;
 pub mod store;
 

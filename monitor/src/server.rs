@@ -9,14 +9,17 @@
 //! Where things live:
 //! - [`serve`] restores the GAT, the epoch and the away/dead nodes from ZooKeeper, starts
 //!   the GAT writer thread (`persister`), binds the listener and announces this monitor.
-//! - `Monitor` owns the loop's state: the in-memory GAT (`mappings`: what ZooKeeper holds),
-//!   the coordinator, the node connections (`peers`, the joined ones indexed by `by_node`),
-//!   AllocPage requests awaiting the coordinator's answer (`replies`), mappings being
-//!   written (`writing`), away and dead nodes (`failures`), and whether it was `deposed`.
+//! - `Monitor` owns the loop's state: the in-memory GAT (`mappings`: what ZooKeeper holds,
+//!   freed pages as tombstones), the coordinator, the frees in progress (`freer`, see
+//!   [`crate::freeing`]), the node connections (`peers`, the joined ones indexed by
+//!   `by_node`), AllocPage requests awaiting the coordinator's answer (`replies`), mappings
+//!   being written (`writing`), away and dead nodes (`failures`), and whether it was
+//!   `deposed`.
 //! - `Monitor::run_loop` runs passes of these steps, in this order:
 //!   1. `stop_if_session_lost`: a monitor without its ZooKeeper session no longer leads.
 //!   2. `accept_new_connection`: an rdma_cm connect request becomes a peer.
-//!   3. `collect_persisted`: the writer's reports; stored mappings enter the in-memory GAT.
+//!   3. `collect_persisted`: the writer's reports; stored mappings and tombstones enter the
+//!      in-memory GAT.
 //!   4. `poll_peers`: each connection's messages. Requests go to `handle_peer_request`
 //!      (the wire requests in `handle_request`, one arm each; a join is recorded in
 //!      ZooKeeper there), responses to `handle_peer_response` (a node's reconciliation
@@ -24,7 +27,9 @@
 //!      coordinator); timed-out reconciliation requests start it over.
 //!   5. `tick`, every 10 ms: gone and silent connections dropped, heartbeats, and
 //!      `declare_overdue_node` (`declare_dead`, in a new epoch).
-//!   6. `drive_reconciliations` sends joined nodes their GAT entries; `spin_or_sleep`.
+//!   6. `drive_reconciliations` sends joined nodes their GAT entries (the tombstones' first);
+//!      `drive_frees` tells replicas of freed pages to free them (`free_page` takes the
+//!      request); `spin_or_sleep`.
 //!   7. `run_coordinator`: the coordinator's actions, each in `carry_out`; the pass's
 //!      Persist actions go to the writer thread as one group commit.
 //!   8. `stop_if_deposed`: a fenced monitor stops once its transactions have finished.
@@ -43,6 +48,7 @@ use pmgas_verbs::wait::Notifier;
 use pmgas_verbs::{ConnectionConfig, Listener, ProtectionDomain, RemoteRegion};
 
 use crate::coordinator::{Action, Coordinator, Input, NodeView, Timeouts};
+use crate::freeing::{FreeAction, Freer, NodeState};
 use crate::store::{GatWriter, Store, StoreError};
 
 /// The monitor's own sender id on the wire.
@@ -68,15 +74,33 @@ pub struct ServerConfig {
 #[derive(Debug, Clone, Copy)]
 enum Sent {
     Prepare(u64),
-    Reconcile { last: bool },
+    Reconcile {
+        last: bool,
+    },
     Commit,
     Abort,
     EpochNotice,
     Heartbeat,
+    /// FreeReplicas for one freed page ([`crate::freeing`]'s attempt).
+    Free {
+        page_id: PageId,
+        attempt: u64,
+    },
+}
+
+/// A client waiting for its FreePage's answer: the connection (by serial: indices move),
+/// the msg-layer id to answer and the wire request id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Waiter {
+    serial: u64,
+    msg_id: u64,
+    rid: u64,
 }
 
 struct Peer {
     ep: Endpoint,
+    /// Names the connection while it lasts (its index in `peers` moves).
+    serial: u64,
     node: Option<NodeId>,
     /// Msg-layer request id -> what we asked.
     sent: HashMap<u64, Sent>,
@@ -96,17 +120,56 @@ struct Peer {
 /// How often an idle joined node is sent a heartbeat.
 const HEARTBEAT_EVERY: Duration = Duration::from_millis(500);
 
-/// The GAT's replicas on `node`: (its page, the page id).
+/// The GAT's replicas on `node`: (its page, the page id), of live pages (`freed` false) or
+/// of freed pages' tombstones (`freed` true).
 fn replicas_on(
     mappings: &HashMap<PageId, Mapping>,
     node: NodeId,
+    freed: bool,
 ) -> impl Iterator<Item = (PageIndex, PageId)> + '_ {
-    mappings.values().flat_map(move |m| {
-        m.replicas
-            .iter()
-            .filter(move |r| r.node == node)
-            .map(|r| (r.page, m.page_id))
-    })
+    mappings
+        .values()
+        .filter(move |m| m.freed == freed)
+        .flat_map(move |m| {
+            m.replicas
+                .iter()
+                .filter(move |r| r.node == node)
+                .map(|r| (r.page, m.page_id))
+        })
+}
+
+/// What a joining node's reconciliation sends it, in order: FreeReplicas for the replicas
+/// on it of freed pages (a node that was away when the page was freed, or crashed while
+/// freeing it), then Reconcile with its live replicas, the last one flagged `last`.
+fn reconcile_messages(mappings: &HashMap<PageId, Mapping>, node: NodeId) -> Vec<Body> {
+    let sorted = |freed| {
+        let mut v: Vec<(PageIndex, PageId)> = replicas_on(mappings, node, freed).collect();
+        v.sort_unstable();
+        v
+    };
+    let mut messages: Vec<Body> = sorted(true)
+        .chunks(MAX_RECONCILE_ENTRIES)
+        .map(|c| Body::FreeReplicas {
+            entries: c.to_vec(),
+        })
+        .collect();
+    let live = sorted(false);
+    let chunks: Vec<&[(PageIndex, PageId)]> = if live.is_empty() {
+        vec![&[]]
+    } else {
+        live.chunks(MAX_RECONCILE_ENTRIES).collect()
+    };
+    let n = chunks.len();
+    messages.extend(
+        chunks
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| Body::Reconcile {
+                last: i + 1 == n,
+                entries: c.to_vec(),
+            }),
+    );
+    messages
 }
 
 /// Most bytes of ART one READ fetches.
@@ -148,7 +211,7 @@ fn check_art(
             pmgas_verbs::Access::LOCAL,
         )
         .map_err(|e| e.to_string())?;
-    let expected: HashMap<PageIndex, PageId> = replicas_on(mappings, node).collect();
+    let expected: HashMap<PageIndex, PageId> = replicas_on(mappings, node, false).collect();
     let mut check = ArtCheck::default();
     let mut bytes = vec![0u8; chunk];
     let mut offset = 0usize;
@@ -202,12 +265,13 @@ fn check_art(
     Ok(check)
 }
 
-/// A joined node's reconciliation: the GAT's entries for it, sent in Reconcile messages.
+/// A joined node's reconciliation: the GAT's entries for it, sent in FreeReplicas messages
+/// (freed pages' replicas on it) and then Reconcile messages (its live replicas).
 struct Reconciling {
     view: NodeView,
     /// Filled when sending starts: not while a GAT write involving the node is in flight,
     /// whose outcome the list must include.
-    entries: Option<Vec<(PageIndex, PageId)>>,
+    messages: Option<Vec<Body>>,
     next: usize,
     sent_last: bool,
     started: Instant,
@@ -244,6 +308,7 @@ pub fn serve(
     };
     let mappings: HashMap<PageId, Mapping> =
         gat.mappings.into_iter().map(|m| (m.page_id, m)).collect();
+    let live = mappings.values().filter(|m| !m.freed).count();
     let coord = Coordinator::new(epoch, gat.max_page_id, Timeouts::default());
     let writer = with_retries(|| rt.block_on(GatWriter::open(store, 0)))?;
     let (to_persister, batches) = mpsc::channel::<Batch>();
@@ -282,11 +347,13 @@ pub fn serve(
         // the monitor up connect at once.
         announce(store, rt, &config.listen.to_string())?;
         println!(
-            "MONITOR READY listen={} device={} epoch={} mappings={} max_page_id={} unix_ms={}",
+            "MONITOR READY listen={} device={} epoch={} mappings={} freed={} max_page_id={} \
+             unix_ms={}",
             config.listen,
             listener.context().name(),
             epoch.0,
-            mappings.len(),
+            live,
+            mappings.len() - live,
             coord.next_page_id() - 1,
             fault::unix_ms()
         );
@@ -297,12 +364,14 @@ pub fn serve(
             rt,
             epoch,
             coordinator: coord,
+            freer: Freer::new(REQUEST_TIMEOUT.as_nanos() as u64),
             mappings,
             failures: dead,
             writing: HashMap::new(),
             deposed: None,
             replies: HashMap::new(),
             peers: vec![],
+            next_serial: 0,
             by_node: BTreeMap::new(),
             pd,
             listener,
@@ -359,10 +428,14 @@ struct Monitor<'a> {
     rt: &'a tokio::runtime::Runtime,
     epoch: Epoch,
     coordinator: Coordinator,
-    /// The in-memory GAT: what ZooKeeper holds (see [`Monitor::collect_persisted`]).
+    /// Pages being freed (steps F1-F4).
+    freer: Freer<Waiter>,
+    /// The in-memory GAT: what ZooKeeper holds (see [`Monitor::collect_persisted`]),
+    /// freed pages as their tombstones.
     mappings: HashMap<PageId, Mapping>,
     failures: Failures,
-    /// Mappings handed to the GAT writer, by transaction, until it reports.
+    /// Mappings handed to the GAT writer, by transaction, until it reports (tombstones are
+    /// sent back in the writer's report).
     writing: HashMap<u64, Mapping>,
     /// Set once a GAT write was fenced: finish what was started, then stop.
     deposed: Option<String>,
@@ -370,6 +443,7 @@ struct Monitor<'a> {
     replies: HashMap<(NodeId, u64), u64>,
     /// The connections, joined or not; `by_node` indexes the joined ones.
     peers: Vec<Peer>,
+    next_serial: u64,
     by_node: BTreeMap<NodeId, usize>,
     pd: ProtectionDomain,
     listener: Listener,
@@ -411,7 +485,8 @@ impl Monitor<'_> {
             // event (a connect request, a disconnect) or the next tick.
             let idle_pass = inputs.iter().all(|i| matches!(i, Input::Tick));
             let reconciling = self.drive_reconciliations();
-            self.spin_or_sleep(idle_pass && !reconciling)?;
+            let freeing = self.drive_frees()?;
+            self.spin_or_sleep(idle_pass && !reconciling && !freeing)?;
             self.run_coordinator(inputs, now_ns)?;
             self.stop_if_deposed()?;
         }
@@ -450,16 +525,20 @@ impl Monitor<'_> {
             &[],
             MsgConfig::default(),
         ) {
-            Ok(ep) => self.peers.push(Peer {
-                ep,
-                node: None,
-                sent: HashMap::new(),
-                reconcile: None,
-                art: None,
-                data_addr: None,
-                heard: Instant::now(),
-                pinged: Instant::now(),
-            }),
+            Ok(ep) => {
+                self.next_serial += 1;
+                self.peers.push(Peer {
+                    ep,
+                    serial: self.next_serial,
+                    node: None,
+                    sent: HashMap::new(),
+                    reconcile: None,
+                    art: None,
+                    data_addr: None,
+                    heard: Instant::now(),
+                    pinged: Instant::now(),
+                })
+            }
             Err(e) => tracing::warn!(error = %e, "accept failed"),
         }
         Ok(())
@@ -470,11 +549,17 @@ impl Monitor<'_> {
     /// deposes this monitor. A report that the writer had to stop ends the loop.
     fn collect_persisted(&mut self, inputs: &mut Vec<Input>) -> Result<(), String> {
         while let Ok(report) = self.persisted.try_recv() {
-            let (txn_ids, outcome) = report?;
+            let (items, outcome) = report?;
+            let mut txn_ids = vec![];
             // The GAT in memory is what ZooKeeper holds: a mapping enters it once its write
             // is acknowledged (reconciliations of rejoining nodes are cut from it).
-            for t in &txn_ids {
-                if let Some(mut m) = self.writing.remove(t)
+            for (txn, tombstone) in items {
+                let Some(t) = txn else {
+                    self.tombstone_persisted(tombstone, &outcome);
+                    continue;
+                };
+                txn_ids.push(t);
+                if let Some(mut m) = self.writing.remove(&t)
                     && matches!(outcome, Persisted::Stored)
                 {
                     // Written with a replica on a node declared dead meanwhile: the
@@ -494,6 +579,28 @@ impl Monitor<'_> {
             });
         }
         Ok(())
+    }
+
+    /// F2: the writer's outcome for a tombstone: stored, it replaces the page's mapping in
+    /// the in-memory GAT (lookups answer PageFreed from now on) and its replicas are freed
+    /// next; not stored, the free fails and nothing changed.
+    fn tombstone_persisted(&mut self, mut tombstone: Mapping, outcome: &Persisted) {
+        let page_id = tombstone.page_id;
+        let stored = match outcome {
+            Persisted::Stored => {
+                self.failures.dead.apply(&mut tombstone);
+                self.mappings.insert(page_id, tombstone);
+                fault::point("monitor.tombstone-written");
+                Ok(())
+            }
+            Persisted::NotStored => Err((
+                ErrorCode::Internal,
+                format!("page {}: the tombstone was not stored", page_id.0),
+            )),
+            Persisted::Fenced(e) => Err((ErrorCode::NotLeader, e.clone())),
+        };
+        let actions = self.freer.persisted(page_id, stored);
+        self.carry_out_frees(actions);
     }
 
     /// Handles everything each connection has delivered: requests, responses and requests
@@ -540,7 +647,7 @@ impl Monitor<'_> {
                         if let Some(Sent::Reconcile { .. }) = peer.sent.remove(&request_id)
                             && let Some(r) = peer.reconcile.as_mut()
                         {
-                            r.entries = None;
+                            r.messages = None;
                             r.next = 0;
                             r.sent_last = false;
                         }
@@ -619,6 +726,14 @@ impl Monitor<'_> {
             Body::NodesQuery => Ok(self.node_list()),
             Body::MappingLookup { page_id } if self.peers[i].node.is_none() => {
                 self.lookup_mapping(page_id)
+            }
+            Body::FreePage { page_id } => {
+                let waiter = Waiter {
+                    serial: self.peers[i].serial,
+                    msg_id,
+                    rid,
+                };
+                self.free_page(page_id, waiter)?
             }
             _ if self.peers[i].node != Some(msg.header.sender) => Err((
                 ErrorCode::Malformed,
@@ -742,7 +857,7 @@ impl Monitor<'_> {
             view: NodeView {
                 free_pages: j.free_pages,
             },
-            entries: None,
+            messages: None,
             next: 0,
             sent_last: false,
             started: Instant::now(),
@@ -756,6 +871,10 @@ impl Monitor<'_> {
     /// A page's replicas, from the in-memory GAT.
     fn lookup_mapping(&self, page_id: PageId) -> Answer {
         match self.mappings.get(&page_id) {
+            Some(m) if m.freed => Err((
+                ErrorCode::PageFreed,
+                format!("page {} was freed", page_id.0),
+            )),
             Some(m) if m.replicas.is_empty() => Err((
                 ErrorCode::PageLost,
                 format!(
@@ -771,6 +890,103 @@ impl Monitor<'_> {
                 ErrorCode::UnknownPage,
                 format!("page {} is not mapped", page_id.0),
             )),
+        }
+    }
+
+    /// F1: a client asks to free `page_id`. Refused at once (`Some`) when this monitor was
+    /// deposed or the page is not live; otherwise the answer comes once the replicas are
+    /// freed (`None`; [`Monitor::carry_out_frees`] sends it).
+    fn free_page(&mut self, page_id: PageId, waiter: Waiter) -> Option<Answer> {
+        if self.deposed.is_some() {
+            return Some(Err((
+                ErrorCode::NotLeader,
+                "this monitor was deposed; ask the active one".into(),
+            )));
+        }
+        let mapping = match self.mappings.get(&page_id) {
+            Some(m) if !m.freed => m.clone(),
+            _ => return Some(self.lookup_mapping(page_id)),
+        };
+        let actions = self.freer.request(&mapping, waiter);
+        self.carry_out_frees(actions);
+        None
+    }
+
+    /// F3, F4: what the frees in progress have due; returns whether anything was.
+    fn drive_frees(&mut self) -> Result<bool, String> {
+        if self.freer.in_flight() == 0 {
+            return Ok(false);
+        }
+        let (by_node, peers) = (&self.by_node, &self.peers);
+        let state = |node: NodeId| match by_node.get(&node).and_then(|&i| peers.get(i)) {
+            Some(p) if p.reconcile.is_some() => NodeState::Reconciling,
+            Some(_) => NodeState::Ready,
+            None => NodeState::Away,
+        };
+        let now_ns = self.start.elapsed().as_nanos() as u64;
+        let actions = self.freer.drive(state, now_ns);
+        let any = !actions.is_empty();
+        self.carry_out_frees(actions);
+        Ok(any)
+    }
+
+    /// Carries out the free state machine's actions: the tombstone to the GAT writer,
+    /// FreeReplicas to a node, answers to clients.
+    fn carry_out_frees(&mut self, actions: Vec<FreeAction<Waiter>>) {
+        for action in actions {
+            match action {
+                FreeAction::Persist { tombstone } => {
+                    tracing::info!(
+                        page_id = tombstone.page_id.0,
+                        "freeing a page: writing its tombstone"
+                    );
+                    if self
+                        .to_persister
+                        .send(vec![(None, tombstone.clone())])
+                        .is_err()
+                    {
+                        let page_id = tombstone.page_id;
+                        let failed = Err((ErrorCode::Internal, "the GAT writer ended".into()));
+                        let more = self.freer.persisted(page_id, failed);
+                        self.carry_out_frees(more);
+                    }
+                }
+                FreeAction::Send {
+                    to,
+                    page,
+                    page_id,
+                    attempt,
+                } => {
+                    let body = Body::FreeReplicas {
+                        entries: vec![(page, page_id)],
+                    };
+                    self.send(to, body, Sent::Free { page_id, attempt });
+                    fault::point("monitor.free-sent");
+                }
+                FreeAction::Reply {
+                    page_id,
+                    waiters,
+                    result,
+                } => {
+                    if let Ok(count) = &result {
+                        println!(
+                            "PAGE FREED page_id={} replicas_freed={count} unix_ms={}",
+                            page_id.0,
+                            fault::unix_ms()
+                        );
+                    }
+                    let body = match result {
+                        Ok(count) => Body::Freed { count },
+                        Err((code, detail)) => Body::Error { code, detail },
+                    };
+                    for w in waiters {
+                        let msg = Message::new(self.epoch, MONITOR_SENDER, w.rid, body.clone());
+                        if let Some(p) = self.peers.iter_mut().find(|p| p.serial == w.serial) {
+                            let _ = p.ep.respond(w.msg_id, &msg.encode());
+                        }
+                    }
+                }
+            }
         }
     }
 
@@ -826,6 +1042,19 @@ impl Monitor<'_> {
                 }
             }
             (Ok(Body::Reconciled { .. }), Sent::Reconcile { last: false }) => {}
+            // A reconciliation's FreeReplicas (freed pages' replicas on the node).
+            (Ok(Body::Freed { count }), Sent::Reconcile { .. }) => {
+                if count > 0 {
+                    tracing::info!(%node, count, "reconciliation freed replicas of freed pages");
+                }
+            }
+            (Ok(Body::Freed { count }), Sent::Free { page_id, attempt }) => {
+                self.freer.answered(page_id, attempt, Ok(count))
+            }
+            (other, Sent::Free { page_id, attempt }) => {
+                tracing::warn!(%node, page_id = page_id.0, answer = ?other, "FreeReplicas refused; the node's reconciliation frees it");
+                self.freer.answered(page_id, attempt, Err(()))
+            }
             (Ok(Body::EpochChanged { .. }), Sent::EpochNotice) => {}
             (_, Sent::Heartbeat) => {}
             (Ok(Body::Prepared { txn_id, page }), _) => inputs.push(Input::Prepared {
@@ -965,7 +1194,7 @@ impl Monitor<'_> {
         let only_this = pmgas_layout::gat::DeadNodes([(node, record)].into_iter().collect());
         for m in self.mappings.values_mut() {
             let was_primary = m.replicas.first().is_some_and(|r| r.node == node);
-            if only_this.apply(m) == 0 {
+            if only_this.apply(m) == 0 || m.freed {
                 continue;
             }
             affected += 1;
@@ -1023,28 +1252,23 @@ impl Monitor<'_> {
             if r.sent_last {
                 continue;
             }
-            if r.entries.is_none() {
+            if r.messages.is_none() {
                 if self.coordinator.persisting_involves(node) {
                     continue;
                 }
-                let mut entries: Vec<(PageIndex, PageId)> =
-                    replicas_on(&self.mappings, node).collect();
-                entries.sort_unstable();
-                r.entries = Some(entries);
+                r.messages = Some(reconcile_messages(&self.mappings, node));
             }
-            let entries = r.entries.as_deref().unwrap_or(&[]);
+            let messages = r.messages.as_deref().unwrap_or(&[]);
             while !r.sent_last && peer.ep.outstanding() < peer.ep.request_limit() {
-                let end = (r.next + MAX_RECONCILE_ENTRIES).min(entries.len());
-                let last = end == entries.len();
-                let body = Body::Reconcile {
-                    last,
-                    entries: entries[r.next..end].to_vec(),
+                let Some(body) = messages.get(r.next) else {
+                    break;
                 };
-                let msg = Message::new(self.epoch, MONITOR_SENDER, 0, body).encode();
+                let last = r.next + 1 == messages.len();
+                let msg = Message::new(self.epoch, MONITOR_SENDER, 0, body.clone()).encode();
                 match peer.ep.request(&msg, REQUEST_TIMEOUT) {
                     Ok(id) => {
                         peer.sent.insert(id, Sent::Reconcile { last });
-                        r.next = end;
+                        r.next += 1;
                         r.sent_last = last;
                         sent_any = true;
                         fault::point("monitor.reconcile-sent");
@@ -1106,10 +1330,9 @@ impl Monitor<'_> {
             // Group commit: everything this pass produced goes to the writer thread in
             // one batch; it merges batches that queue while a write is in flight.
             if !batch.is_empty() {
-                let txn_ids: Vec<u64> = batch.iter().map(|(t, _)| *t).collect();
-                let maps: Vec<Mapping> = batch.into_iter().map(|(_, m)| m).collect();
+                let items: Batch = batch.into_iter().map(|(t, m)| (Some(t), m)).collect();
                 self.to_persister
-                    .send((txn_ids, maps))
+                    .send(items)
                     .map_err(|_| "the GAT writer thread ended".to_string())?;
                 fault::point("monitor.persist-queued");
             }
@@ -1188,6 +1411,7 @@ impl Monitor<'_> {
         // were told NotLeader), so no request is left with an unknown outcome.
         if let Some(why) = &self.deposed
             && self.coordinator.in_flight() == 0
+            && self.freer.in_flight() == 0
             && self.last_request.elapsed() >= Duration::from_secs(1)
         {
             return Err(format!(
@@ -1231,10 +1455,11 @@ impl Monitor<'_> {
     }
 }
 
-/// A group commit: transaction ids and their mappings.
-type Batch = (Vec<u64>, Vec<Mapping>);
-/// The writer thread's answer for one write, or why it had to stop.
-type PersistReport = Result<(Vec<u64>, Persisted), String>;
+/// A group commit: mappings with the transaction that allocated each, or `None` for a
+/// freed page's tombstone.
+type Batch = Vec<(Option<u64>, Mapping)>;
+/// The writer thread's answer for one write (the batch it wrote), or why it had to stop.
+type PersistReport = Result<(Batch, Persisted), String>;
 
 /// The GAT writer thread: takes batches from the RDMA loop, merges those that queued while
 /// the previous write was in flight (up to `max_batch` mappings), writes them with one
@@ -1265,25 +1490,23 @@ fn persister(
             }
         }
         queued.extend(batches.try_iter());
-        let (mut txn_ids, mut maps) = (vec![], vec![]);
-        while let Some((t, m)) = queued.pop_front() {
-            if !maps.is_empty() && maps.len() + m.len() > max_batch {
-                queued.push_front((t, m));
+        let mut items: Batch = vec![];
+        while let Some(b) = queued.pop_front() {
+            if !items.is_empty() && items.len() + b.len() > max_batch {
+                queued.push_front(b);
                 break;
             }
-            txn_ids.extend(t);
-            maps.extend(m);
+            items.extend(b);
         }
         // Only with group commit off can one pass's batch exceed max_batch: split it.
-        if maps.len() > max_batch {
-            let rest_maps = maps.split_off(max_batch);
-            let rest_txns = txn_ids.split_off(max_batch);
-            queued.push_front((rest_txns, rest_maps));
+        if items.len() > max_batch {
+            queued.push_front(items.split_off(max_batch));
         }
+        let maps: Vec<Mapping> = items.iter().map(|(_, m)| m.clone()).collect();
         let started = Instant::now();
         let report = persist(&mut writer, rt, &maps, fenced).map(|outcome| {
             fenced |= matches!(outcome, Persisted::Fenced(_));
-            (txn_ids, outcome)
+            (items, outcome)
         });
         stats.record(maps.len(), started.elapsed());
         if matches!(report, Ok((_, Persisted::Stored))) {

@@ -39,7 +39,7 @@ use pmgas_verbs::msg::{Endpoint, Incoming, MsgConfig};
 use pmgas_verbs::{ConnectionConfig, Connector, Listener, ProtectionDomain};
 
 use crate::client::ClientError;
-use crate::pool::Pool;
+use crate::pool::{Pool, PoolError};
 use crate::service::{Command, PoolRegions, Registered, Shared, register_pool};
 
 /// Message slots of a data-path connection: big enough for an Update of
@@ -401,12 +401,13 @@ impl DataServer {
             })
     }
 
-    /// This node's page holding `page_id`, checked against its own ART.
+    /// This node's page holding `page_id`, checked against its own ART. A page that does
+    /// not hold it was freed here (mapped pages never move, and ids are never reused).
     fn local_page(&self, page_id: PageId, page: PageIndex) -> Result<PageIndex, Body> {
         match self.pool.record(page) {
             Ok(r) if r.state == PageState::Allocated && r.page_id == page_id => Ok(page),
             Ok(r) => Err(error(
-                ErrorCode::UnknownPage,
+                ErrorCode::PageFreed,
                 format!(
                     "page {} of {} is {:?} under id {}, not page id {}",
                     page.0, self.me, r.state, r.page_id.0, page_id.0
@@ -531,6 +532,11 @@ impl DataServer {
                 self.pages.remove(&page_id);
                 return;
             };
+            // Freed while it waited: refused, in order.
+            if let Err(b) = self.local_page(page_id, q.page) {
+                self.respond(q.conn, q.request_id, q.wire_id, b);
+                continue;
+            }
             let mut word = [0u8; 8];
             let mut copy = vec![0u8; q.copy_len.unwrap_or(0)];
             let current = match &q.op {
@@ -768,9 +774,18 @@ impl DataServer {
                     self.start_next(page_id);
                 }
             }
+            Ok(Body::Error {
+                code: ErrorCode::PageFreed,
+                detail,
+            }) => {
+                // The page was freed (the backup went first: this primary was away when
+                // it was freed): nothing more of it is ordered here.
+                tracing::warn!(%node, page_id = page_id.0, %detail, "page freed under an update");
+                self.refuse_page(page_id, &detail);
+            }
             other => {
-                // A refusal (a stale epoch on either side, a page the backup does not hold
-                // under this id): sent again after the next mapping check (D6).
+                // A refusal (a stale epoch on either side): sent again after the next
+                // mapping check (D6).
                 tracing::warn!(%node, page_id = page_id.0, answer = ?other, "Replicate refused");
                 self.forget_sent(node, page_id, request_id);
             }
@@ -795,24 +810,40 @@ impl DataServer {
         else {
             return false;
         };
-        self.finish(f);
+        self.finish(page_id, f);
         true
     }
 
-    fn finish(&mut self, f: InFlight) {
+    fn finish(&mut self, page_id: PageId, f: InFlight) {
         let q = &f.q;
         let body = match self
             .pool
-            .store_in_page(q.page, u64::from(q.offset), &f.bytes)
+            .store_in_page_as(q.page, page_id, u64::from(q.offset), &f.bytes)
         {
             Ok(()) => {
                 self.audit_ack(q.page, q.offset, f.bytes.len());
                 fault::point("node.data-applied");
                 Body::UpdateAck { old: f.old }
             }
+            Err(e @ PoolError::NotHeld { .. }) => error(ErrorCode::PageFreed, e.to_string()),
             Err(e) => error(ErrorCode::Internal, e.to_string()),
         };
         self.respond(q.conn, q.request_id, q.wire_id, body);
+    }
+
+    /// The page was freed: its update in flight and every queued one are answered
+    /// PageFreed (none of them was applied here; what reached a backup is in a page that
+    /// is freed and zeroed there).
+    fn refuse_page(&mut self, page_id: PageId, detail: &str) {
+        let Some(order) = self.pages.remove(&page_id) else {
+            return;
+        };
+        self.synced.remove(&page_id);
+        let why = format!("page {} was freed ({detail})", page_id.0);
+        for q in order.in_flight.map(|f| f.q).into_iter().chain(order.queue) {
+            let body = error(ErrorCode::PageFreed, why.clone());
+            self.respond(q.conn, q.request_id, q.wire_id, body);
+        }
     }
 
     /// Records, for the persistence audit, that bytes of `page` are acknowledged now.
@@ -838,18 +869,19 @@ impl DataServer {
                 format!("epoch {} is older than {}", epoch.0, mine.0),
             );
         }
-        if let Err(b) = self.local_page(page_id, page) {
-            return b;
-        }
         if data.len() > MAX_UPDATE_BYTES {
             return error(ErrorCode::Malformed, format!("{} bytes", data.len()));
         }
-        match self.pool.store_in_page(page, u64::from(offset), data) {
+        match self
+            .pool
+            .store_in_page_as(page, page_id, u64::from(offset), data)
+        {
             Ok(()) => {
                 self.audit_ack(page, offset, data.len());
                 fault::point("node.data-backup-stored");
                 Body::ReplicateAck { page_id }
             }
+            Err(e @ PoolError::NotHeld { .. }) => error(ErrorCode::PageFreed, e.to_string()),
             Err(e) => error(ErrorCode::BadAddress, e.to_string()),
         }
     }
@@ -869,6 +901,15 @@ impl DataServer {
             .map(|(id, _)| *id)
             .collect();
         for page_id in stuck {
+            let held = self
+                .pages
+                .get(&page_id)
+                .and_then(|o| o.in_flight.as_ref())
+                .map(|f| self.local_page(page_id, f.q.page));
+            if let Some(Err(Body::Error { detail, .. })) = held {
+                self.refuse_page(page_id, &detail);
+                continue;
+            }
             if let Ok(replicas) = self.mapping(page_id)
                 && let Some(f) = self
                     .pages

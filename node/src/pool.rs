@@ -49,6 +49,15 @@ pub enum PoolError {
         len: usize,
         page_size: u64,
     },
+    /// The page does not hold `page_id` (any more): it was freed, and maybe handed out
+    /// again. Nothing was stored.
+    #[error("page {page} is {state} under page id {held}, not page id {page_id}")]
+    NotHeld {
+        page: u32,
+        page_id: u32,
+        state: &'static str,
+        held: u32,
+    },
 }
 
 /// Who this node is; a pool is opened only if it matches.
@@ -191,6 +200,50 @@ impl Pool {
         Ok(())
     }
 
+    /// As [`Self::store_in_page`], for a replica of global page `page_id`: stored only if
+    /// the page is ALLOCATED under that id, checked under the ART's lock so that a free
+    /// ([`Self::free_page`]) cannot come between the check and the store.
+    pub fn store_in_page_as(
+        &self,
+        page: PageIndex,
+        page_id: PageId,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), PoolError> {
+        let art = self.lock();
+        let rec = art.get(page)?;
+        if rec.state != PageState::Allocated || rec.page_id != page_id {
+            return Err(PoolError::NotHeld {
+                page: page.0,
+                page_id: page_id.0,
+                state: rec.state.name(),
+                held: rec.page_id.0,
+            });
+        }
+        let base = self.page_base_in(rec, page, offset, data.len())?;
+        self.pmem.store("page data", base + offset, data);
+        drop(art);
+        Ok(())
+    }
+
+    /// Frees this node's replica of freed global page `page_id`: if page `page` is still
+    /// ALLOCATED under that id, P10 zeroes its bytes (a page handed out again reads as
+    /// zeros) and P4 marks it FREE. Returns whether it did; a page in any other state or
+    /// under another id (freed already, and maybe handed out again) is left as it is, so
+    /// asking twice is harmless.
+    pub fn free_page(&self, page: PageIndex, page_id: PageId) -> Result<bool, PoolError> {
+        let mut art = self.lock();
+        let rec = art.get(page)?;
+        if rec.state != PageState::Allocated || rec.page_id != page_id {
+            return Ok(false);
+        }
+        let base = self.page_base_in(rec, page, 0, 0)?;
+        self.pmem
+            .zero("P10 zero freed page", base, self.header.page_size_bytes);
+        self.transition_locked(&mut art, page, PageState::Free, PageId(0), Epoch(0))?;
+        Ok(true)
+    }
+
     /// Reads bytes at `offset` of page `page`.
     pub fn read_in_page(
         &self,
@@ -204,7 +257,17 @@ impl Pool {
     }
 
     fn page_base(&self, page: PageIndex, offset: u64, len: usize) -> Result<u64, PoolError> {
-        let rec = self.record(page)?;
+        self.page_base_in(self.record(page)?, page, offset, len)
+    }
+
+    /// [`Self::page_base`] for the page's current record `rec` (read under the lock).
+    fn page_base_in(
+        &self,
+        rec: ArtRecord,
+        page: PageIndex,
+        offset: u64,
+        len: usize,
+    ) -> Result<u64, PoolError> {
         if rec.state == PageState::Free {
             return Err(PoolError::Art(ArtError::IllegalTransition {
                 page: page.0,
@@ -493,6 +556,41 @@ mod tests {
         ));
         drop(pool);
         Pool::format(&t.0, None, id(1), true).unwrap();
+    }
+
+    #[test]
+    fn a_freed_replica_is_zeroed_and_free_and_a_stale_store_lands_nowhere() {
+        let t = TempPool::new("free");
+        let pool = Pool::open(&t.0, Some(16 * MIB), OnBlank::Format(id(1)), None).unwrap();
+        let p = pool.preallocate().unwrap();
+        pool.transition(p, PageState::Allocated, PageId(5), Epoch(1))
+            .unwrap();
+        pool.store_in_page_as(p, PageId(5), 64, b"old bytes")
+            .unwrap();
+        // Wrong id: nothing stored, nothing freed.
+        assert!(matches!(
+            pool.store_in_page_as(p, PageId(6), 64, b"x"),
+            Err(PoolError::NotHeld { held: 5, .. })
+        ));
+        assert!(!pool.free_page(p, PageId(6)).unwrap());
+        assert!(pool.free_page(p, PageId(5)).unwrap());
+        assert!(!pool.free_page(p, PageId(5)).unwrap(), "twice is harmless");
+        assert_eq!(pool.record(p).unwrap().state, PageState::Free);
+        // Handed out again (lowest FREE page first) under another id: zeros, and a store
+        // for the freed id is refused.
+        let again = pool.preallocate().unwrap();
+        assert_eq!(again, p);
+        pool.transition(p, PageState::Allocated, PageId(9), Epoch(1))
+            .unwrap();
+        let mut b = [1u8; 9];
+        pool.read_in_page(p, 64, &mut b).unwrap();
+        assert_eq!(b, [0; 9]);
+        assert!(matches!(
+            pool.store_in_page_as(p, PageId(5), 64, b"stale"),
+            Err(PoolError::NotHeld { .. })
+        ));
+        pool.read_in_page(p, 64, &mut b).unwrap();
+        assert_eq!(b, [0; 9]);
     }
 
     #[test]

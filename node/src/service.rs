@@ -1110,6 +1110,7 @@ impl Service<'_> {
                     Err(e) => failed(ErrorCode::Internal, format!("reconcile: {e}")),
                 }
             }
+            Body::FreeReplicas { entries } => self.free_replicas(&entries),
             Body::Heartbeat { seq } => Body::Heartbeat { seq },
             Body::EpochChanged { dead_node } => {
                 tracing::warn!(%dead_node, epoch = self.epoch.0, "a data server was declared dead");
@@ -1120,6 +1121,38 @@ impl Service<'_> {
                 format!("{} is not a request to a node", other.name()),
             ),
         }
+    }
+
+    /// F3 on this node: its replicas of freed pages go FREE (zeroed first), each only if
+    /// still ALLOCATED under the freed id, and leave the mapping cache. The data path
+    /// stores only into pages ALLOCATED under the update's id, checked under the ART's lock
+    /// ([`Pool::store_in_page_as`]), so an update still in flight lands nowhere.
+    fn free_replicas(&mut self, entries: &[(PageIndex, PageId)]) -> Body {
+        let mut count = 0u32;
+        for &(page, page_id) in entries {
+            self.shared.cache.remove(page_id);
+            match self.pool.free_page(page, page_id) {
+                Ok(true) => {
+                    count += 1;
+                    println!(
+                        "REPLICA FREED node={} page_id={} page={} unix_ms={}",
+                        self.me.0,
+                        page_id.0,
+                        page.0,
+                        fault::unix_ms()
+                    );
+                    fault::point("node.replica-freed");
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    return Body::Error {
+                        code: ErrorCode::Internal,
+                        detail: format!("freeing page {} (id {}): {e}", page.0, page_id.0),
+                    };
+                }
+            }
+        }
+        Body::Freed { count }
     }
 
     /// Moves to a newer config epoch, announced by the monitor (a data server was declared

@@ -36,12 +36,12 @@ use std::time::{Duration, Instant};
 
 use pmgas_layout::gat::Mapping;
 use pmgas_layout::wire::{Body, ErrorCode, MAX_UPDATE_BYTES, Message, NodeInfo, Replica, UpdateOp};
-use pmgas_layout::{Epoch, GlobalAddr, NodeId, PageId};
+use pmgas_layout::{Epoch, GlobalAddr, NodeId, PageId, PageIndex, PageState};
 use pmgas_verbs::fault;
 use pmgas_verbs::msg::{Endpoint, MsgConfig};
 use pmgas_verbs::{
-    Access, AlignedBuf, ConnectionConfig, Connector, MemoryRegion, Opcode, ProtectionDomain,
-    RemoteRegion,
+    Access, AlignedBuf, ConnectionConfig, Connector, MemoryRegion, OneSided, Opcode,
+    ProtectionDomain, RemoteRegion,
 };
 
 use crate::cache::MappingCache;
@@ -52,6 +52,27 @@ use crate::service::MonitorFinder;
 pub const CLIENT_SENDER: NodeId = NodeId(u32::MAX - 1);
 /// Bytes one READ brings at most (a longer read is several).
 const READ_CHUNK_BYTES: usize = 1 << 16;
+/// ART entries one group of READs checks at most (in the buffer after the data).
+const ART_SLOTS: usize = 64;
+const ART_ENTRY: usize = pmgas_layout::pool::ART_ENTRY_BYTES as usize;
+
+/// Whether an ART entry, READ from page `page`'s node right after data of the page (same
+/// QP: an RC QP executes READs in order), proves that the page held `page_id` when the
+/// data was read: ALLOCATED under that id now, and ids are never reused, so it was then.
+/// Otherwise the page was freed (and maybe handed out again): the bytes are not `page_id`'s.
+fn art_holds(entry: &[u8], page: PageIndex, page_id: PageId) -> Result<(), String> {
+    match pmgas_layout::ArtRecord::decode_entry(entry, page) {
+        Ok(r) if r.state == PageState::Allocated && r.page_id == page_id => Ok(()),
+        Ok(r) => Err(format!(
+            "page {} there is {} under id {}, not page id {}: the mapping is stale",
+            page.0,
+            r.state.name(),
+            r.page_id.0,
+            page_id.0
+        )),
+        Err(e) => Err(format!("page {}'s ART entry: {e}", page.0)),
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct SpaceConfig {
@@ -84,7 +105,7 @@ impl SpaceConfig {
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum SpaceError {
-    /// Refused with nothing applied: `UnknownPage` (not mapped, or freed), `PageLost`,
+    /// Refused with nothing applied: `UnknownPage` (never mapped), `PageFreed`, `PageLost`,
     /// `BadAddress`, `NoSpace`, `NotEnoughNodes`, ...
     #[error("refused: {code:?}: {detail}")]
     Refused { code: ErrorCode, detail: String },
@@ -108,7 +129,10 @@ struct NodeConn {
     broken: bool,
     ep: Endpoint,
     pages: RemoteRegion,
+    /// The node's header and ART (read-only): entry `i` at `ART_OFFSET + i * 64`.
+    art: RemoteRegion,
     page_size_bytes: u64,
+    /// READ_CHUNK_BYTES of data, then ART_SLOTS ART entries.
     buf: MemoryRegion,
 }
 
@@ -267,6 +291,32 @@ impl Space {
         }
     }
 
+    /// Frees page `page_id`: the monitor stores its tombstone in the GAT (the id is never
+    /// handed out again), then every replica on a live node goes FREE, zeroed (a node that
+    /// is away frees its replica when it rejoins). Returns how many replicas went FREE.
+    ///
+    /// From then on every operation on the page, from any handle, is refused
+    /// [`ErrorCode::PageFreed`]; a handle that still caches the page's mapping never reads
+    /// or writes the bytes of a page that reuses its place (reads check the page's ART
+    /// entry, READ after the data; the primary checks updates against its ART). Freeing a
+    /// freed page is refused `PageFreed`, an id never allocated `UnknownPage`; if the
+    /// monitor failed under the request and the page is freed when asked again, the free
+    /// took effect (this call's or another's) and `Ok(0)` is returned.
+    pub fn free_page(&self, page_id: PageId) -> Result<u32, SpaceError> {
+        self.invalidate(page_id);
+        let mut attempts = 0;
+        let answer = self.monitor_call_counting(&Body::FreePage { page_id }, &mut attempts)?;
+        self.invalidate(page_id);
+        match answer {
+            Body::Freed { count } => Ok(count),
+            Body::Error {
+                code: ErrorCode::PageFreed,
+                ..
+            } if attempts > 1 => Ok(0),
+            other => Err(unexpected("FreePage", &other)),
+        }
+    }
+
     /// A batch of operations to post together and wait for together ([`Batch::quiet`]).
     pub fn batch(&self) -> Batch<'_> {
         Batch {
@@ -328,24 +378,37 @@ impl Space {
             )));
         }
         let base = u64::from(primary.page.0) * c.page_size_bytes + addr.offset();
+        let entry_at =
+            pmgas_layout::pool::ART_OFFSET + u64::from(primary.page.0) * ART_ENTRY as u64;
         let mut done = 0usize;
+        let mut entry = [0u8; ART_ENTRY];
         while done < out.len() {
             let n = (out.len() - done).min(READ_CHUNK_BYTES);
             let NodeConn {
                 ep,
                 pages,
+                art,
                 buf,
                 broken,
                 ..
             } = &mut *c;
-            if let Err(e) = ep.one_sided(
-                Opcode::Read,
-                buf,
-                0,
-                (pages, base + done as u64),
-                n,
-                self.inner.config.request_timeout,
-            ) {
+            // The data, then the page's ART entry that proves it (see `art_holds`).
+            let ops = [
+                OneSided {
+                    local_offset: 0,
+                    remote: pages,
+                    remote_offset: base + done as u64,
+                    len: n,
+                },
+                OneSided {
+                    local_offset: READ_CHUNK_BYTES,
+                    remote: art,
+                    remote_offset: entry_at,
+                    len: ART_ENTRY,
+                },
+            ];
+            let timeout = self.inner.config.request_timeout;
+            if let Err(e) = ep.one_sided_many(Opcode::Read, buf, &ops, timeout) {
                 *broken = true;
                 drop(c);
                 self.drop_node(primary.node);
@@ -354,8 +417,12 @@ impl Space {
                     primary.node
                 )));
             }
-            buf.read_at(0, &mut out[done..done + n])
-                .map_err(|e| Failure::Final(SpaceError::Unavailable(e.to_string())))?;
+            let copied = buf
+                .read_at(0, &mut out[done..done + n])
+                .and_then(|()| buf.read_at(READ_CHUNK_BYTES, &mut entry));
+            copied.map_err(|e| Failure::Final(SpaceError::Unavailable(e.to_string())))?;
+            // A stale mapping: looked up again (a freed page's lookup is refused).
+            art_holds(&entry, primary.page, addr.page()).map_err(Failure::Moved)?;
             done += n;
         }
         Ok(())
@@ -434,6 +501,15 @@ impl Space {
             match self.node_call(primary.node, body, self.inner.config.request_timeout) {
                 Ok(Body::UpdateAck { old }) => return Ok(old),
                 Ok(other) => return Err(unexpected("Update", &other)),
+                Err(Failure::Final(
+                    e @ SpaceError::Refused {
+                        code: ErrorCode::PageFreed,
+                        ..
+                    },
+                )) => {
+                    self.invalidate(page_id);
+                    return Err(e);
+                }
                 Err(Failure::Final(e)) => return Err(e),
                 Err(Failure::Transport(e)) => return Err(SpaceError::Unknown(e)),
                 Err(Failure::Moved(e)) => {
@@ -587,11 +663,13 @@ impl Space {
             Ok(Body::DataHelloAck {
                 page_size_bytes,
                 data_addr,
+                art_addr,
                 rkey,
+                art_rkey,
                 page_count,
-                ..
             }) => {
-                let buf = AlignedBuf::zeroed(READ_CHUNK_BYTES).map_err(unavailable)?;
+                let buf = AlignedBuf::zeroed(READ_CHUNK_BYTES + ART_SLOTS * ART_ENTRY)
+                    .map_err(unavailable)?;
                 let buf = pd.register(buf, Access::LOCAL).map_err(unavailable)?;
                 Ok(NodeConn {
                     broken: false,
@@ -600,6 +678,12 @@ impl Space {
                         addr: data_addr,
                         len: u64::from(page_count) * page_size_bytes,
                         rkey,
+                    },
+                    art: RemoteRegion {
+                        addr: art_addr,
+                        len: pmgas_layout::pool::ART_OFFSET
+                            + u64::from(page_count) * ART_ENTRY as u64,
+                        rkey: art_rkey,
                     },
                     page_size_bytes,
                     buf,
@@ -614,10 +698,16 @@ impl Space {
     /// One request to the active monitor; a lost connection is made again (finding the
     /// monitor anew in ZooKeeper) until the operation timeout.
     fn monitor_call(&self, body: Body) -> Result<Body, SpaceError> {
+        self.monitor_call_counting(&body, &mut 0)
+    }
+
+    /// [`Self::monitor_call`], counting in `attempts` how many times the request was tried.
+    fn monitor_call_counting(&self, body: &Body, attempts: &mut u32) -> Result<Body, SpaceError> {
         let deadline = Instant::now() + self.inner.config.op_timeout;
         let mut m = self.inner.monitor.lock().unwrap_or_else(|p| p.into_inner());
         loop {
-            let attempt = self.monitor_once(&mut m, &body);
+            *attempts += 1;
+            let attempt = self.monitor_once(&mut m, body);
             match attempt {
                 Ok(b) => return Ok(b),
                 Err(e) if Instant::now() >= deadline => return Err(SpaceError::Unavailable(e)),
@@ -796,6 +886,13 @@ impl Batch<'_> {
             if group.is_empty() {
                 return;
             }
+            // The pages the group reads, each proven by its ART entry READ after the data.
+            let mut checked: Vec<(u64, PageId)> = group
+                .iter()
+                .map(|&(i, page, _)| (page, addr_of(i).page()))
+                .collect();
+            checked.sort_unstable();
+            checked.dedup();
             let done = conn.as_ref().ok().and_then(|conn| {
                 let mut c = lock(conn);
                 if c.broken {
@@ -804,56 +901,90 @@ impl Batch<'_> {
                 let NodeConn {
                     ep,
                     pages,
+                    art,
                     buf,
                     page_size_bytes,
                     broken,
                 } = &mut *c;
                 let mut at = 0usize;
-                let ops: Vec<(usize, u64, usize)> = group
+                let mut ops: Vec<OneSided<'_>> = group
                     .iter()
                     .map(|&(i, page, len)| {
-                        let local = at;
+                        let local_offset = at;
                         at += len;
-                        (local, page * *page_size_bytes + addr_of(i).offset(), len)
+                        OneSided {
+                            local_offset,
+                            remote: &*pages,
+                            remote_offset: page * *page_size_bytes + addr_of(i).offset(),
+                            len,
+                        }
                     })
                     .collect();
+                ops.extend(checked.iter().enumerate().map(|(k, &(page, _))| OneSided {
+                    local_offset: READ_CHUNK_BYTES + k * ART_ENTRY,
+                    remote: &*art,
+                    remote_offset: pmgas_layout::pool::ART_OFFSET + page * ART_ENTRY as u64,
+                    len: ART_ENTRY,
+                }));
                 let timeout = self.space.inner.config.request_timeout;
-                let sent = ep.one_sided_batch(Opcode::Read, buf, pages, &ops, timeout);
+                let sent = ep.one_sided_many(Opcode::Read, buf, &ops, timeout);
                 *broken = sent.is_err();
                 sent.ok()?;
                 let mut out = vec![];
-                for (&(_, _, len), &(local, _, _)) in group.iter().zip(&ops) {
+                for (&(_, _, len), op) in group.iter().zip(&ops) {
                     let mut bytes = vec![0u8; len];
-                    buf.read_at(local, &mut bytes).ok()?;
+                    buf.read_at(op.local_offset, &mut bytes).ok()?;
                     out.push(bytes);
                 }
-                Some(out)
+                let mut held = vec![];
+                for (k, &(page, page_id)) in checked.iter().enumerate() {
+                    let mut entry = [0u8; ART_ENTRY];
+                    buf.read_at(READ_CHUNK_BYTES + k * ART_ENTRY, &mut entry)
+                        .ok()?;
+                    if art_holds(&entry, PageIndex(page as u32), page_id).is_ok() {
+                        held.push(page_id);
+                    }
+                }
+                Some((out, held))
             });
+            let read_again = |i: usize, len: usize| {
+                let mut bytes = vec![0u8; len];
+                self.space
+                    .read(addr_of(i), &mut bytes)
+                    .map(|()| BatchResult::Read(bytes))
+            };
             match done {
-                Some(out) => {
-                    for (&(i, _, _), bytes) in group.iter().zip(out) {
-                        results[i] = Some(Ok(BatchResult::Read(bytes)));
+                Some((out, held)) => {
+                    for (&(i, _, len), bytes) in group.iter().zip(out) {
+                        // A page that failed its check: read again (with a fresh mapping).
+                        results[i] = Some(if held.contains(&addr_of(i).page()) {
+                            Ok(BatchResult::Read(bytes))
+                        } else {
+                            self.space.invalidate(addr_of(i).page());
+                            read_again(i, len)
+                        });
                     }
                 }
                 None => {
                     self.space.drop_node(node);
                     for &(i, _, len) in group.iter() {
-                        let mut bytes = vec![0u8; len];
-                        results[i] = Some(
-                            self.space
-                                .read(addr_of(i), &mut bytes)
-                                .map(|()| BatchResult::Read(bytes)),
-                        );
+                        results[i] = Some(read_again(i, len));
                     }
                 }
             }
             group.clear();
         };
         let mut used = 0usize;
+        let mut pages: Vec<u64> = vec![];
         for &(i, page, len) in list {
-            if used + len > READ_CHUNK_BYTES {
+            if !pages.contains(&page) {
+                pages.push(page);
+            }
+            if used + len > READ_CHUNK_BYTES || pages.len() > ART_SLOTS {
                 flush(&mut group, results);
                 used = 0;
+                pages.clear();
+                pages.push(page);
             }
             group.push((i, page, len));
             used += len;

@@ -15,7 +15,8 @@
 //! The points are named `<process>.<step>`; the list is in [`POINTS`]. The allocation and
 //! recovery points are exercised by the crash suite (`scripts/crash-suite.sh`), the data
 //! path's by `scripts/data-path.sh` (`client.update-sent`, `node.data-replicating`,
-//! `node.data-backup-stored`; `node.data-applied` by none yet).
+//! `node.data-backup-stored`, `monitor.tombstone-written`; `node.data-applied`,
+//! `monitor.free-sent` and `node.replica-freed` by none yet).
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -52,6 +53,14 @@ pub const POINTS: &[(&str, &str)] = &[
         "recovery: part of a node's GAT sent for reconciliation",
     ),
     (
+        "monitor.tombstone-written",
+        "free: the page's tombstone stored in ZooKeeper, no replica told yet",
+    ),
+    (
+        "monitor.free-sent",
+        "free: FreeReplicas sent to one replica, before its answer",
+    ),
+    (
         "node.preallocated",
         "primary: page PREALLOCATED durably, AllocPage sent",
     ),
@@ -86,6 +95,10 @@ pub const POINTS: &[(&str, &str)] = &[
     (
         "node.data-applied",
         "primary: an update stored durably in its own copy, before the client is answered",
+    ),
+    (
+        "node.replica-freed",
+        "free: a replica zeroed and FREE durably, before the monitor is answered",
     ),
     (
         "client.update-sent",

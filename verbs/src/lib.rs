@@ -25,6 +25,6 @@ pub use cq::WorkCompletion;
 pub use device::{Context, GidEntry, GidType, PortAttr, device_names};
 pub use error::{Error, Result};
 pub use mr::{Access, AlignedBuf, MemoryRegion, ProtectionDomain, RemoteRegion};
-pub use msg::{Endpoint, Incoming, MsgConfig, MsgStats};
+pub use msg::{Endpoint, Incoming, MsgConfig, MsgStats, OneSided};
 pub use qp::{Opcode, WorkRequest};
 pub use region::{MappedRegion, RegionKind};

@@ -64,6 +64,16 @@ pub enum Incoming {
     },
 }
 
+/// One operation of [`Endpoint::one_sided_many`]: `len` bytes between `local_offset` of
+/// the local region and `remote_offset` of `remote`.
+#[derive(Debug, Clone, Copy)]
+pub struct OneSided<'a> {
+    pub local_offset: usize,
+    pub remote: &'a crate::mr::RemoteRegion,
+    pub remote_offset: u64,
+    pub len: usize,
+}
+
 /// Counters an operator can read; nothing here is reset.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MsgStats {
@@ -432,6 +442,28 @@ impl Endpoint {
         ops: &[(usize, u64, usize)],
         timeout: Duration,
     ) -> Result<()> {
+        let ops: Vec<OneSided<'_>> = ops
+            .iter()
+            .map(|&(local_offset, remote_offset, len)| OneSided {
+                local_offset,
+                remote: region,
+                remote_offset,
+                len,
+            })
+            .collect();
+        self.one_sided_many(opcode, local, &ops, timeout)
+    }
+
+    /// As [`Self::one_sided_batch`], each operation on a remote region of its own (a data
+    /// READ and then a READ of the record that proves it, say: an RC QP executes READs in
+    /// the order they were posted).
+    pub fn one_sided_many(
+        &mut self,
+        opcode: Opcode,
+        local: &MemoryRegion,
+        ops: &[OneSided<'_>],
+        timeout: Duration,
+    ) -> Result<()> {
         if !matches!(opcode, Opcode::Read | Opcode::Write) {
             return Err(Error::InvalidArgument(format!(
                 "{opcode:?} is not a one-sided READ or WRITE"
@@ -440,7 +472,7 @@ impl Endpoint {
         let deadline = Instant::now() + timeout;
         let target = self.one_sided_completed + ops.len() as u64;
         let mut spins = 0u32;
-        for &(local_offset, offset, len) in ops {
+        for op in ops {
             while self.free_send_slots.is_empty() {
                 if !self.progress()? && Instant::now() >= deadline {
                     return Err(Error::Timeout {
@@ -455,7 +487,8 @@ impl Endpoint {
             let Some(slot) = self.free_send_slots.pop() else {
                 unreachable!("a free send slot was just seen");
             };
-            let mut wr = WorkRequest::new(opcode, local, local_offset, len, Some((region, offset)))
+            let remote = Some((op.remote, op.remote_offset));
+            let mut wr = WorkRequest::new(opcode, local, op.local_offset, op.len, remote)
                 .inspect_err(|_| self.free_send_slots.push(slot))?;
             wr.set_wr_id(SEND_BIT | ONE_SIDED_BIT | slot as u64);
             // SAFETY: `local` is borrowed until every operation completes below (or the

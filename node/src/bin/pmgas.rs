@@ -51,6 +51,9 @@ enum Command {
         #[arg(long)]
         on: Option<u32>,
     },
+    /// Frees a page: its id is never handed out again, its replicas go FREE (zeroed), and
+    /// every later operation on it is refused PageFreed. Prints how many replicas it freed.
+    FreePage { page_id: u32 },
     /// Reads bytes (printed as hex) or, with --u64, one 8-byte word (printed as decimal).
     Read {
         addr: String,
@@ -166,6 +169,10 @@ fn run(cli: Cli) -> Result<(), String> {
                 a.raw(),
                 replicas(&m.replicas)
             );
+        }
+        Command::FreePage { page_id } => {
+            let freed = space.free_page(PageId(page_id)).map_err(s)?;
+            println!("page_id={page_id} freed replicas_freed={freed}");
         }
         Command::Read { addr: a, len, u64 } => {
             let a = addr(&space, &a)?;

@@ -23,7 +23,14 @@
 #      declared dead, then go on with node 2 alone; the history must be linearizable.
 #      Then node 1 comes back: it rejoins, is in no mapping of the page and refuses to
 #      order its updates (its stale replica is never served).
-#   5. The persistence audit of every node (binaries built with the `persist-audit`
+#   5. Freeing pages (nodes 1 and 2): pmgas-bench data-probe --freed frees a page that
+#      another handle has cached, checks that the freed id is refused everywhere, that the
+#      page taking its place reads zeros, and that the stale handle's reads, writes, CAS and
+#      batched read get PageFreed and never touch the new page. Then the active monitor is
+#      armed to die at monitor.tombstone-written (the tombstone stored, no replica told):
+#      `pmgas free-page` must still succeed (against the next monitor), and both replicas
+#      must go FREE through the nodes' reconciliation with the new monitor.
+#   6. The persistence audit of every node (binaries built with the `persist-audit`
 #      feature record every store, write-back and acknowledgement): every acknowledged byte
 #      was written back after it was last stored, before the acknowledgement.
 #
@@ -77,7 +84,9 @@ else
 fi
 echo "data-path: ZooKeeper at $zk; monitors on $h4; nodes on $h1 $h2 $h3; clients on $h4 and $h1"
 for m in 1 2 3; do
-  "$bin/pmgas-monitor" serve --zk "$zk" --cluster "$cluster" --cluster-id 7 --page-size 65536 \
+  # Monitor 1 (the active one) dies at its first tombstone once phase 5 arms it.
+  env PMGAS_CRASH_AT=monitor.tombstone-written PMGAS_CRASH_ARMED_BY="$work/arm-monitor$m" \
+    "$bin/pmgas-monitor" serve --zk "$zk" --cluster "$cluster" --cluster-id 7 --page-size 65536 \
     --listen "$h4:$((6999 + m))" --session-timeout-ms 2000 --node-timeout-ms 4000 \
     --heartbeat-timeout-ms 2000 >"$work/monitor$m.log" 2>&1 &
   mpids+=($!)
@@ -215,7 +224,27 @@ wait_line "$work/node1.log" "NODE READY" 120 || fail "node 1 did not rejoin"
 "$bin/pmgas-bench" data-probe --zk "$zk" --cluster "$cluster" --bind "$h4" --page-id "$pid" \
   --returned 1 || fail "node 1, back after being declared dead, served its stale replica"
 
-# --- 5. the persistence audit: no acknowledgement of bytes not yet written back.
+# --- 5. freeing pages, a stale cached mapping, and the monitor dying after a tombstone.
+"$bin/pmgas-bench" data-probe --zk "$zk" --cluster "$cluster" --bind "$h4" --page-id "$pid" \
+  --primary 1 --backup 2 --freed || fail "freeing a page, or a stale mapping after it"
+z=$(cli alloc-page --backups 1 --on 2)
+zid=$(sed -n 's/.*page_id=\([0-9]*\).*/\1/p' <<<"$z")
+cli write $((zid << 32)) --u64 5
+touch "$work/arm-monitor1"
+out=$(cli free-page "$zid" 2>&1) || fail "free-page across the monitor's crash: $out"
+echo "data-path: $out"
+grep -aq "CRASH POINT monitor.tombstone-written" "$work/monitor1.log" ||
+  fail "monitor 1 did not die at monitor.tombstone-written"
+for i in 1 2; do
+  wait_line "$work/node$i.log" "REPLICA FREED node=$i page_id=$zid page=" 60 ||
+    fail "node $i did not free its replica of page $zid after the monitor's crash"
+  d=$("$bin/pmgas-node" page-digest --pm "/dev/shm/pmgas-$cluster-node$i" --page-id "$zid")
+  [[ $d == *missing* ]] || fail "node $i still holds page $zid: $d"
+done
+expect_refusal "a read of a freed page" "PageFreed" read $((zid << 32)) --u64
+echo "data-path: page $zid freed across the active monitor's crash; both replicas FREE"
+
+# --- 6. the persistence audit: no acknowledgement of bytes not yet written back.
 for i in 1 2 3; do
   [[ -s $work/audit-node$i.log ]] || fail "node $i wrote no persistence audit (build with --features pmgas-node/persist-audit)"
   out=$("$bin/pmgas-node" audit-check --file "$work/audit-node$i.log" 2>&1) || fail "node $i: $out"

@@ -2,6 +2,8 @@
 //! misbehaving peer would — garbage, truncated and out-of-bounds requests, updates of
 //! pages it is not primary of, Replicates aimed at the wrong page — and requires a clear
 //! error for each, and that the node still serves afterwards. Prints `PROBE ok N`.
+//!
+//! `--freed` checks `free_page` instead (see [`freed`]).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -9,7 +11,7 @@ use std::time::Duration;
 use clap::Args;
 use pmgas_layout::wire::{Body, ErrorCode, Message, UpdateOp};
 use pmgas_layout::{NodeId, PageId, PageIndex};
-use pmgas_node::space::{CLIENT_SENDER, Space, SpaceConfig};
+use pmgas_node::space::{CLIENT_SENDER, Space, SpaceConfig, SpaceError};
 use pmgas_verbs::{ConnectionConfig, Connector, Endpoint, ProtectionDomain};
 
 #[derive(Args)]
@@ -33,6 +35,15 @@ pub struct ProbeArgs {
     /// that the page's registers are unchanged.
     #[arg(long)]
     returned: Option<u32>,
+    /// Only check freeing (ignores --page-id): a page on --primary with --backup as its
+    /// backup is written, read (cached) and freed by another handle; the freed id is
+    /// refused everywhere; the page handed out next on the primary reads zeros and is
+    /// written; the first handle, with its stale cached mapping, then must get PageFreed
+    /// for reads, writes, a CAS and a batched read, and the new page's bytes must be
+    /// unchanged; raw requests for the freed page to the primary and the backup are
+    /// refused too.
+    #[arg(long)]
+    freed: bool,
 }
 
 fn connect(bind: std::net::IpAddr, addr: SocketAddr) -> Result<Endpoint, String> {
@@ -50,10 +61,141 @@ fn connect(bind: std::net::IpAddr, addr: SocketAddr) -> Result<Endpoint, String>
         .map_err(|e| e.to_string())
 }
 
-pub fn run(a: &ProbeArgs) -> Result<(), String> {
+fn space(a: &ProbeArgs) -> Result<Space, String> {
     let mut config = SpaceConfig::new(&a.zk, &a.cluster);
     config.bind = Some(a.bind);
-    let space = Space::connect(config).map_err(|e| e.to_string())?;
+    Space::connect(config).map_err(|e| e.to_string())
+}
+
+/// Whether `r` is a refusal with code PageFreed.
+fn is_freed<T: std::fmt::Debug>(what: &str, r: Result<T, SpaceError>) -> Result<(), String> {
+    match r {
+        Err(SpaceError::Refused {
+            code: ErrorCode::PageFreed,
+            detail,
+        }) => {
+            println!("PROBE {what}: refused, PageFreed: {detail}");
+            Ok(())
+        }
+        other => Err(format!("{what}: expected PageFreed, got {other:?}")),
+    }
+}
+
+/// `--freed`: freeing a page, and a stale cached mapping after its place is reused.
+fn freed(a: &ProbeArgs) -> Result<(), String> {
+    let e = |e: SpaceError| e.to_string();
+    let stale = space(a)?;
+    let other = space(a)?;
+    let primary = NodeId(a.primary);
+    let x = stale.alloc_page(1, Some(primary)).map_err(e)?;
+    let place = x.replicas[0].page;
+    let xa = stale.addr(x.page_id, 0).map_err(e)?;
+    stale.write(xa, &[0xaa; 64]).map_err(e)?;
+    let mut buf = [0u8; 64];
+    stale.read(xa, &mut buf).map_err(e)?;
+    if buf != [0xaa; 64] {
+        return Err(format!("page {} reads {buf:?}", x.page_id.0));
+    }
+    // Freed by another handle: `stale` keeps the mapping in its cache.
+    let n = other.free_page(x.page_id).map_err(e)?;
+    if n != x.replicas.len() as u32 {
+        return Err(format!("{n} of {} replicas freed", x.replicas.len()));
+    }
+    println!("PROBE page {} freed: {n} replicas", x.page_id.0);
+    is_freed("freeing it again", other.free_page(x.page_id))?;
+    is_freed("a lookup of the freed page", other.lookup(x.page_id))?;
+    match other.free_page(PageId(x.page_id.0 + 100_000)) {
+        Err(SpaceError::Refused {
+            code: ErrorCode::UnknownPage,
+            ..
+        }) => println!("PROBE freeing a page never allocated: refused, UnknownPage"),
+        r => return Err(format!("freeing a page never allocated: {r:?}")),
+    }
+    // The primary hands the lowest FREE page out next: the freed one's place.
+    let mut y = None;
+    for _ in 0..4 {
+        let m = other.alloc_page(1, Some(primary)).map_err(e)?;
+        if m.replicas[0].page == place {
+            y = Some(m);
+            break;
+        }
+    }
+    let y = y.ok_or("the freed page's place was not handed out again")?;
+    let ya = other.addr(y.page_id, 0).map_err(e)?;
+    other.read(ya, &mut buf).map_err(e)?;
+    if buf != [0; 64] {
+        return Err(format!(
+            "page {} (the freed page's place) does not read zeros",
+            y.page_id.0
+        ));
+    }
+    other.write(ya, &[0xbb; 64]).map_err(e)?;
+    println!(
+        "PROBE page {} took the freed page's place (node{} page {}), read zeros",
+        y.page_id.0, a.primary, place.0
+    );
+    // The stale handle: nothing of page y's may be read or written through page x.
+    is_freed("a read through a stale cached mapping", stale.read(xa, &mut buf))?;
+    is_freed("a write through a stale cached mapping", stale.write(xa, &[0xcc; 8]))?;
+    is_freed("a CAS on the freed page", stale.compare_and_swap(xa, 0, 1))?;
+    let mut batch = stale.batch();
+    batch.read(xa, 8);
+    let results = batch.quiet();
+    is_freed("a batched read of the freed page", results[0].clone())?;
+    // Raw requests for the freed page, to its old primary and its old backup.
+    let epoch = other.epoch();
+    let msg = |body: Body| Message::new(epoch, CLIENT_SENDER, 7, body).encode();
+    let nodes = pmgas_node::data::node_addrs(&other.nodes().map_err(e)?);
+    for (what, node, body) in [
+        (
+            "a raw update of the freed page",
+            x.replicas[0].node,
+            Body::Update {
+                page_id: x.page_id,
+                offset: 0,
+                op: UpdateOp::Write(vec![0xdd; 8]),
+            },
+        ),
+        (
+            "a raw Replicate of the freed page",
+            x.replicas[1].node,
+            Body::Replicate {
+                page_id: x.page_id,
+                page: x.replicas[1].page,
+                offset: 0,
+                data: vec![0xdd; 8],
+            },
+        ),
+    ] {
+        let addr = nodes.get(&node).ok_or(format!("{node} is not listed"))?;
+        let answer = connect(a.bind, *addr)?
+            .call(&msg(body), Duration::from_secs(10))
+            .map_err(|e| format!("{what}: no answer: {e}"))?;
+        match Message::decode(&answer).map(|m| m.body) {
+            Ok(Body::Error {
+                code: ErrorCode::PageFreed,
+                detail,
+            }) => println!("PROBE {what}: refused, PageFreed: {detail}"),
+            other => return Err(format!("{what}: expected PageFreed, got {other:?}")),
+        }
+    }
+    other.read(ya, &mut buf).map_err(e)?;
+    if buf != [0xbb; 64] {
+        return Err(format!(
+            "page {} was changed through the freed page: {buf:?}",
+            y.page_id.0
+        ));
+    }
+    other.free_page(y.page_id).map_err(e)?;
+    println!("PROBE ok freed");
+    Ok(())
+}
+
+pub fn run(a: &ProbeArgs) -> Result<(), String> {
+    if a.freed {
+        return freed(a);
+    }
+    let space = space(a)?;
     let nodes = pmgas_node::data::node_addrs(&space.nodes().map_err(|e| e.to_string())?);
     let addr_of = |n: u32| {
         nodes
@@ -180,7 +322,7 @@ pub fn run(a: &ProbeArgs) -> Result<(), String> {
                 offset: 0,
                 data: vec![0xee; 8],
             }),
-            ErrorCode::UnknownPage,
+            ErrorCode::PageFreed,
         ),
         (
             "a Replicate past the page end",

@@ -135,8 +135,14 @@ fn freed(a: &ProbeArgs) -> Result<(), String> {
         y.page_id.0, a.primary, place.0
     );
     // The stale handle: nothing of page y's may be read or written through page x.
-    is_freed("a read through a stale cached mapping", stale.read(xa, &mut buf))?;
-    is_freed("a write through a stale cached mapping", stale.write(xa, &[0xcc; 8]))?;
+    is_freed(
+        "a read through a stale cached mapping",
+        stale.read(xa, &mut buf),
+    )?;
+    is_freed(
+        "a write through a stale cached mapping",
+        stale.write(xa, &[0xcc; 8]),
+    )?;
     is_freed("a CAS on the freed page", stale.compare_and_swap(xa, 0, 1))?;
     let mut batch = stale.batch();
     batch.read(xa, 8);

@@ -29,7 +29,9 @@
 #      batched read get PageFreed and never touch the new page. Then the active monitor is
 #      armed to die at monitor.tombstone-written (the tombstone stored, no replica told):
 #      `pmgas free-page` must still succeed (against the next monitor), and both replicas
-#      must go FREE through the nodes' reconciliation with the new monitor.
+#      must go FREE through the nodes' reconciliation with the new monitor. The register
+#      workload runs meanwhile (on the registers' page, node 2 its only replica now): its
+#      history across the monitor's death must be linearizable.
 #   6. The persistence audit of every node (binaries built with the `persist-audit`
 #      feature record every store, write-back and acknowledgement): every acknowledged byte
 #      was written back after it was last stored, before the acknowledgement.
@@ -134,8 +136,11 @@ expect_refusal "unknown page" "UnknownPage\|not mapped" read $(((pid + 1000) << 
   --primary 1 --backup 2 || fail "a data node mishandled a malformed or misdirected request"
 cli write $((base + 8)) --u64 0
 
-registers() { # registers PHASE [--crash-client]: two client processes, two threads each
-  local phase=$1 crash_client=${2:-}
+registers() { # registers PHASE [--crash-client | --until FILE]: two client processes, two threads each
+  local phase=$1 crash_client=${2:-} n=$ops more=()
+  if [[ $crash_client == --until ]]; then
+    n=1000000 more=(--until-file "$3") crash_client=
+  fi
   # The checker starts every register at 0: set them so before any client of the phase
   # runs, and start its history empty.
   cli registers --page-id "$pid" --init
@@ -148,10 +153,10 @@ registers() { # registers PHASE [--crash-client]: two client processes, two thre
     r3=$!
   fi
   "$bin/pmgas" --zk "$zk" --cluster "$cluster" --bind "$h4" registers --page-id "$pid" --threads 2 \
-    --ops "$ops" --client "p1" --seed "$phase" --history "$work/history$phase.jsonl" >"$work/reg$phase-1.log" 2>&1 &
+    --ops "$n" "${more[@]}" --client "p1" --seed "$phase" --history "$work/history$phase.jsonl" >"$work/reg$phase-1.log" 2>&1 &
   r1=$!
   "$bin/pmgas" --zk "$zk" --cluster "$cluster" --bind "$h1" registers --page-id "$pid" --threads 2 \
-    --ops "$ops" --client "p2" --seed "$((phase + 100))" --history "$work/history$phase.jsonl" >"$work/reg$phase-2.log" 2>&1 &
+    --ops "$n" "${more[@]}" --client "p2" --seed "$((phase + 100))" --history "$work/history$phase.jsonl" >"$work/reg$phase-2.log" 2>&1 &
   r2=$!
 }
 finish_registers() { # finish_registers PHASE
@@ -183,15 +188,20 @@ digests() { # digests NODE...: the page's digest on each node must be the same
   done
 }
 
+# wait_records PHASE N: waits until the phase's history holds N records.
+wait_records() {
+  local h=$work/history$1.jsonl
+  for _ in $(seq 1 2400); do
+    (($(wc -l <"$h") >= $2)) && return 0
+    sleep 0.05
+  done
+  fail "phase $1 never reached $2 records"
+}
 # arm_when PHASE NODE: once the phase's history holds --ops records, arms node NODE's
 # crash point and waits for the node to die there and to be declared dead.
 arm_when() {
   local h=$work/history$1.jsonl n=$2
-  for _ in $(seq 1 2400); do
-    (($(wc -l <"$h") >= ops)) && break
-    sleep 0.05
-  done
-  (($(wc -l <"$h") >= ops)) || fail "phase $1 never reached $ops records"
+  wait_records "$1" "$ops"
   touch "$work/arm-node$n"
   echo "data-path: armed node $n's crash point after $(wc -l <"$h") history records"
   wait_line "$work/node$n.log" "CRASH POINT" 120 || fail "node $n never reached its crash point"
@@ -230,6 +240,8 @@ wait_line "$work/node1.log" "NODE READY" 120 || fail "node 1 did not rejoin"
 z=$(cli alloc-page --backups 1 --on 2)
 zid=$(sed -n 's/.*page_id=\([0-9]*\).*/\1/p' <<<"$z")
 cli write $((zid << 32)) --u64 5
+registers 4 --until "$work/stop4"
+wait_records 4 $((ops / 4))
 touch "$work/arm-monitor1"
 out=$(cli free-page "$zid" 2>&1) || fail "free-page across the monitor's crash: $out"
 echo "data-path: $out"
@@ -243,6 +255,13 @@ for i in 1 2; do
 done
 expect_refusal "a read of a freed page" "PageFreed" read $((zid << 32)) --u64
 echo "data-path: page $zid freed across the active monitor's crash; both replicas FREE"
+# The workload went on across the failover: more records after it, then it stops.
+at=$(wc -l <"$work/history4.jsonl")
+wait_records 4 $((at + 200))
+touch "$work/stop4"
+echo "data-path: registers ran on across the monitor's crash ($at records when the new monitor had freed the page)"
+finish_registers 4
+digests 2
 
 # --- 6. the persistence audit: no acknowledgement of bytes not yet written back.
 for i in 1 2 3; do

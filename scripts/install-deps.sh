@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Idempotent installer for everything pmgas needs to build, test and benchmark on a fresh
 # Debian 12 machine: rdma-core (libibverbs/librdmacm + rxe provider), perftest, ndctl,
-# ZooKeeper, QEMU + a distribution kernel for the Soft-RoCE VM, virtme-ng, and the build
-# tools the binding crates need. Safe to run repeatedly; it only installs what is missing.
+# ZooKeeper, QEMU + a distribution kernel for the Soft-RoCE VM, virtme-ng, the build
+# tools the binding crates need, and librpma (the data benchmark's write + flush peer). Safe to run repeatedly; it only installs what is missing.
 set -euo pipefail
 
 APT_PACKAGES=(
@@ -11,7 +11,7 @@ APT_PACKAGES=(
   zookeeper libslf4j-java
   qemu-system-x86 linux-image-amd64 busybox-static
   libclang-dev clang pkg-config cmake build-essential
-  libpmemobj-dev
+  libpmemobj-dev librpma-dev
   python3-pip
 )
 

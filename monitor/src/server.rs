@@ -1047,8 +1047,17 @@ impl Monitor<'_> {
                 if count > 0 {
                     tracing::info!(%node, count, "reconciliation freed replicas of freed pages");
                 }
+                if let Some(r) = peer.reconcile.as_mut() {
+                    r.view.free_pages = r.view.free_pages.saturating_add(count);
+                }
             }
             (Ok(Body::Freed { count }), Sent::Free { page_id, attempt }) => {
+                // The node's free pages as the coordinator counts them (for choosing
+                // backups and clients' primaries) grow by what it freed.
+                if let Some(mut view) = self.coordinator.node(node) {
+                    view.free_pages = view.free_pages.saturating_add(count);
+                    self.coordinator.set_node(node, view);
+                }
                 self.freer.answered(page_id, attempt, Ok(count))
             }
             (other, Sent::Free { page_id, attempt }) => {

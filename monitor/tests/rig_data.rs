@@ -1,8 +1,10 @@
 //! The data path on the rig (scripts/data-path.sh): three monitors, three data nodes and
 //! client processes without PM. Bad input is refused and changes nothing; a register
 //! workload is recorded and checked for linearizability with a client, then the page's
-//! primary, then its backup killed at crash points; replicas are compared byte for byte
-//! after each, and every node's persistence audit is checked.
+//! primary, then its backup killed at crash points, then the active monitor (killed right
+//! after storing a freed page's tombstone); replicas are compared byte for byte after
+//! each; freeing a page under a stale cached mapping is probed; and every node's
+//! persistence audit is checked.
 
 mod support;
 
@@ -19,11 +21,13 @@ fn data_path_is_linearizable_durable_and_survives_crashes() {
         failures.join("\n")
     );
     // Every history was checked, and every crash point was reached.
-    assert_eq!(stdout.matches("data-path: checking history").count(), 3);
+    assert_eq!(stdout.matches("data-path: checking history").count(), 4);
     for point in [
         "client.update-sent",
         "node 1: CRASH POINT node.data-replicating",
         "node 3: CRASH POINT node.data-backup-stored",
+        "freed across the active monitor's crash",
+        "registers ran on across the monitor's crash",
     ] {
         assert!(stdout.contains(point), "crash point {point} not reached");
     }
@@ -31,5 +35,9 @@ fn data_path_is_linearizable_durable_and_survives_crashes() {
     assert!(
         stdout.contains("PROBE ok returned node1"),
         "the returned node was not probed"
+    );
+    assert!(
+        stdout.contains("PROBE ok freed"),
+        "freeing under a stale mapping was not probed"
     );
 }

@@ -108,6 +108,9 @@ struct RegistersArgs {
     /// Stop issuing operations after this long (ms; 0: no limit).
     #[arg(long, default_value_t = 0)]
     max_ms: u64,
+    /// Stop issuing operations once this file exists (a test script's signal).
+    #[arg(long)]
+    until_file: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -360,6 +363,9 @@ fn registers(space: &Space, r: &RegistersArgs) -> Result<(), String> {
                     let (mut ok, mut failed, mut unknown) = (0u64, 0u64, 0u64);
                     for seq in 0..r.ops {
                         if r.max_ms > 0 && start.elapsed() >= Duration::from_millis(r.max_ms) {
+                            break;
+                        }
+                        if r.until_file.as_ref().is_some_and(|f| f.exists()) {
                             break;
                         }
                         let a = addrs[(rng.next() % addrs.len() as u64) as usize];

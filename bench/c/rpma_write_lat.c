@@ -36,7 +36,7 @@
 struct descriptor {
 	uint8_t mr_desc_size;
 	uint8_t pcfg_desc_size;
-	uint8_t descriptors[200]; /* private data is at most 255 bytes */
+	uint8_t descriptors[128]; /* an RC accept carries at most 196 bytes of private data */
 };
 
 static void *aligned_zeroed(size_t size)
@@ -223,6 +223,11 @@ static int client(const char *addr, const char *port, size_t size, long iters, l
 
 int main(int argc, char *argv[])
 {
+	/* RPMA_WRITE_LAT_DEBUG=1: librpma's own log on stderr. */
+	if (getenv("RPMA_WRITE_LAT_DEBUG")) {
+		rpma_log_set_threshold(RPMA_LOG_THRESHOLD, RPMA_LOG_LEVEL_DEBUG);
+		rpma_log_set_threshold(RPMA_LOG_THRESHOLD_AUX, RPMA_LOG_LEVEL_DEBUG);
+	}
 	if (argc == 4 && strcmp(argv[1], "server") == 0)
 		return server(argv[2], argv[3]);
 	if (argc == 7 && strcmp(argv[1], "client") == 0)

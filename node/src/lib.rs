@@ -3,13 +3,18 @@
 //! through, and the crash-consistent object allocator inside ALLOCATED pages.
 //! [`Client`] is the co-located application's handle: replicated pages, objects, mapping
 //! lookups; [`service`] is the node's connection to the monitor that carries them out.
+//! [`space::Space`] is any process's handle on the global address space, [`data`] the data
+//! node's side of it (`DATAPATH.md`); [`blockcache`] and [`directory`] are the pure parts
+//! of the coherent client block cache (`CACHE.md`, not wired in yet).
 #![deny(unsafe_code)]
 
 pub mod art;
 pub mod audit;
+pub mod blockcache;
 mod cache;
 pub mod client;
 pub mod data;
+pub mod directory;
 pub mod objects;
 pub mod participant;
 #[allow(unsafe_code)] // the one module that touches the mapping and issues flushes

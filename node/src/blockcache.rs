@@ -1,0 +1,355 @@
+//! The client's block cache (#12, `node/CACHE.md`): blocks of pages held in DRAM under
+//! leases the pages' primaries granted, within a byte budget, evicted by CLOCK.
+//!
+//! Pure: time is passed in (`now_ns`, one monotonic clock of this process), nothing is
+//! sent. The client fills a block on a miss (step C1), serves hits (C2), drops a block the
+//! primary invalidates (C3) and drops everything when the epoch moves (C4).
+
+use std::collections::HashMap;
+
+use pmgas_layout::{Epoch, PageId};
+
+/// What the cache is, per client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheConfig {
+    /// Bytes per block: a power of two, at most the page size.
+    pub block_bytes: usize,
+    /// DRAM for blocks; at least one block.
+    pub budget_bytes: usize,
+    /// Taken off every lease the primary grants (see CACHE.md: the clock assumption).
+    pub margin_ns: u64,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            block_bytes: 4096,
+            budget_bytes: 64 << 20,
+            margin_ns: 50_000_000,
+        }
+    }
+}
+
+impl CacheConfig {
+    /// Checks the configuration against the page size.
+    pub fn validate(&self, page_size_bytes: u64) -> Result<(), String> {
+        if !self.block_bytes.is_power_of_two() || self.block_bytes as u64 > page_size_bytes {
+            return Err(format!(
+                "block size {} is not a power of two of at most the page size {page_size_bytes}",
+                self.block_bytes
+            ));
+        }
+        if self.budget_bytes < self.block_bytes {
+            return Err(format!(
+                "a budget of {} bytes holds no block of {}",
+                self.budget_bytes, self.block_bytes
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A block: its page and its index within the page.
+pub type BlockKey = (PageId, u32);
+
+/// The cache's counters, for the operator and the tests.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct CacheStats {
+    pub hits: u64,
+    pub misses: u64,
+    /// Misses because the block's lease had run out.
+    pub expired: u64,
+    pub fills: u64,
+    pub invalidations: u64,
+    pub evictions: u64,
+}
+
+#[derive(Debug)]
+struct Slot {
+    key: BlockKey,
+    bytes: Box<[u8]>,
+    /// The client's end of the lease (already less the margin).
+    expires_ns: u64,
+    epoch: Epoch,
+    referenced: bool,
+}
+
+/// Blocks in DRAM (see the module head).
+#[derive(Debug)]
+pub struct BlockCache {
+    config: CacheConfig,
+    slots: Vec<Option<Slot>>,
+    index: HashMap<BlockKey, usize>,
+    hand: usize,
+    stats: CacheStats,
+}
+
+impl BlockCache {
+    pub fn new(config: CacheConfig) -> Self {
+        let capacity = (config.budget_bytes / config.block_bytes.max(1)).max(1);
+        Self {
+            config,
+            slots: (0..capacity).map(|_| None).collect(),
+            index: HashMap::new(),
+            hand: 0,
+            stats: CacheStats::default(),
+        }
+    }
+
+    pub fn config(&self) -> &CacheConfig {
+        &self.config
+    }
+
+    pub fn stats(&self) -> CacheStats {
+        self.stats
+    }
+
+    /// Blocks held now.
+    pub fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.index.is_empty()
+    }
+
+    /// C2: copies `out.len()` bytes at `offset` of block `key` into `out` if the block is
+    /// cached, filled in `epoch`, and its lease has not ended at `now_ns`. Counts a hit or
+    /// a miss. An expired block is dropped.
+    pub fn get(
+        &mut self,
+        key: BlockKey,
+        offset: usize,
+        out: &mut [u8],
+        epoch: Epoch,
+        now_ns: u64,
+    ) -> bool {
+        let Some(&i) = self.index.get(&key) else {
+            self.stats.misses += 1;
+            return false;
+        };
+        let Some(slot) = self.slots[i].as_mut() else {
+            self.stats.misses += 1;
+            return false;
+        };
+        if slot.epoch != epoch || now_ns >= slot.expires_ns {
+            self.stats.misses += 1;
+            self.stats.expired += u64::from(now_ns >= slot.expires_ns);
+            self.remove_at(i);
+            return false;
+        }
+        let Some(src) = offset
+            .checked_add(out.len())
+            .and_then(|end| slot.bytes.get(offset..end))
+        else {
+            self.stats.misses += 1;
+            return false;
+        };
+        out.copy_from_slice(src);
+        slot.referenced = true;
+        self.stats.hits += 1;
+        true
+    }
+
+    /// C1: installs block `key` as filled in `epoch`, with a lease of `lease_ns` granted by
+    /// the primary for a request the client sent at `requested_ns` (the lease is counted
+    /// from then, less the margin). A block of the wrong size, or a lease no longer than
+    /// the margin, is not installed. Evicts by CLOCK when full.
+    pub fn insert(
+        &mut self,
+        key: BlockKey,
+        bytes: &[u8],
+        epoch: Epoch,
+        requested_ns: u64,
+        lease_ns: u64,
+    ) -> bool {
+        if bytes.len() != self.config.block_bytes || lease_ns <= self.config.margin_ns {
+            return false;
+        }
+        let expires_ns = requested_ns.saturating_add(lease_ns - self.config.margin_ns);
+        if let Some(&i) = self.index.get(&key) {
+            self.remove_at(i);
+        }
+        let i = self.free_slot();
+        self.slots[i] = Some(Slot {
+            key,
+            bytes: bytes.into(),
+            expires_ns,
+            epoch,
+            referenced: false,
+        });
+        self.index.insert(key, i);
+        self.stats.fills += 1;
+        true
+    }
+
+    /// C3: the primary invalidated block `key` (or this client wrote it). Returns whether
+    /// it was held.
+    pub fn invalidate(&mut self, key: BlockKey) -> bool {
+        self.stats.invalidations += 1;
+        match self.index.get(&key) {
+            Some(&i) => {
+                self.remove_at(i);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Drops every block of `page` (freed, say).
+    pub fn drop_page(&mut self, page: PageId) {
+        let keys: Vec<BlockKey> = self.index.keys().filter(|k| k.0 == page).copied().collect();
+        for k in keys {
+            if let Some(i) = self.index.get(&k).copied() {
+                self.remove_at(i);
+            }
+        }
+    }
+
+    /// C4: the epoch moved: every block filled before it goes.
+    pub fn drop_older_than(&mut self, epoch: Epoch) -> usize {
+        let old: Vec<usize> = self
+            .index
+            .values()
+            .copied()
+            .filter(|&i| self.slots[i].as_ref().is_some_and(|s| s.epoch < epoch))
+            .collect();
+        for &i in &old {
+            self.remove_at(i);
+        }
+        old.len()
+    }
+
+    fn remove_at(&mut self, i: usize) {
+        if let Some(s) = self.slots[i].take() {
+            self.index.remove(&s.key);
+        }
+    }
+
+    /// A slot to fill: an empty one, or the first unreferenced one the CLOCK hand reaches
+    /// (clearing reference bits as it passes).
+    fn free_slot(&mut self) -> usize {
+        if let Some(i) = self.slots.iter().position(Option::is_none) {
+            return i;
+        }
+        loop {
+            let i = self.hand;
+            self.hand = (self.hand + 1) % self.slots.len();
+            match self.slots[i].as_mut() {
+                Some(s) if s.referenced => s.referenced = false,
+                _ => {
+                    self.remove_at(i);
+                    self.stats.evictions += 1;
+                    return i;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: u64 = 1_000_000;
+
+    fn cache(blocks: usize) -> BlockCache {
+        BlockCache::new(CacheConfig {
+            block_bytes: 64,
+            budget_bytes: 64 * blocks,
+            margin_ns: 50 * MS,
+        })
+    }
+
+    fn key(p: u32, b: u32) -> BlockKey {
+        (PageId(p), b)
+    }
+
+    #[test]
+    fn hits_within_the_lease_less_the_margin_and_never_after() {
+        let mut c = cache(4);
+        let e = Epoch(1);
+        assert!(c.insert(key(1, 0), &[7; 64], e, 1_000 * MS, 500 * MS));
+        let mut out = [0u8; 8];
+        assert!(c.get(key(1, 0), 8, &mut out, e, 1_000 * MS));
+        assert_eq!(out, [7; 8]);
+        // The lease counts from the request, less the margin: 1000 + 500 - 50.
+        assert!(c.get(key(1, 0), 0, &mut out, e, 1_449 * MS));
+        assert!(!c.get(key(1, 0), 0, &mut out, e, 1_450 * MS));
+        assert!(
+            !c.get(key(1, 0), 0, &mut out, e, 1_000 * MS),
+            "dropped once expired"
+        );
+        let s = c.stats();
+        assert_eq!((s.hits, s.misses, s.expired, s.fills), (2, 2, 1, 1));
+        // A lease no longer than the margin is never installed; nor a block of another size.
+        assert!(!c.insert(key(1, 1), &[1; 64], e, 0, 50 * MS));
+        assert!(!c.insert(key(1, 1), &[1; 32], e, 0, 500 * MS));
+        // Out-of-block reads miss instead of panicking.
+        c.insert(key(1, 2), &[1; 64], e, 0, 500 * MS);
+        assert!(!c.get(key(1, 2), 60, &mut out, e, 0));
+        assert!(!c.get(key(1, 2), usize::MAX, &mut out, e, 0));
+    }
+
+    #[test]
+    fn invalidation_epoch_and_free_drop_blocks() {
+        let mut c = cache(8);
+        let mut out = [0u8; 1];
+        for b in 0..3 {
+            c.insert(key(1, b), &[b as u8; 64], Epoch(1), 0, 500 * MS);
+        }
+        c.insert(key(2, 0), &[9; 64], Epoch(2), 0, 500 * MS);
+        assert!(c.invalidate(key(1, 1)));
+        assert!(!c.invalidate(key(1, 1)));
+        assert!(!c.get(key(1, 1), 0, &mut out, Epoch(1), 0));
+        // A block filled in an older epoch than asked for is not served.
+        assert!(!c.get(key(1, 0), 0, &mut out, Epoch(2), 0));
+        assert_eq!(
+            c.drop_older_than(Epoch(2)),
+            1,
+            "only (1,2) was left of epoch 1"
+        );
+        assert!(c.get(key(2, 0), 0, &mut out, Epoch(2), 0));
+        c.drop_page(PageId(2));
+        assert!(c.is_empty());
+    }
+
+    #[test]
+    fn clock_keeps_referenced_blocks_and_the_budget_holds() {
+        let mut c = cache(3);
+        let e = Epoch(0);
+        let mut out = [0u8; 1];
+        for b in 0..3 {
+            c.insert(key(1, b), &[0; 64], e, 0, 500 * MS);
+        }
+        // Blocks 0 and 2 are used; 1 is not: the next fill evicts 1.
+        assert!(c.get(key(1, 0), 0, &mut out, e, 0));
+        assert!(c.get(key(1, 2), 0, &mut out, e, 0));
+        c.insert(key(1, 3), &[0; 64], e, 0, 500 * MS);
+        assert_eq!(c.len(), 3);
+        assert!(!c.get(key(1, 1), 0, &mut out, e, 0));
+        assert!(c.get(key(1, 0), 0, &mut out, e, 0));
+        assert_eq!(c.stats().evictions, 1);
+        for b in 10..100 {
+            c.insert(key(1, b), &[0; 64], e, 0, 500 * MS);
+            assert!(c.len() <= 3);
+        }
+    }
+
+    #[test]
+    fn configurations_are_checked() {
+        let ok = CacheConfig::default();
+        assert!(ok.validate(65536).is_ok());
+        assert!(ok.validate(2048).is_err(), "block larger than the page");
+        let odd = CacheConfig {
+            block_bytes: 3000,
+            ..ok
+        };
+        assert!(odd.validate(65536).is_err());
+        let tiny = CacheConfig {
+            budget_bytes: 100,
+            ..ok
+        };
+        assert!(tiny.validate(65536).is_err());
+    }
+}

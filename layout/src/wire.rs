@@ -295,6 +295,29 @@ pub enum Body {
     Freed {
         count: u32,
     },
+    /// Client -> the page's primary (`node/CACHE.md` C1): register this client as a sharer
+    /// of block `block` of `page_id` (blocks of the node's cache block size), posted with
+    /// the READs that fill it. Answered [`Body::Leased`].
+    CacheFill {
+        page_id: PageId,
+        block: u32,
+    },
+    /// The lease granted (`lease_ms` 0: not cacheable now, an update of the page is in
+    /// flight) and the page's version word when the sharer was registered.
+    Leased {
+        lease_ms: u32,
+        version: u64,
+    },
+    /// Primary -> a sharer (C3, C5): drop block `block` of `page_id`; answered
+    /// [`Body::Invalidated`] once dropped.
+    Invalidate {
+        page_id: PageId,
+        block: u32,
+    },
+    Invalidated {
+        page_id: PageId,
+        block: u32,
+    },
 }
 
 impl Body {
@@ -328,6 +351,10 @@ impl Body {
             Self::FreePage { .. } => 26,
             Self::FreeReplicas { .. } => 27,
             Self::Freed { .. } => 28,
+            Self::CacheFill { .. } => 29,
+            Self::Leased { .. } => 30,
+            Self::Invalidate { .. } => 31,
+            Self::Invalidated { .. } => 32,
         }
     }
 
@@ -361,6 +388,10 @@ impl Body {
             Self::FreePage { .. } => "FreePage",
             Self::FreeReplicas { .. } => "FreeReplicas",
             Self::Freed { .. } => "Freed",
+            Self::CacheFill { .. } => "CacheFill",
+            Self::Leased { .. } => "Leased",
+            Self::Invalidate { .. } => "Invalidate",
+            Self::Invalidated { .. } => "Invalidated",
         }
     }
 }
@@ -681,6 +712,17 @@ impl Message {
                 w.u32(*count);
                 w.zeros(4);
             }
+            Body::CacheFill { page_id, block }
+            | Body::Invalidate { page_id, block }
+            | Body::Invalidated { page_id, block } => {
+                w.u32(page_id.0);
+                w.u32(*block);
+            }
+            Body::Leased { lease_ms, version } => {
+                w.u32(*lease_ms);
+                w.zeros(4);
+                w.u64(*version);
+            }
         }
         let body_len = (w.0.len() - HEADER_BYTES) as u32;
         w.0[4..8].copy_from_slice(&body_len.to_le_bytes());
@@ -977,6 +1019,23 @@ impl Message {
                 r.zeros(4)?;
                 Body::Freed { count }
             }
+            29 | 31 | 32 => {
+                let page_id = PageId(r.u32()?);
+                let block = r.u32()?;
+                match kind {
+                    29 => Body::CacheFill { page_id, block },
+                    31 => Body::Invalidate { page_id, block },
+                    _ => Body::Invalidated { page_id, block },
+                }
+            }
+            30 => {
+                let lease_ms = r.u32()?;
+                r.zeros(4)?;
+                Body::Leased {
+                    lease_ms,
+                    version: r.u64()?,
+                }
+            }
             other => return corrupt(format!("unknown message kind {other}")),
         };
         r.finish()?;
@@ -1121,6 +1180,22 @@ mod tests {
                 entries: vec![(PageIndex(3), PageId(9)), (PageIndex(0), PageId(12))],
             }),
             msg(Body::Freed { count: 2 }),
+            msg(Body::CacheFill {
+                page_id: PageId(9),
+                block: 3,
+            }),
+            msg(Body::Leased {
+                lease_ms: 500,
+                version: 42,
+            }),
+            msg(Body::Invalidate {
+                page_id: PageId(9),
+                block: 3,
+            }),
+            msg(Body::Invalidated {
+                page_id: PageId(9),
+                block: 3,
+            }),
         ]
     }
 

@@ -247,6 +247,52 @@ impl BlockCache {
     }
 }
 
+/// What a fill's messages and READs found (`node/CACHE.md` C1): the primary's answer to the
+/// registration, the page's version word READ before and after the block, and whether
+/// the page's ART entry still holds the page id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FillReads {
+    /// The lease granted (0: not cacheable now).
+    pub lease_ns: u64,
+    /// The version word when the primary registered the sharer.
+    pub registered_version: u64,
+    pub version_before: u64,
+    pub version_after: u64,
+    pub art_holds: bool,
+}
+
+/// What to do with a fill's bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FillOutcome {
+    /// Return them and cache the block under the lease.
+    Install,
+    /// Return them (a linearizable read at `version_before`), cache nothing: the
+    /// registration and the READs did not see the same quiet page.
+    ReadOnly,
+    /// Return nothing: an update was being stored while the block was read (the bytes may
+    /// mix two versions); read again.
+    Retry,
+    /// The page no longer holds the id (freed): look the mapping up again.
+    Stale,
+}
+
+/// C1: judges a fill. The bytes are one version of the page only if both version READs
+/// agree on an even (quiet) version; they may be cached only if that is also the version
+/// at which the primary registered the sharer with a lease, so that every later update
+/// invalidates it.
+pub fn judge_fill(r: &FillReads) -> FillOutcome {
+    if !r.art_holds {
+        return FillOutcome::Stale;
+    }
+    if r.version_before != r.version_after || r.version_before % 2 == 1 {
+        return FillOutcome::Retry;
+    }
+    if r.lease_ns == 0 || r.registered_version != r.version_before {
+        return FillOutcome::ReadOnly;
+    }
+    FillOutcome::Install
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -333,6 +379,47 @@ mod tests {
         for b in 10..100 {
             c.insert(key(1, b), &[0; 64], e, 0, 500 * MS);
             assert!(c.len() <= 3);
+        }
+    }
+
+    #[test]
+    fn a_fill_is_cached_only_when_registration_and_reads_saw_one_quiet_version() {
+        let quiet = FillReads {
+            lease_ns: 500 * MS,
+            registered_version: 8,
+            version_before: 8,
+            version_after: 8,
+            art_holds: true,
+        };
+        assert_eq!(judge_fill(&quiet), FillOutcome::Install);
+        // Freed (or reused) under the READ: never returned.
+        let freed = FillReads {
+            art_holds: false,
+            ..quiet
+        };
+        assert_eq!(judge_fill(&freed), FillOutcome::Stale);
+        // A store in progress, or one between the two version READs: the bytes may mix.
+        for (before, after) in [(9, 9), (8, 10), (8, 9)] {
+            let torn = FillReads {
+                version_before: before,
+                version_after: after,
+                ..quiet
+            };
+            assert_eq!(judge_fill(&torn), FillOutcome::Retry, "{before} {after}");
+        }
+        // Not cacheable now, or registered at another version than the READs saw: the
+        // bytes are a good read, but a later update might not invalidate them.
+        let busy = FillReads {
+            lease_ns: 0,
+            ..quiet
+        };
+        assert_eq!(judge_fill(&busy), FillOutcome::ReadOnly);
+        for registered in [6, 10] {
+            let moved = FillReads {
+                registered_version: registered,
+                ..quiet
+            };
+            assert_eq!(judge_fill(&moved), FillOutcome::ReadOnly);
         }
     }
 

@@ -189,8 +189,15 @@ impl PoolHeader {
 
     /// Byte offset of the ART entry of page `index`.
     pub fn art_entry_offset(&self, index: PageIndex) -> Option<u64> {
-        (index.0 < self.page_count).then(|| ART_OFFSET + index.0 as u64 * ART_ENTRY_BYTES)
+        (index.0 < self.page_count).then(|| art_entry_at(index.0))
     }
+}
+
+/// Byte offset, from the pool's start, of the ART entry of page `index` (unchecked: for a
+/// reader without the header, such as a client READing a node's ART one-sided; with
+/// `index` = the page count, the end of the ART).
+pub fn art_entry_at(index: u32) -> u64 {
+    ART_OFFSET + u64::from(index) * ART_ENTRY_BYTES
 }
 
 /// CRC32C (Castagnoli), the checksum of every on-PM record.
@@ -347,6 +354,12 @@ impl ArtRecord {
                 format!("page {}: neither record is valid", index.0),
             )),
         }
+    }
+
+    /// Whether the page holds global page `page_id`: ALLOCATED under that id. Ids are never
+    /// reused, so a page that holds an id now held it since its commit.
+    pub fn holds(&self, page_id: PageId) -> bool {
+        self.state == PageState::Allocated && self.page_id == page_id
     }
 
     /// The record that supersedes `self` with new content, and the slot (0 or 1) it goes

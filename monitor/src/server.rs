@@ -241,9 +241,7 @@ fn check_art(
                 Ok(rec) => {
                     let state = rec.state;
                     match (want, state) {
-                        (Some(id), pmgas_layout::PageState::Allocated) if rec.page_id == id => {
-                            check.confirmed += 1
-                        }
+                        (Some(id), _) if rec.holds(id) => check.confirmed += 1,
                         (Some(id), _) => {
                             check.mismatched += 1;
                             if check.first_mismatches.len() < 8 {
@@ -470,6 +468,14 @@ enum Connection {
 /// A request's reply body, or the error code and detail that refuse it.
 type Answer = Result<Body, (ErrorCode, String)>;
 
+/// The refusal of a request that needs the active monitor, from a deposed one.
+fn deposed() -> (ErrorCode, String) {
+    (
+        ErrorCode::NotLeader,
+        "this monitor was deposed; ask the active one".into(),
+    )
+}
+
 impl Monitor<'_> {
     /// The RDMA loop: one pass after another until the monitor must stop (it returns why).
     fn run_loop(mut self) -> Result<(), String> {
@@ -485,7 +491,7 @@ impl Monitor<'_> {
             // event (a connect request, a disconnect) or the next tick.
             let idle_pass = inputs.iter().all(|i| matches!(i, Input::Tick));
             let reconciling = self.drive_reconciliations();
-            let freeing = self.drive_frees()?;
+            let freeing = self.drive_frees();
             self.spin_or_sleep(idle_pass && !reconciling && !freeing)?;
             self.run_coordinator(inputs, now_ns)?;
             self.stop_if_deposed()?;
@@ -743,10 +749,7 @@ impl Monitor<'_> {
                 ErrorCode::StaleEpoch,
                 format!("epoch {} is not {}", msg.header.epoch.0, self.epoch.0),
             )),
-            Body::AllocPage { .. } if self.deposed.is_some() => Err((
-                ErrorCode::NotLeader,
-                "this monitor was deposed; ask the active one".into(),
-            )),
+            Body::AllocPage { .. } if self.deposed.is_some() => Err(deposed()),
             Body::AllocPage {
                 primary_page,
                 backups_wanted,
@@ -898,10 +901,7 @@ impl Monitor<'_> {
     /// freed (`None`; [`Monitor::carry_out_frees`] sends it).
     fn free_page(&mut self, page_id: PageId, waiter: Waiter) -> Option<Answer> {
         if self.deposed.is_some() {
-            return Some(Err((
-                ErrorCode::NotLeader,
-                "this monitor was deposed; ask the active one".into(),
-            )));
+            return Some(Err(deposed()));
         }
         let mapping = match self.mappings.get(&page_id) {
             Some(m) if !m.freed => m.clone(),
@@ -913,9 +913,9 @@ impl Monitor<'_> {
     }
 
     /// F3, F4: what the frees in progress have due; returns whether anything was.
-    fn drive_frees(&mut self) -> Result<bool, String> {
+    fn drive_frees(&mut self) -> bool {
         if self.freer.in_flight() == 0 {
-            return Ok(false);
+            return false;
         }
         let (by_node, peers) = (&self.by_node, &self.peers);
         let state = |node: NodeId| match by_node.get(&node).and_then(|&i| peers.get(i)) {
@@ -927,7 +927,7 @@ impl Monitor<'_> {
         let actions = self.freer.drive(state, now_ns);
         let any = !actions.is_empty();
         self.carry_out_frees(actions);
-        Ok(any)
+        any
     }
 
     /// Carries out the free state machine's actions: the tombstone to the GAT writer,
@@ -1511,13 +1511,14 @@ fn persister(
         if items.len() > max_batch {
             queued.push_front(items.split_off(max_batch));
         }
-        let maps: Vec<Mapping> = items.iter().map(|(_, m)| m.clone()).collect();
+        let (txns, maps): (Vec<Option<u64>>, Vec<Mapping>) = items.into_iter().unzip();
+        let count = maps.len();
         let started = Instant::now();
         let report = persist(&mut writer, rt, &maps, fenced).map(|outcome| {
             fenced |= matches!(outcome, Persisted::Fenced(_));
-            (items, outcome)
+            (txns.into_iter().zip(maps).collect(), outcome)
         });
-        stats.record(maps.len(), started.elapsed());
+        stats.record(count, started.elapsed());
         if matches!(report, Ok((_, Persisted::Stored))) {
             fault::point("monitor.gat-written");
         }

@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 use pmgas_layout::wire::{
     Body, ErrorCode, MAX_MESSAGE_BYTES, MAX_UPDATE_BYTES, Message, NodeInfo, Replica, UpdateOp,
 };
-use pmgas_layout::{Epoch, NodeId, PageId, PageIndex, PageState};
+use pmgas_layout::{Epoch, NodeId, PageId, PageIndex};
 use pmgas_verbs::fault;
 use pmgas_verbs::msg::{Endpoint, Incoming, MsgConfig};
 use pmgas_verbs::{ConnectionConfig, Connector, Listener, ProtectionDomain};
@@ -405,7 +405,7 @@ impl DataServer {
     /// not hold it was freed here (mapped pages never move, and ids are never reused).
     fn local_page(&self, page_id: PageId, page: PageIndex) -> Result<PageIndex, Body> {
         match self.pool.record(page) {
-            Ok(r) if r.state == PageState::Allocated && r.page_id == page_id => Ok(page),
+            Ok(r) if r.holds(page_id) => Ok(page),
             Ok(r) => Err(error(
                 ErrorCode::PageFreed,
                 format!(

@@ -212,7 +212,7 @@ impl Pool {
     ) -> Result<(), PoolError> {
         let art = self.lock();
         let rec = art.get(page)?;
-        if rec.state != PageState::Allocated || rec.page_id != page_id {
+        if !rec.holds(page_id) {
             return Err(PoolError::NotHeld {
                 page: page.0,
                 page_id: page_id.0,
@@ -234,7 +234,7 @@ impl Pool {
     pub fn free_page(&self, page: PageIndex, page_id: PageId) -> Result<bool, PoolError> {
         let mut art = self.lock();
         let rec = art.get(page)?;
-        if rec.state != PageState::Allocated || rec.page_id != page_id {
+        if !rec.holds(page_id) {
             return Ok(false);
         }
         let base = self.page_base_in(rec, page, 0, 0)?;

@@ -35,8 +35,9 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use pmgas_layout::gat::Mapping;
+use pmgas_layout::pool::art_entry_at;
 use pmgas_layout::wire::{Body, ErrorCode, MAX_UPDATE_BYTES, Message, NodeInfo, Replica, UpdateOp};
-use pmgas_layout::{Epoch, GlobalAddr, NodeId, PageId, PageIndex, PageState};
+use pmgas_layout::{Epoch, GlobalAddr, NodeId, PageId, PageIndex};
 use pmgas_verbs::fault;
 use pmgas_verbs::msg::{Endpoint, MsgConfig};
 use pmgas_verbs::{
@@ -62,7 +63,7 @@ const ART_ENTRY: usize = pmgas_layout::pool::ART_ENTRY_BYTES as usize;
 /// Otherwise the page was freed (and maybe handed out again): the bytes are not `page_id`'s.
 fn art_holds(entry: &[u8], page: PageIndex, page_id: PageId) -> Result<(), String> {
     match pmgas_layout::ArtRecord::decode_entry(entry, page) {
-        Ok(r) if r.state == PageState::Allocated && r.page_id == page_id => Ok(()),
+        Ok(r) if r.holds(page_id) => Ok(()),
         Ok(r) => Err(format!(
             "page {} there is {} under id {}, not page id {}: the mapping is stale",
             page.0,
@@ -129,7 +130,7 @@ struct NodeConn {
     broken: bool,
     ep: Endpoint,
     pages: RemoteRegion,
-    /// The node's header and ART (read-only): entry `i` at `ART_OFFSET + i * 64`.
+    /// The node's header and ART (read-only): entry `i` at `art_entry_at(i)`.
     art: RemoteRegion,
     page_size_bytes: u64,
     /// READ_CHUNK_BYTES of data, then ART_SLOTS ART entries.
@@ -303,7 +304,6 @@ impl Space {
     /// monitor failed under the request and the page is freed when asked again, the free
     /// took effect (this call's or another's) and `Ok(0)` is returned.
     pub fn free_page(&self, page_id: PageId) -> Result<u32, SpaceError> {
-        self.invalidate(page_id);
         let mut attempts = 0;
         let answer = self.monitor_call_counting(&Body::FreePage { page_id }, &mut attempts)?;
         self.invalidate(page_id);
@@ -378,8 +378,7 @@ impl Space {
             )));
         }
         let base = u64::from(primary.page.0) * c.page_size_bytes + addr.offset();
-        let entry_at =
-            pmgas_layout::pool::ART_OFFSET + u64::from(primary.page.0) * ART_ENTRY as u64;
+        let entry_at = art_entry_at(primary.page.0);
         let mut done = 0usize;
         let mut entry = [0u8; ART_ENTRY];
         while done < out.len() {
@@ -408,7 +407,7 @@ impl Space {
                 },
             ];
             let timeout = self.inner.config.request_timeout;
-            if let Err(e) = ep.one_sided_many(Opcode::Read, buf, &ops, timeout) {
+            if let Err(e) = ep.one_sided_batch(Opcode::Read, buf, &ops, timeout) {
                 *broken = true;
                 drop(c);
                 self.drop_node(primary.node);
@@ -681,8 +680,7 @@ impl Space {
                     },
                     art: RemoteRegion {
                         addr: art_addr,
-                        len: pmgas_layout::pool::ART_OFFSET
-                            + u64::from(page_count) * ART_ENTRY as u64,
+                        len: art_entry_at(page_count),
                         rkey: art_rkey,
                     },
                     page_size_bytes,
@@ -923,11 +921,11 @@ impl Batch<'_> {
                 ops.extend(checked.iter().enumerate().map(|(k, &(page, _))| OneSided {
                     local_offset: READ_CHUNK_BYTES + k * ART_ENTRY,
                     remote: &*art,
-                    remote_offset: pmgas_layout::pool::ART_OFFSET + page * ART_ENTRY as u64,
+                    remote_offset: art_entry_at(page as u32),
                     len: ART_ENTRY,
                 }));
                 let timeout = self.space.inner.config.request_timeout;
-                let sent = ep.one_sided_many(Opcode::Read, buf, &ops, timeout);
+                let sent = ep.one_sided_batch(Opcode::Read, buf, &ops, timeout);
                 *broken = sent.is_err();
                 sent.ok()?;
                 let mut out = vec![];

@@ -64,7 +64,7 @@ pub enum Incoming {
     },
 }
 
-/// One operation of [`Endpoint::one_sided_many`]: `len` bytes between `local_offset` of
+/// One operation of [`Endpoint::one_sided_batch`]: `len` bytes between `local_offset` of
 /// the local region and `remote_offset` of `remote`.
 #[derive(Debug, Clone, Copy)]
 pub struct OneSided<'a> {
@@ -421,43 +421,21 @@ impl Endpoint {
         len: usize,
         timeout: Duration,
     ) -> Result<()> {
-        self.one_sided_batch(
-            opcode,
-            local,
-            region,
-            &[(local_offset, offset, len)],
-            timeout,
-        )
+        let op = OneSided {
+            local_offset,
+            remote: region,
+            remote_offset: offset,
+            len,
+        };
+        self.one_sided_batch(opcode, local, &[op], timeout)
     }
 
     /// Several one-sided operations of one kind, posted back to back (as many in flight
-    /// as there are free send slots) and waited for together: `ops` holds (local offset,
-    /// remote offset, length) each. An RC QP executes them in order; the call returns once
-    /// every one completed. Failures are as for [`Self::one_sided`].
+    /// as there are free send slots) and waited for together, each on a remote region of
+    /// its own (a data READ, then a READ of the record that proves it, say). An RC QP
+    /// executes them in the order they were posted; the call returns once every one
+    /// completed. Failures are as for [`Self::one_sided`].
     pub fn one_sided_batch(
-        &mut self,
-        opcode: Opcode,
-        local: &MemoryRegion,
-        region: &crate::mr::RemoteRegion,
-        ops: &[(usize, u64, usize)],
-        timeout: Duration,
-    ) -> Result<()> {
-        let ops: Vec<OneSided<'_>> = ops
-            .iter()
-            .map(|&(local_offset, remote_offset, len)| OneSided {
-                local_offset,
-                remote: region,
-                remote_offset,
-                len,
-            })
-            .collect();
-        self.one_sided_many(opcode, local, &ops, timeout)
-    }
-
-    /// As [`Self::one_sided_batch`], each operation on a remote region of its own (a data
-    /// READ and then a READ of the record that proves it, say: an RC QP executes READs in
-    /// the order they were posted).
-    pub fn one_sided_many(
         &mut self,
         opcode: Opcode,
         local: &MemoryRegion,

@@ -136,26 +136,29 @@ expect_refusal "unknown page" "UnknownPage\|not mapped" read $(((pid + 1000) << 
   --primary 1 --backup 2 || fail "a data node mishandled a malformed or misdirected request"
 cli write $((base + 8)) --u64 0
 
+# The next register phase's pmgas options (--cache) and registers options (layout, mix).
+gflags=()
+rflags=()
 registers() { # registers PHASE [--crash-client | --until FILE]: two client processes, two threads each
-  local phase=$1 crash_client=${2:-} n=$ops more=()
+  local phase=$1 crash_client=${2:-} n=$ops more=("${rflags[@]}")
   if [[ $crash_client == --until ]]; then
-    n=1000000 more=(--until-file "$3") crash_client=
+    n=1000000 more+=(--until-file "$3") crash_client=
   fi
   # The checker starts every register at 0: set them so before any client of the phase
   # runs, and start its history empty.
-  cli registers --page-id "$pid" --init
+  cli registers --page-id "$pid" --init "${rflags[@]}"
   : >"$work/history$phase.jsonl"
   r3=
   if [[ $crash_client == --crash-client ]]; then
-    PMGAS_CRASH_AT=client.update-sent:40 "$bin/pmgas" --zk "$zk" --cluster "$cluster" --bind "$h2" registers \
-      --page-id "$pid" --threads 1 --ops "$ops" --client p3 --seed "$((phase + 200))" \
+    PMGAS_CRASH_AT=client.update-sent:40 "$bin/pmgas" --zk "$zk" --cluster "$cluster" --bind "$h2" "${gflags[@]}" registers \
+      --page-id "$pid" "${rflags[@]}" --threads 1 --ops "$ops" --client p3 --seed "$((phase + 200))" \
       --history "$work/history$phase.jsonl" >"$work/reg$phase-3.log" 2>&1 &
     r3=$!
   fi
-  "$bin/pmgas" --zk "$zk" --cluster "$cluster" --bind "$h4" registers --page-id "$pid" --threads 2 \
+  "$bin/pmgas" --zk "$zk" --cluster "$cluster" --bind "$h4" "${gflags[@]}" registers --page-id "$pid" --threads 2 \
     --ops "$n" "${more[@]}" --client "p1" --seed "$phase" --history "$work/history$phase.jsonl" >"$work/reg$phase-1.log" 2>&1 &
   r1=$!
-  "$bin/pmgas" --zk "$zk" --cluster "$cluster" --bind "$h1" registers --page-id "$pid" --threads 2 \
+  "$bin/pmgas" --zk "$zk" --cluster "$cluster" --bind "$h1" "${gflags[@]}" registers --page-id "$pid" --threads 2 \
     --ops "$n" "${more[@]}" --client "p2" --seed "$((phase + 100))" --history "$work/history$phase.jsonl" >"$work/reg$phase-2.log" 2>&1 &
   r2=$!
 }
@@ -170,7 +173,7 @@ finish_registers() { # finish_registers PHASE
       fail "client p3 did not die at its crash point (exit $rc3): $(tail -n 3 "$work/reg$1-3.log")"
     echo "data-path: client p3 killed itself at client.update-sent (its last update applied, answer unseen)"
   fi
-  grep -h "REGISTERS DONE" "$work/reg$1-1.log" "$work/reg$1-2.log" || true
+  grep -h "REGISTERS DONE\|CACHE STATS" "$work/reg$1-1.log" "$work/reg$1-2.log" || true
   grep -h "outcome unknown\|failed:" "$work/reg$1-1.log" "$work/reg$1-2.log" | head -n 6 || true
   ((rc == 0)) || fail "a register process failed: $(tail -n 5 "$work/reg$1-1.log" "$work/reg$1-2.log")"
   echo "data-path: checking history $1 ($(wc -l <"$work/history$1.jsonl") records)"
@@ -209,16 +212,66 @@ arm_when() {
   wait_line "$work/monitor1.log" "NODE DEAD node=$n" 60 || fail "node $n was not declared dead"
 }
 
-# --- 2. registers, a client killed at its crash point.
+# cache_counter PHASE NAME: the sum of counter NAME over the phase's two register processes.
+cache_counter() {
+  grep -ho "CACHE STATS.* $2=[0-9]*" "$work/reg$1-1.log" "$work/reg$1-2.log" |
+    sed "s/.* $2=//" | awk '{s += $1} END {print s + 0}'
+}
+
+# --- C. the coherent block cache (#12): every register client caches from here to phase 3.
+gflags=(--cache)
+# C1. no faults, all registers in one block (every update invalidates it everywhere).
+registers 11
+finish_registers 11
+# C2. read-mostly: 95 % reads of 16 registers, one per 4 KiB block: hits must dominate.
+rflags=(--count 16 --stride 4096 --read-percent 95)
+registers 12
+finish_registers 12
+hits=$(cache_counter 12 hits) misses=$(cache_counter 12 misses) inval=$(cache_counter 12 invalidations)
+echo "data-path: read-mostly cache counters: hits=$hits misses=$misses invalidations=$inval"
+((hits > misses && inval > 0)) || fail "the read-mostly run did not exercise the cache (hits=$hits misses=$misses invalidations=$inval)"
+rflags=()
+# C3. a hung sharer: a process caches a register, is stopped (SIGSTOP), a write of the
+# register is acknowledged elsewhere (after the stopped sharer's lease at the latest), the
+# sharer is continued and reads again: it must return the new value, never its old block.
+hung_addr=$((base + 8192))
+cli write "$hung_addr" --u64 1111
+"$bin/pmgas" --zk "$zk" --cluster "$cluster" --bind "$h1" --cache read "$hung_addr" --u64 \
+  --again-after "$work/go-hung" >"$work/hung.log" 2>&1 &
+hung=$!
+wait_line "$work/hung.log" "^1111$" 60 || fail "the sharer never cached the register"
+kill -STOP "$hung"
+t0=$(date +%s%N)
+cli write "$hung_addr" --u64 2222
+t1=$(date +%s%N)
+kill -CONT "$hung"
+touch "$work/go-hung"
+wait "$hung" || fail "the hung sharer failed: $(cat "$work/hung.log")"
+again=$(sed -n 2p "$work/hung.log")
+[[ $again == 2222 ]] || fail "the hung sharer returned $again after a write of 2222 was acknowledged elsewhere"
+echo "data-path: HUNG SHARER ok: cached 1111, stopped; a write of 2222 acknowledged after $(((t1 - t0) / 1000000)) ms (a whole pmgas process); continued, it read 2222 ($(grep "CACHE STATS" "$work/hung.log"))"
+# C4. a sharer hung by SIGSTOP under the register workload: the others go on (writers wait
+# at most its lease), and once continued it serves nothing it cached before.
+registers 13
+wait_records 13 "$ops"
+kill -STOP "$r2"
+at=$(wc -l <"$work/history13.jsonl")
+wait_records 13 $((at + 200))
+echo "data-path: client p2 stopped (SIGSTOP) at $at records; the others went on to $(wc -l <"$work/history13.jsonl")"
+kill -CONT "$r2"
+finish_registers 13
+
+# --- 2. registers, a client killed at its crash point (caching: a sharer killed by SIGKILL).
 registers 1 --crash-client
 finish_registers 1
 digests 1 2 3
 
-# --- 3. registers, the primary killed at node.data-replicating.
+# --- 3. registers, the primary killed at node.data-replicating (caching).
 registers 2
 arm_when 2 1
 finish_registers 2
 digests 2 3
+gflags=()
 
 # --- 4. registers, the (only) backup killed at node.data-backup-stored.
 registers 3

@@ -242,7 +242,9 @@ pub enum Body {
     /// for one-sided READs.
     DataHello,
     /// The pages' region: page `i` starts at `data_addr + i * page_size_bytes`, readable
-    /// with `rkey`; the header and ART at `art_addr`, readable with `art_rkey`.
+    /// with `rkey`; the header and ART at `art_addr`, readable with `art_rkey`; page `i`'s
+    /// version word (`node/CACHE.md`) at `version_addr + 8 * i`, readable with
+    /// `version_rkey`.
     DataHelloAck {
         page_size_bytes: u64,
         data_addr: u64,
@@ -250,6 +252,8 @@ pub enum Body {
         rkey: u32,
         art_rkey: u32,
         page_count: u32,
+        version_rkey: u32,
+        version_addr: u64,
     },
     /// Client -> the page's primary: apply `op` at `offset` of page `page_id`, durably on
     /// every live replica, then answer [`Body::UpdateAck`].
@@ -295,12 +299,15 @@ pub enum Body {
     Freed {
         count: u32,
     },
-    /// Client -> the page's primary (`node/CACHE.md` C1): register this client as a sharer
-    /// of block `block` of `page_id` (blocks of the node's cache block size), posted with
-    /// the READs that fill it. Answered [`Body::Leased`].
+    /// Client -> the page's primary (`node/CACHE.md` C1): register client `client` (whose
+    /// invalidation connection said [`Body::CacheListen`]) as a sharer of block `block`
+    /// (of `block_bytes`, a power of two) of `page_id`, posted with the READs that fill
+    /// it. Answered [`Body::Leased`].
     CacheFill {
         page_id: PageId,
         block: u32,
+        block_bytes: u32,
+        client: u64,
     },
     /// The lease granted (`lease_ms` 0: not cacheable now, an update of the page is in
     /// flight) and the page's version word when the sharer was registered.
@@ -317,6 +324,11 @@ pub enum Body {
     Invalidated {
         page_id: PageId,
         block: u32,
+    },
+    /// Client -> data node, first on a connection of its own: invalidations of client
+    /// `client`'s cached blocks come on this connection. Answered with the same message.
+    CacheListen {
+        client: u64,
     },
 }
 
@@ -355,6 +367,7 @@ impl Body {
             Self::Leased { .. } => 30,
             Self::Invalidate { .. } => 31,
             Self::Invalidated { .. } => 32,
+            Self::CacheListen { .. } => 33,
         }
     }
 
@@ -392,6 +405,7 @@ impl Body {
             Self::Leased { .. } => "Leased",
             Self::Invalidate { .. } => "Invalidate",
             Self::Invalidated { .. } => "Invalidated",
+            Self::CacheListen { .. } => "CacheListen",
         }
     }
 }
@@ -640,6 +654,8 @@ impl Message {
                 rkey,
                 art_rkey,
                 page_count,
+                version_rkey,
+                version_addr,
             } => {
                 w.u64(*page_size_bytes);
                 w.u64(*data_addr);
@@ -647,7 +663,8 @@ impl Message {
                 w.u32(*rkey);
                 w.u32(*art_rkey);
                 w.u32(*page_count);
-                w.zeros(4);
+                w.u32(*version_rkey);
+                w.u64(*version_addr);
             }
             Body::Update {
                 page_id,
@@ -712,12 +729,23 @@ impl Message {
                 w.u32(*count);
                 w.zeros(4);
             }
-            Body::CacheFill { page_id, block }
-            | Body::Invalidate { page_id, block }
-            | Body::Invalidated { page_id, block } => {
+            Body::CacheFill {
+                page_id,
+                block,
+                block_bytes,
+                client,
+            } => {
+                w.u32(page_id.0);
+                w.u32(*block);
+                w.u32(*block_bytes);
+                w.zeros(4);
+                w.u64(*client);
+            }
+            Body::Invalidate { page_id, block } | Body::Invalidated { page_id, block } => {
                 w.u32(page_id.0);
                 w.u32(*block);
             }
+            Body::CacheListen { client } => w.u64(*client),
             Body::Leased { lease_ms, version } => {
                 w.u32(*lease_ms);
                 w.zeros(4);
@@ -920,18 +948,16 @@ impl Message {
                 }
                 Body::NodeList { nodes }
             }
-            20 => {
-                let b = Body::DataHelloAck {
-                    page_size_bytes: r.u64()?,
-                    data_addr: r.u64()?,
-                    art_addr: r.u64()?,
-                    rkey: r.u32()?,
-                    art_rkey: r.u32()?,
-                    page_count: r.u32()?,
-                };
-                r.zeros(4)?;
-                b
-            }
+            20 => Body::DataHelloAck {
+                page_size_bytes: r.u64()?,
+                data_addr: r.u64()?,
+                art_addr: r.u64()?,
+                rkey: r.u32()?,
+                art_rkey: r.u32()?,
+                page_count: r.u32()?,
+                version_rkey: r.u32()?,
+                version_addr: r.u64()?,
+            },
             21 => {
                 let page_id = PageId(r.u32()?);
                 let offset = r.u32()?;
@@ -1019,15 +1045,30 @@ impl Message {
                 r.zeros(4)?;
                 Body::Freed { count }
             }
-            29 | 31 | 32 => {
+            29 => {
+                let page_id = PageId(r.u32()?);
+                let block = r.u32()?;
+                let block_bytes = r.u32()?;
+                if !block_bytes.is_power_of_two() {
+                    return corrupt(format!("cache block size {block_bytes}"));
+                }
+                r.zeros(4)?;
+                Body::CacheFill {
+                    page_id,
+                    block,
+                    block_bytes,
+                    client: r.u64()?,
+                }
+            }
+            31 | 32 => {
                 let page_id = PageId(r.u32()?);
                 let block = r.u32()?;
                 match kind {
-                    29 => Body::CacheFill { page_id, block },
                     31 => Body::Invalidate { page_id, block },
                     _ => Body::Invalidated { page_id, block },
                 }
             }
+            33 => Body::CacheListen { client: r.u64()? },
             30 => {
                 let lease_ms = r.u32()?;
                 r.zeros(4)?;
@@ -1147,6 +1188,8 @@ mod tests {
                 rkey: 5,
                 art_rkey: 6,
                 page_count: 100,
+                version_rkey: 7,
+                version_addr: 0x7efe_0000_0000,
             }),
             msg(Body::Update {
                 page_id: PageId(3),
@@ -1183,6 +1226,8 @@ mod tests {
             msg(Body::CacheFill {
                 page_id: PageId(9),
                 block: 3,
+                block_bytes: 4096,
+                client: 0xfeed_beef,
             }),
             msg(Body::Leased {
                 lease_ms: 500,
@@ -1195,6 +1240,9 @@ mod tests {
             msg(Body::Invalidated {
                 page_id: PageId(9),
                 block: 3,
+            }),
+            msg(Body::CacheListen {
+                client: 0xfeed_beef,
             }),
         ]
     }

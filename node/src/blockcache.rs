@@ -82,7 +82,20 @@ pub struct BlockCache {
     index: HashMap<BlockKey, usize>,
     hand: usize,
     stats: CacheStats,
+    /// Counts invalidations and drops (see [`Self::begin_fill`]).
+    generation: u64,
+    /// Fills begun and not ended.
+    filling: usize,
+    /// While fills are in progress: the generation at which each block was last
+    /// invalidated, and the last generation that dropped many blocks at once.
+    invalidated_at: HashMap<BlockKey, u64>,
+    dropped_all_at: u64,
 }
+
+/// A fill in progress: the cache generation when its registration was sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use]
+pub struct FillTicket(u64);
 
 impl BlockCache {
     pub fn new(config: CacheConfig) -> Self {
@@ -93,6 +106,56 @@ impl BlockCache {
             index: HashMap::new(),
             hand: 0,
             stats: CacheStats::default(),
+            generation: 0,
+            filling: 0,
+            invalidated_at: HashMap::new(),
+            dropped_all_at: 0,
+        }
+    }
+
+    /// C1, before the registration is sent: an invalidation of the block may reach this
+    /// client before the fill's READs end (the primary invalidates every registered
+    /// sharer). The ticket remembers that, so [`Self::end_fill`] does not install bytes
+    /// that an update acknowledged meanwhile made stale.
+    pub fn begin_fill(&mut self) -> FillTicket {
+        self.filling += 1;
+        FillTicket(self.generation)
+    }
+
+    /// C1, after the fill: installs the block as [`Self::insert`] does, unless the block
+    /// (or everything) was invalidated since `ticket` was taken. Returns whether it was
+    /// installed. Every ticket must end here (with `bytes` None if the fill failed).
+    pub fn end_fill(
+        &mut self,
+        ticket: FillTicket,
+        key: BlockKey,
+        bytes: Option<&[u8]>,
+        epoch: Epoch,
+        requested_ns: u64,
+        lease_ns: u64,
+    ) -> bool {
+        let invalidated = self.dropped_all_at > ticket.0
+            || self.invalidated_at.get(&key).is_some_and(|&g| g > ticket.0);
+        self.filling = self.filling.saturating_sub(1);
+        if self.filling == 0 {
+            self.invalidated_at.clear();
+        }
+        match bytes {
+            Some(b) if !invalidated => self.insert(key, b, epoch, requested_ns, lease_ns),
+            _ => false,
+        }
+    }
+
+    fn note_invalidated(&mut self, key: Option<BlockKey>) {
+        self.generation += 1;
+        if self.filling == 0 {
+            return;
+        }
+        match key {
+            Some(k) => {
+                self.invalidated_at.insert(k, self.generation);
+            }
+            None => self.dropped_all_at = self.generation,
         }
     }
 
@@ -187,6 +250,7 @@ impl BlockCache {
     /// it was held.
     pub fn invalidate(&mut self, key: BlockKey) -> bool {
         self.stats.invalidations += 1;
+        self.note_invalidated(Some(key));
         match self.index.get(&key) {
             Some(&i) => {
                 self.remove_at(i);
@@ -196,8 +260,17 @@ impl BlockCache {
         }
     }
 
+    /// This client updates block `key`: its copy goes (not counted as an invalidation).
+    pub fn forget(&mut self, key: BlockKey) {
+        self.note_invalidated(Some(key));
+        if let Some(&i) = self.index.get(&key) {
+            self.remove_at(i);
+        }
+    }
+
     /// Drops every block of `page` (freed, say).
     pub fn drop_page(&mut self, page: PageId) {
+        self.note_invalidated(None);
         let keys: Vec<BlockKey> = self.index.keys().filter(|k| k.0 == page).copied().collect();
         for k in keys {
             if let Some(i) = self.index.get(&k).copied() {
@@ -208,6 +281,7 @@ impl BlockCache {
 
     /// C4: the epoch moved: every block filled before it goes.
     pub fn drop_older_than(&mut self, epoch: Epoch) -> usize {
+        self.note_invalidated(None);
         let old: Vec<usize> = self
             .index
             .values()
@@ -421,6 +495,39 @@ mod tests {
             };
             assert_eq!(judge_fill(&moved), FillOutcome::ReadOnly);
         }
+    }
+
+    #[test]
+    fn an_invalidation_during_a_fill_keeps_its_bytes_out() {
+        let mut c = cache(4);
+        let e = Epoch(1);
+        // The registration went out; the primary invalidated the block (an update of it)
+        // before the fill's READs ended: the READ may have seen the old bytes.
+        let t = c.begin_fill();
+        assert!(!c.invalidate(key(1, 0)));
+        assert!(!c.end_fill(t, key(1, 0), Some(&[1; 64]), e, 0, 500 * MS));
+        // Another block's invalidation does not matter; a drop of everything does.
+        let t = c.begin_fill();
+        c.invalidate(key(1, 1));
+        assert!(c.end_fill(t, key(1, 0), Some(&[1; 64]), e, 0, 500 * MS));
+        let t = c.begin_fill();
+        c.drop_older_than(Epoch(1));
+        c.drop_page(PageId(7));
+        assert!(!c.end_fill(t, key(1, 2), Some(&[1; 64]), e, 0, 500 * MS));
+        // Overlapping fills: the one that began after the invalidation installs.
+        let t1 = c.begin_fill();
+        c.invalidate(key(2, 0));
+        let t2 = c.begin_fill();
+        assert!(c.end_fill(t2, key(2, 0), Some(&[2; 64]), e, 0, 500 * MS));
+        assert!(!c.end_fill(t1, key(2, 0), Some(&[1; 64]), e, 0, 500 * MS));
+        let mut out = [0u8; 1];
+        assert!(c.get(key(2, 0), 0, &mut out, e, 0));
+        assert_eq!(out, [2]);
+        // A failed fill ends its ticket too.
+        let t = c.begin_fill();
+        assert!(!c.end_fill(t, key(3, 0), None, e, 0, 500 * MS));
+        assert_eq!(c.filling, 0);
+        assert!(c.invalidated_at.is_empty());
     }
 
     #[test]

@@ -68,6 +68,8 @@ pub struct ClientConfig {
     /// Serve the data path (clients' reads and updates, primaries' Replicates) on this
     /// port of `bind` (0: any free port); `None`: no data path.
     pub data_port: Option<u16>,
+    /// The lease a primary grants a client's cached block (`node/CACHE.md`).
+    pub cache_lease: Duration,
 }
 
 impl ClientConfig {
@@ -80,6 +82,7 @@ impl ClientConfig {
             request_timeout: Duration::from_secs(30),
             rediscover: None,
             data_port: None,
+            cache_lease: crate::data::DEFAULT_CACHE_LEASE,
         }
     }
 }
@@ -170,6 +173,7 @@ impl Client {
                     config.node_id,
                     SocketAddr::new(config.bind, port),
                     Arc::clone(&pool),
+                    config.cache_lease,
                 )
                 .map_err(ClientError::Stopped)?;
                 config.data_port = Some(d.port());

@@ -23,8 +23,16 @@
 //! - D6 [`DataServer::tick`]: an update waiting on a backup that failed is sent again once
 //!   the backup is reachable, or completed without it once the monitor has declared it
 //!   dead (it then no longer appears in the page's mapping in the new epoch).
+//!
+//! The coherent block cache's primary side (`node/CACHE.md`) is here too:
+//! - C1 [`DataServer::cache_fill`]: a client registers as a sharer of a block (its READs
+//!   of the block and of the page's version word travel with the registration);
+//!   [`DataServer::cache_listen`] takes the connection its invalidations go to.
+//! - C3 [`DataServer::invalidate_sharers`]: before D5 stores an update, every sharer of
+//!   the blocks it touches is told to drop them, in parallel; D5 waits for each answer or
+//!   the sharer's lease, and stores with the page's version word odd.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::mpsc;
@@ -36,9 +44,12 @@ use pmgas_layout::wire::{
 use pmgas_layout::{Epoch, NodeId, PageId, PageIndex};
 use pmgas_verbs::fault;
 use pmgas_verbs::msg::{Endpoint, Incoming, MsgConfig};
-use pmgas_verbs::{ConnectionConfig, Connector, Listener, ProtectionDomain};
+use pmgas_verbs::{
+    Access, AlignedBuf, ConnectionConfig, Connector, Listener, MemoryRegion, ProtectionDomain,
+};
 
 use crate::client::ClientError;
+use crate::directory::{Directory, Round, Sharer};
 use crate::pool::{Pool, PoolError};
 use crate::service::{Command, PoolRegions, Registered, Shared, register_pool};
 
@@ -59,6 +70,49 @@ const REPLICATE_TIMEOUT: Duration = Duration::from_secs(2);
 const TICK: Duration = Duration::from_millis(50);
 /// Least time between two connection attempts to one backup.
 const RECONNECT_EVERY: Duration = Duration::from_millis(200);
+
+/// The lease a primary grants a cached block unless configured otherwise.
+pub const DEFAULT_CACHE_LEASE: Duration = Duration::from_millis(500);
+
+/// Per page id, until when blocks of it may be cached by some client (the latest lease
+/// granted), and the pages being freed here, for which no lease is granted (C5). Shared by
+/// the data path, which grants leases, and the node's service, which frees replicas.
+#[derive(Debug, Default)]
+pub(crate) struct PageLeases {
+    ends: HashMap<PageId, Instant>,
+    freeing: HashSet<PageId>,
+}
+
+impl PageLeases {
+    /// Whether a lease of `lease` from `now` may be granted on a block of `page_id` (not
+    /// while it is being freed); records it.
+    fn grant(&mut self, page_id: PageId, now: Instant, lease: Duration) -> bool {
+        if self.freeing.contains(&page_id) {
+            return false;
+        }
+        if self.ends.len() >= 4096 {
+            self.ends.retain(|_, end| *end > now);
+        }
+        let end = self.ends.entry(page_id).or_insert(now);
+        *end = (*end).max(now + lease);
+        true
+    }
+
+    /// `page_id` is about to be freed here: no lease is granted on it any more. Returns
+    /// how long the last lease granted still runs (the free waits that long).
+    pub(crate) fn freeing(&mut self, page_id: PageId) -> Duration {
+        self.freeing.insert(page_id);
+        self.ends.remove(&page_id).map_or(Duration::ZERO, |end| {
+            end.saturating_duration_since(Instant::now())
+        })
+    }
+
+    /// The free is done: the page's ART entry no longer holds the id, so a fill of it is
+    /// refused by the client's own check (`judge_fill`), and the entry can go.
+    pub(crate) fn freed(&mut self, page_id: PageId) {
+        self.freeing.remove(&page_id);
+    }
+}
 
 /// A client's request, queued until its page is free to order it.
 struct Queued {
@@ -82,6 +136,8 @@ struct InFlight {
     /// Backups that have not acknowledged yet, with the request id of the Replicate in
     /// flight to each (None: to be sent again).
     waiting: BTreeMap<NodeId, Option<u64>>,
+    /// C3: the invalidation round, once every backup acknowledged.
+    round: Option<Round>,
 }
 
 #[derive(Default)]
@@ -121,6 +177,19 @@ pub(crate) struct DataServer {
     allocs: (mpsc::Sender<AllocAnswer>, mpsc::Receiver<AllocAnswer>),
     notifier: Arc<pmgas_verbs::wait::Notifier>,
     last_tick: Instant,
+    /// Page `i`'s version word at byte `8 * i`, read-only to peers (C1): even while the
+    /// page is quiet, odd while D5 stores into it.
+    versions: MemoryRegion,
+    directory: Directory,
+    /// Clients' invalidation connections, by the token they announced (CacheListen).
+    listeners: HashMap<Sharer, u64>,
+    /// Invalidates in flight: (connection, request id) -> (page id, sharer).
+    invalidating: HashMap<(u64, u64), (PageId, Sharer)>,
+    /// The origin of the directory's clock.
+    clock: Instant,
+    /// C4: no update is stored before this: every lease an earlier process of this node
+    /// granted has ended by then.
+    serving_from: Instant,
 }
 
 fn error(code: ErrorCode, detail: String) -> Body {
@@ -130,10 +199,19 @@ fn error(code: ErrorCode, detail: String) -> Body {
 impl DataServer {
     /// Binds the data-path listener (before the node joins, so the Join can name its
     /// port) and registers the pool for one-sided access on its device.
-    pub(crate) fn bind(me: NodeId, addr: SocketAddr, pool: Arc<Pool>) -> Result<Self, String> {
+    pub(crate) fn bind(
+        me: NodeId,
+        addr: SocketAddr,
+        pool: Arc<Pool>,
+        lease: Duration,
+    ) -> Result<Self, String> {
         let listener = Listener::bind(addr, 64).map_err(|e| format!("data listener: {e}"))?;
         let pd = ProtectionDomain::new(listener.context()).map_err(|e| e.to_string())?;
         let regions = Arc::new(register_pool(&pd, &pool)?);
+        let words = pool.header().page_count as usize * 8;
+        let versions = AlignedBuf::zeroed(words)
+            .and_then(|b| pd.register(b, Access::REMOTE_READ))
+            .map_err(|e| format!("registering the version words: {e}"))?;
         Ok(Self {
             me,
             bind: addr.ip(),
@@ -152,6 +230,12 @@ impl DataServer {
             allocs: mpsc::channel(),
             notifier: Arc::new(pmgas_verbs::wait::Notifier::new().map_err(|e| e.to_string())?),
             last_tick: Instant::now(),
+            versions,
+            directory: Directory::new(lease.as_nanos() as u64),
+            listeners: HashMap::new(),
+            invalidating: HashMap::new(),
+            clock: Instant::now(),
+            serving_from: Instant::now() + lease,
         })
     }
 
@@ -249,23 +333,30 @@ impl DataServer {
                     Ok(Some(m)) => m,
                     Ok(None) => {
                         if ep.connection().peer_disconnected().unwrap_or(true) {
-                            self.conns.remove(&key);
+                            self.conn_closed(key);
                         }
                         break;
                     }
                     Err(e) => {
                         tracing::debug!(error = %e, "data-path connection closed");
-                        self.conns.remove(&key);
+                        self.conn_closed(key);
                         break;
                     }
                 };
                 busy = true;
-                if let Incoming::Request {
-                    request_id,
-                    payload,
-                } = incoming
-                {
-                    self.request(key, request_id, &payload);
+                match incoming {
+                    Incoming::Request {
+                        request_id,
+                        payload,
+                    } => self.request(key, request_id, &payload),
+                    Incoming::Response {
+                        request_id,
+                        payload,
+                    } => self.invalidated(key, request_id, &payload),
+                    Incoming::TimedOut { request_id } => {
+                        // The round ends with the sharer's lease.
+                        self.invalidating.remove(&(key, request_id));
+                    }
                 }
             }
         }
@@ -328,6 +419,13 @@ impl DataServer {
                 self.alloc(conn, request_id, wire_id, backups_wanted);
                 None
             }
+            Body::CacheFill {
+                page_id,
+                block,
+                block_bytes,
+                client,
+            } => Some(self.cache_fill(page_id, block, block_bytes, client)),
+            Body::CacheListen { client } => Some(self.cache_listen(conn, client)),
             other => Some(error(
                 ErrorCode::Malformed,
                 format!("{} is not a data-path request", other.name()),
@@ -348,6 +446,178 @@ impl DataServer {
             rkey: self.regions.data.rkey(),
             art_rkey: self.regions.art.rkey(),
             page_count: h.page_count,
+            version_rkey: self.versions.rkey(),
+            version_addr: self.versions.addr(),
+        }
+    }
+
+    fn now_ns(&self) -> u64 {
+        self.clock.elapsed().as_nanos() as u64
+    }
+
+    fn version(&self, page: PageIndex) -> u64 {
+        let mut w = [0u8; 8];
+        let _ = self.versions.read_at(page.0 as usize * 8, &mut w);
+        u64::from_le_bytes(w)
+    }
+
+    fn set_version(&self, page: PageIndex, v: u64) {
+        let _ = self
+            .versions
+            .write_at(page.0 as usize * 8, &v.to_le_bytes());
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The connection `conn` is gone: a client's invalidations can no longer reach it (its
+    /// blocks in a round are waited for until their leases end).
+    fn conn_closed(&mut self, conn: u64) {
+        self.conns.remove(&conn);
+        self.listeners.retain(|_, c| *c != conn);
+        self.invalidating.retain(|(c, _), _| *c != conn);
+    }
+
+    /// C1, the client's invalidation connection: Invalidates for `client` go on `conn`.
+    fn cache_listen(&mut self, conn: u64, client: Sharer) -> Body {
+        self.listeners.insert(client, conn);
+        Body::CacheListen { client }
+    }
+
+    /// C1: registers `client` as a sharer of the block and answers the lease and the
+    /// page's version word now. Not cacheable (lease 0) while the page's invalidation
+    /// round is open, while it is being freed, or before the client's invalidation
+    /// connection is known.
+    fn cache_fill(
+        &mut self,
+        page_id: PageId,
+        block: u32,
+        block_bytes: u32,
+        client: Sharer,
+    ) -> Body {
+        let page_size = self.pool.header().page_size_bytes;
+        if u64::from(block_bytes) > page_size
+            || (u64::from(block) + 1) * u64::from(block_bytes) > page_size
+        {
+            return error(
+                ErrorCode::BadAddress,
+                format!("block {block} of {block_bytes} bytes in a {page_size}-byte page"),
+            );
+        }
+        let replicas = match self.mapping(page_id) {
+            Ok(r) => r,
+            Err(b) => return b,
+        };
+        let Some(primary) = replicas.first().filter(|r| r.node == self.me) else {
+            return error(
+                ErrorCode::NotPrimary,
+                format!(
+                    "{} is not the primary of page {} in epoch {}",
+                    self.me,
+                    page_id.0,
+                    self.epoch().0
+                ),
+            );
+        };
+        let page = match self.local_page(page_id, primary.page) {
+            Ok(p) => p,
+            Err(b) => return b,
+        };
+        let version = self.version(page);
+        let round_open = self
+            .pages
+            .get(&page_id)
+            .and_then(|o| o.in_flight.as_ref())
+            .is_some_and(|f| f.round.is_some());
+        let lease = Duration::from_nanos(self.directory.lease_ns());
+        let granted = !round_open
+            && self.listeners.contains_key(&client)
+            && self
+                .shared()
+                .leases
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .grant(page_id, Instant::now(), lease);
+        let lease_ms = if granted {
+            let now = self.now_ns();
+            self.directory
+                .register(page_id, block_bytes, block, client, now);
+            lease.as_millis() as u32
+        } else {
+            0
+        };
+        Body::Leased { lease_ms, version }
+    }
+
+    /// C3: the round of the in-flight update of `page_id`, which has every backup's
+    /// acknowledgement: every sharer of a block it touches is sent Invalidate, all at
+    /// once (a sharer without an invalidation connection is waited for until its lease
+    /// ends).
+    fn invalidate_sharers(&mut self, page_id: PageId) {
+        let now = self.now_ns();
+        let Some(f) = self.pages.get(&page_id).and_then(|o| o.in_flight.as_ref()) else {
+            return;
+        };
+        let mut round = if f.q.copy_len.is_some() {
+            // D2a's copy changes no byte of the primary's.
+            Round::default()
+        } else {
+            self.directory
+                .invalidate(page_id, u64::from(f.q.offset), f.bytes.len() as u64, now)
+        };
+        let epoch = self.epoch();
+        for (sharer, page, block) in round.messages() {
+            let sent = self.listeners.get(&sharer).copied().and_then(|conn| {
+                let ep = self.conns.get_mut(&conn)?;
+                let msg = Message::new(
+                    epoch,
+                    self.me,
+                    0,
+                    Body::Invalidate {
+                        page_id: page,
+                        block,
+                    },
+                )
+                .encode();
+                let timeout = Duration::from_nanos(self.directory.lease_ns());
+                ep.request(&msg, timeout).ok().map(|id| (conn, id))
+            });
+            match sent {
+                Some(key) => {
+                    self.invalidating.insert(key, (page_id, sharer));
+                }
+                None => round.unreachable(sharer),
+            }
+        }
+        if let Some(f) = self
+            .pages
+            .get_mut(&page_id)
+            .and_then(|o| o.in_flight.as_mut())
+        {
+            f.round = Some(round);
+        }
+    }
+
+    /// C3: a sharer's answer to an Invalidate.
+    fn invalidated(&mut self, conn: u64, request_id: u64, payload: &[u8]) {
+        let Some((page_id, sharer)) = self.invalidating.remove(&(conn, request_id)) else {
+            return;
+        };
+        if !matches!(
+            Message::decode(payload).map(|m| m.body),
+            Ok(Body::Invalidated { .. })
+        ) {
+            // Not an answer: the sharer is waited for until its lease ends.
+            return;
+        }
+        if let Some(round) = self
+            .pages
+            .get_mut(&page_id)
+            .and_then(|o| o.in_flight.as_mut())
+            .and_then(|f| f.round.as_mut())
+        {
+            round.acked(sharer);
+        }
+        if self.finish_if_done(page_id) {
+            self.start_next(page_id);
         }
     }
 
@@ -579,6 +849,7 @@ impl DataServer {
                 bytes,
                 old,
                 waiting,
+                round: None,
             });
             self.send_replicates(page_id);
             if self.finish_if_done(page_id) {
@@ -792,15 +1063,32 @@ impl DataServer {
         }
     }
 
-    /// D5: once no backup is waited for, the primary's copy is updated and the client
-    /// answered. Returns whether the page's in-flight update finished.
+    /// D5: once no backup is waited for, and then no sharer of the blocks the update
+    /// touches (C3), the primary's copy is updated and the client answered. Returns
+    /// whether the page's in-flight update finished.
     fn finish_if_done(&mut self, page_id: PageId) -> bool {
-        let done = self
+        let (acked, round_started) = self
             .pages
             .get(&page_id)
             .and_then(|o| o.in_flight.as_ref())
-            .is_some_and(|f| f.waiting.is_empty());
-        if !done {
+            .map_or((false, false), |f| {
+                (f.waiting.is_empty(), f.round.is_some())
+            });
+        if !acked {
+            return false;
+        }
+        if !round_started {
+            self.invalidate_sharers(page_id);
+        }
+        let now = self.now_ns();
+        let settled = Instant::now() >= self.serving_from;
+        let done = self
+            .pages
+            .get_mut(&page_id)
+            .and_then(|o| o.in_flight.as_mut())
+            .and_then(|f| f.round.as_mut())
+            .is_some_and(|r| r.done(now));
+        if !(done && settled) {
             return false;
         }
         let Some(f) = self
@@ -816,10 +1104,15 @@ impl DataServer {
 
     fn finish(&mut self, page_id: PageId, f: InFlight) {
         let q = &f.q;
-        let body = match self
+        // The version word is odd while the bytes change: a fill's READs that overlap the
+        // store see it (C1).
+        let version = self.version(q.page);
+        self.set_version(q.page, version | 1);
+        let stored = self
             .pool
-            .store_in_page_as(q.page, page_id, u64::from(q.offset), &f.bytes)
-        {
+            .store_in_page_as(q.page, page_id, u64::from(q.offset), &f.bytes);
+        self.set_version(q.page, (version | 1) + 1);
+        let body = match stored {
             Ok(()) => {
                 self.audit_ack(q.page, q.offset, f.bytes.len());
                 fault::point("node.data-applied");
@@ -890,6 +1183,18 @@ impl DataServer {
     /// page's mapping (declared dead, new epoch), it is no longer waited for; otherwise the
     /// Replicate is sent again (reconnecting if needed).
     fn tick(&mut self) {
+        // C3: rounds that wait for a lease to end (or C4's start).
+        let rounds: Vec<PageId> = self
+            .pages
+            .iter()
+            .filter(|(_, o)| o.in_flight.as_ref().is_some_and(|f| f.waiting.is_empty()))
+            .map(|(id, _)| *id)
+            .collect();
+        for page_id in rounds {
+            if self.finish_if_done(page_id) {
+                self.start_next(page_id);
+            }
+        }
         let stuck: Vec<PageId> = self
             .pages
             .iter()

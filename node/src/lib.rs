@@ -13,6 +13,7 @@ pub mod audit;
 pub mod blockcache;
 mod cache;
 pub mod client;
+mod coherence;
 pub mod data;
 pub mod directory;
 pub mod objects;

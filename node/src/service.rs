@@ -60,6 +60,9 @@ pub(crate) struct Shared {
     pub(crate) notifier: pmgas_verbs::wait::Notifier,
     /// What the reconciliation at join did.
     pub(crate) reconciled: Mutex<Option<ReconcileReport>>,
+    /// Leases of cached blocks, by page (the data path grants them; a free waits for them:
+    /// `node/CACHE.md` C5).
+    pub(crate) leases: Mutex<crate::data::PageLeases>,
 }
 
 impl Shared {
@@ -119,6 +122,7 @@ pub(crate) fn start(
         notifier: pmgas_verbs::wait::Notifier::new()
             .map_err(|e| ClientError::Stopped(e.to_string()))?,
         reconciled: Mutex::new(None),
+        leases: Mutex::new(crate::data::PageLeases::default()),
     });
     let (ready_tx, ready_rx) = mpsc::sync_channel(1);
     let service = {
@@ -1131,7 +1135,28 @@ impl Service<'_> {
         let mut count = 0u32;
         for &(page, page_id) in entries {
             self.shared.cache.remove(page_id);
-            match self.pool.free_page(page, page_id) {
+            // C5: no client may still serve a cached block of the page once it is freed.
+            let wait = self
+                .shared
+                .leases
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .freeing(page_id);
+            if !wait.is_zero() {
+                tracing::debug!(
+                    page_id = page_id.0,
+                    ?wait,
+                    "free waits for cached blocks' leases"
+                );
+                std::thread::sleep(wait);
+            }
+            let freed = self.pool.free_page(page, page_id);
+            self.shared
+                .leases
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .freed(page_id);
+            match freed {
                 Ok(true) => {
                     count += 1;
                     println!(

@@ -9,6 +9,12 @@
 //! on every live replica (`node/DATAPATH.md`). Pages are allocated by asking a data node to
 //! be their primary.
 //!
+//! Caching (opt-in, [`SpaceConfig::cache`]): reads are served from a coherent block cache
+//! in DRAM; a miss is a fill (one-sided READs of the block, the page's version word and
+//! ART entry, posted with a registration at the primary); every update invalidates the
+//! block at every other client that caches it before it is acknowledged, and a cached
+//! block is a lease that ends on its own when a client cannot be told (`node/CACHE.md`).
+//!
 //! Failures: an update whose answer was lost (the primary died, the connection broke) is
 //! reported as [`SpaceError::Unknown`] and never sent again by this handle, so it takes
 //! effect at most once. Refusals that applied nothing (a stale mapping, a primary that is
@@ -45,7 +51,9 @@ use pmgas_verbs::{
     ProtectionDomain, RemoteRegion,
 };
 
+use crate::blockcache::{CacheConfig, CacheStats, FillOutcome, FillReads, judge_fill};
 use crate::cache::MappingCache;
+use crate::coherence::Coherence;
 use crate::data::{data_msg_config, node_addrs};
 use crate::service::MonitorFinder;
 
@@ -86,6 +94,9 @@ pub struct SpaceConfig {
     /// How long an operation keeps retrying what is safe to retry (reads, refusals that
     /// applied nothing) before it fails.
     pub op_timeout: Duration,
+    /// The coherent block cache (`None`: off). Reads use it unless asked not to
+    /// ([`Space::read_with`]).
+    pub cache: Option<CacheConfig>,
 }
 
 impl SpaceConfig {
@@ -99,6 +110,7 @@ impl SpaceConfig {
             // is not lost.
             request_timeout: Duration::from_secs(15),
             op_timeout: Duration::from_secs(30),
+            cache: None,
         }
     }
 }
@@ -120,6 +132,10 @@ pub enum SpaceError {
     /// Nothing could be reached within the operation's time (nothing was applied).
     #[error("unavailable: {0}")]
     Unavailable(String),
+    /// The handle's configuration does not fit the cluster (a cache block larger than a
+    /// page, say).
+    #[error("configuration: {0}")]
+    Config(String),
 }
 
 /// One data node's connection: its endpoint, where its pages are, a local buffer for
@@ -133,7 +149,10 @@ struct NodeConn {
     /// The node's header and ART (read-only): entry `i` at `art_entry_at(i)`.
     art: RemoteRegion,
     page_size_bytes: u64,
-    /// READ_CHUNK_BYTES of data, then ART_SLOTS ART entries.
+    /// The pages' version words (`node/CACHE.md` C1), read-only.
+    versions: RemoteRegion,
+    /// READ_CHUNK_BYTES of data, then ART_SLOTS ART entries (or, for a fill, one ART
+    /// entry and the two version words).
     buf: MemoryRegion,
 }
 
@@ -153,6 +172,15 @@ struct Inner {
     epoch: AtomicU64,
     page_size_bytes: AtomicU64,
     next_wire_id: AtomicU64,
+    coherence: Option<Arc<Coherence>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Some(c) = &self.coherence {
+            c.stop();
+        }
+    }
 }
 
 /// The application's handle; cheap to clone, shared by threads.
@@ -177,6 +205,18 @@ impl Space {
     pub fn connect(config: SpaceConfig) -> Result<Self, SpaceError> {
         let finder =
             MonitorFinder::new(&config.zk, &config.cluster).map_err(SpaceError::Unavailable)?;
+        if let Some(c) = config.cache
+            && c.block_bytes > READ_CHUNK_BYTES
+        {
+            return Err(SpaceError::Config(format!(
+                "cache blocks of {} bytes: at most {READ_CHUNK_BYTES}",
+                c.block_bytes
+            )));
+        }
+        let coherence = match config.cache {
+            Some(c) => Some(Coherence::start(c).map_err(SpaceError::Unavailable)?),
+            None => None,
+        };
         let space = Self {
             inner: Arc::new(Inner {
                 monitor: Mutex::new(Monitor {
@@ -190,11 +230,21 @@ impl Space {
                 epoch: AtomicU64::new(0),
                 page_size_bytes: AtomicU64::new(0),
                 next_wire_id: AtomicU64::new(1),
+                coherence,
                 config,
             }),
         };
         space.nodes()?;
+        if let Some(c) = space.inner.config.cache {
+            c.validate(space.page_size_bytes()?)
+                .map_err(SpaceError::Config)?;
+        }
         Ok(space)
+    }
+
+    /// The block cache's counters (None: caching is off).
+    pub fn cache_stats(&self) -> Option<CacheStats> {
+        self.inner.coherence.as_ref().map(|c| c.stats())
     }
 
     /// The cluster's page size (learned from the first data node connected).
@@ -307,6 +357,9 @@ impl Space {
         let mut attempts = 0;
         let answer = self.monitor_call_counting(&Body::FreePage { page_id }, &mut attempts)?;
         self.invalidate(page_id);
+        if let Some(c) = &self.inner.coherence {
+            c.drop_page(page_id);
+        }
         match answer {
             Body::Freed { count } => Ok(count),
             Body::Error {
@@ -325,14 +378,31 @@ impl Space {
         }
     }
 
-    /// Reads `out.len()` bytes at `addr` (within one page) from the page's primary with
-    /// one-sided READs: the latest update acknowledged to any client.
+    /// Reads `out.len()` bytes at `addr` (within one page): the latest update
+    /// acknowledged to any client. With caching on, from the block cache (each block as
+    /// of one moment), else from the page's primary with one-sided READs.
     pub fn read(&self, addr: GlobalAddr, out: &mut [u8]) -> Result<(), SpaceError> {
+        self.read_with(addr, out, true)
+    }
+
+    /// [`Self::read`], with the cache (`cached`, if the handle has one) or without it (a
+    /// READ of the primary, which neither uses nor fills the cache).
+    pub fn read_with(
+        &self,
+        addr: GlobalAddr,
+        out: &mut [u8],
+        cached: bool,
+    ) -> Result<(), SpaceError> {
         self.check(addr, out.len())?;
+        let coherence = self.inner.coherence.as_ref().filter(|_| cached);
         let deadline = Instant::now() + self.inner.config.op_timeout;
         let mut last = String::new();
         while Instant::now() < deadline {
-            match self.read_once(addr, out) {
+            let once = match coherence {
+                Some(c) => self.read_cached_once(c, addr, out),
+                None => self.read_once(addr, out),
+            };
+            match once {
                 Ok(()) => return Ok(()),
                 Err(Failure::Final(e)) => return Err(e),
                 Err(Failure::Moved(e) | Failure::Transport(e)) => {
@@ -355,9 +425,9 @@ impl Space {
         Ok(u64::from_le_bytes(b))
     }
 
-    fn read_once(&self, addr: GlobalAddr, out: &mut [u8]) -> Result<(), Failure> {
-        let epoch = self.epoch();
-        let primary = self.primary(addr.page())?;
+    /// The connection to a page's primary for one-sided READs, when the handle is still in
+    /// `epoch` (the mapping was looked up in it).
+    fn read_conn(&self, primary: Replica, epoch: Epoch) -> Result<Arc<Mutex<NodeConn>>, Failure> {
         // A primary that cannot be reached may be dead and about to be replaced: asked
         // again (a read is safe to repeat).
         let conn = self.node(primary.node).map_err(|e| match e {
@@ -368,15 +438,220 @@ impl Space {
             // Connecting taught this handle a newer epoch: the mapping is looked up again.
             return Err(Failure::Moved(format!("the epoch moved past {}", epoch.0)));
         }
-        let mut c = lock(&conn);
-        if c.broken {
-            drop(c);
+        if lock(&conn).broken {
             self.drop_node(primary.node);
             return Err(Failure::Transport(format!(
                 "connection to {} lost",
                 primary.node
             )));
         }
+        Ok(conn)
+    }
+
+    /// C2 and C1 of `node/CACHE.md`: each block `out` covers from the cache, or filled.
+    fn read_cached_once(
+        &self,
+        co: &Coherence,
+        addr: GlobalAddr,
+        out: &mut [u8],
+    ) -> Result<(), Failure> {
+        let bs = co.block_bytes();
+        let mut done = 0usize;
+        while done < out.len() {
+            let at = addr.offset() as usize + done;
+            let (block, off) = ((at / bs) as u32, at % bs);
+            let n = (out.len() - done).min(bs - off);
+            let part = &mut out[done..done + n];
+            if !co.get((addr.page(), block), off, part, self.epoch()) {
+                let bytes = self.fill(co, addr.page(), block)?;
+                part.copy_from_slice(&bytes[off..off + n]);
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// C1: fills block `block` of `page_id` and returns its bytes (a linearizable read
+    /// whether or not they could be cached).
+    fn fill(&self, co: &Coherence, page_id: PageId, block: u32) -> Result<Vec<u8>, Failure> {
+        let key = (page_id, block);
+        for _ in 0..8 {
+            let epoch = self.epoch();
+            let primary = self.primary(page_id)?;
+            let addr = self.node_addr(primary.node).map_err(|e| match e {
+                SpaceError::Unavailable(e) => Failure::Transport(e),
+                other => Failure::Final(other),
+            })?;
+            let timeout = self.inner.config.request_timeout;
+            co.listen(primary.node, self.inner.config.bind, addr, timeout)
+                .map_err(Failure::Transport)?;
+            let conn = self.read_conn(primary, epoch)?;
+            let ticket = co.begin_fill();
+            let requested_ns = co.now_ns();
+            let reads = self.fill_reads(&conn, co, primary, page_id, block);
+            let (bytes, reads) = match reads {
+                Ok(r) => r,
+                Err(f) => {
+                    co.end_fill(ticket, key, None, epoch, 0, 0);
+                    return Err(f);
+                }
+            };
+            match judge_fill(&reads) {
+                FillOutcome::Install => {
+                    co.end_fill(
+                        ticket,
+                        key,
+                        Some(&bytes),
+                        epoch,
+                        requested_ns,
+                        reads.lease_ns,
+                    );
+                    return Ok(bytes);
+                }
+                FillOutcome::ReadOnly => {
+                    co.end_fill(ticket, key, None, epoch, 0, 0);
+                    return Ok(bytes);
+                }
+                FillOutcome::Retry => co.end_fill(ticket, key, None, epoch, 0, 0),
+                FillOutcome::Stale => {
+                    co.end_fill(ticket, key, None, epoch, 0, 0);
+                    return Err(Failure::Moved(format!(
+                        "page {} no longer holds page id {}",
+                        primary.page.0, page_id.0
+                    )));
+                }
+            };
+        }
+        Err(Failure::Moved(format!(
+            "page {} kept changing under its fill",
+            page_id.0
+        )))
+    }
+
+    /// C1's messages and READs, posted together on the primary's connection: the
+    /// registration, then READs of the version word, the block, the version word again and
+    /// the ART entry (an RC QP executes the READs in order).
+    fn fill_reads(
+        &self,
+        conn: &Mutex<NodeConn>,
+        co: &Coherence,
+        primary: Replica,
+        page_id: PageId,
+        block: u32,
+    ) -> Result<(Vec<u8>, FillReads), Failure> {
+        let bs = co.block_bytes();
+        let body = Body::CacheFill {
+            page_id,
+            block,
+            block_bytes: bs as u32,
+            client: co.token,
+        };
+        let wire_id = self.inner.next_wire_id.fetch_add(1, Ordering::Relaxed);
+        let msg = Message::new(self.epoch(), CLIENT_SENDER, wire_id, body).encode();
+        let timeout = self.inner.config.request_timeout;
+        let mut guard = lock(conn);
+        let c = &mut *guard;
+        let lost = |c: &mut NodeConn, e: pmgas_verbs::Error| {
+            c.broken = true;
+            Failure::Transport(format!("fill from {}: {e}", primary.node))
+        };
+        let request_id = match c.ep.request(&msg, timeout) {
+            Ok(id) => id,
+            Err(e) => return Err(lost(c, e)),
+        };
+        let version_at = primary.page.0 as u64 * 8;
+        let (art_local, before_local, after_local) = (
+            READ_CHUNK_BYTES,
+            READ_CHUNK_BYTES + ART_ENTRY,
+            READ_CHUNK_BYTES + ART_ENTRY + 8,
+        );
+        let ops = [
+            OneSided {
+                local_offset: before_local,
+                remote: &c.versions,
+                remote_offset: version_at,
+                len: 8,
+            },
+            OneSided {
+                local_offset: 0,
+                remote: &c.pages,
+                remote_offset: u64::from(primary.page.0) * c.page_size_bytes
+                    + u64::from(block) * bs as u64,
+                len: bs,
+            },
+            OneSided {
+                local_offset: after_local,
+                remote: &c.versions,
+                remote_offset: version_at,
+                len: 8,
+            },
+            OneSided {
+                local_offset: art_local,
+                remote: &c.art,
+                remote_offset: art_entry_at(primary.page.0),
+                len: ART_ENTRY,
+            },
+        ];
+        let posted = c.ep.one_sided_batch(Opcode::Read, &c.buf, &ops, timeout);
+        if let Err(e) = posted {
+            return Err(lost(c, e));
+        }
+        let answer = match c.ep.wait_response(request_id, timeout) {
+            Ok(a) => a,
+            Err(e) => return Err(lost(c, e)),
+        };
+        let mut bytes = vec![0u8; bs];
+        let (mut entry, mut before, mut after) = ([0u8; ART_ENTRY], [0u8; 8], [0u8; 8]);
+        let copied = c
+            .buf
+            .read_at(0, &mut bytes)
+            .and_then(|()| c.buf.read_at(art_local, &mut entry))
+            .and_then(|()| c.buf.read_at(before_local, &mut before))
+            .and_then(|()| c.buf.read_at(after_local, &mut after));
+        copied.map_err(|e| Failure::Final(SpaceError::Unavailable(e.to_string())))?;
+        drop(guard);
+        let m = Message::decode(&answer)
+            .map_err(|e| Failure::Transport(format!("{} answered: {e}", primary.node)))?;
+        self.adopt(m.header.epoch);
+        let (lease_ms, registered_version) = match m.body {
+            Body::Leased { lease_ms, version } => (lease_ms, version),
+            Body::Error {
+                code: ErrorCode::NotPrimary | ErrorCode::StaleEpoch,
+                detail,
+            } => return Err(Failure::Moved(detail)),
+            Body::Error {
+                code: ErrorCode::PageFreed,
+                detail,
+            } => {
+                co.drop_page(page_id);
+                self.invalidate(page_id);
+                return Err(Failure::Final(SpaceError::Refused {
+                    code: ErrorCode::PageFreed,
+                    detail,
+                }));
+            }
+            other => return Err(Failure::Final(unexpected("CacheFill", &other))),
+        };
+        let lease_ns = u64::from(lease_ms) * 1_000_000;
+        let reads = FillReads {
+            lease_ns: if lease_ns > co.margin_ns() {
+                lease_ns
+            } else {
+                0
+            },
+            registered_version,
+            version_before: u64::from_le_bytes(before),
+            version_after: u64::from_le_bytes(after),
+            art_holds: art_holds(&entry, primary.page, page_id).is_ok(),
+        };
+        Ok((bytes, reads))
+    }
+
+    fn read_once(&self, addr: GlobalAddr, out: &mut [u8]) -> Result<(), Failure> {
+        let epoch = self.epoch();
+        let primary = self.primary(addr.page())?;
+        let conn = self.read_conn(primary, epoch)?;
+        let mut c = lock(&conn);
         let base = u64::from(primary.page.0) * c.page_size_bytes + addr.offset();
         let entry_at = art_entry_at(primary.page.0);
         let mut done = 0usize;
@@ -480,6 +755,7 @@ impl Space {
         let deadline = Instant::now() + self.inner.config.op_timeout;
         let offset = u32::try_from(offset)
             .map_err(|_| SpaceError::BadAddress(format!("offset {offset}")))?;
+        self.forget_blocks(page_id, u64::from(offset), &op);
         loop {
             let primary = match self.primary(page_id) {
                 Ok(p) => p,
@@ -507,6 +783,9 @@ impl Space {
                     },
                 )) => {
                     self.invalidate(page_id);
+                    if let Some(c) = &self.inner.coherence {
+                        c.drop_page(page_id);
+                    }
                     return Err(e);
                 }
                 Err(Failure::Final(e)) => return Err(e),
@@ -520,6 +799,18 @@ impl Space {
                     std::thread::sleep(Duration::from_millis(20));
                 }
             }
+        }
+    }
+
+    /// C3: this handle's own cached copies of the blocks an update touches go before it is
+    /// sent (the primary invalidates the others').
+    fn forget_blocks(&self, page_id: PageId, offset: u64, op: &UpdateOp) {
+        if let Some(c) = &self.inner.coherence {
+            let len = match op {
+                UpdateOp::Write(d) => d.len() as u64,
+                _ => 8,
+            };
+            c.forget(page_id, offset, len);
         }
     }
 
@@ -583,6 +874,10 @@ impl Space {
     fn adopt(&self, epoch: Epoch) {
         if self.inner.epoch.fetch_max(epoch.0, Ordering::AcqRel) < epoch.0 {
             self.inner.cache.drop_older_than(epoch);
+            // C4: a page may have a new primary, whose directory knows no sharer.
+            if let Some(c) = &self.inner.coherence {
+                c.drop_older_than(epoch);
+            }
         }
     }
 
@@ -605,6 +900,23 @@ impl Space {
         {
             return Ok(Arc::clone(c));
         }
+        let addr = self.node_addr(node)?;
+        let conn = self.connect_node(node, addr)?;
+        self.inner
+            .page_size_bytes
+            .store(conn.page_size_bytes, Ordering::Release);
+        let conn = Arc::new(Mutex::new(conn));
+        self.inner
+            .nodes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(node, Arc::clone(&conn));
+        Ok(conn)
+    }
+
+    /// Where `node` serves the data path (the monitor's node list, asked again if it is
+    /// not known).
+    fn node_addr(&self, node: NodeId) -> Result<SocketAddr, SpaceError> {
         let info = self
             .inner
             .addrs
@@ -620,20 +932,9 @@ impl Space {
                 .find(|n| n.node == node)
                 .ok_or_else(|| SpaceError::Unavailable(format!("{node} is not live")))?,
         };
-        let addr = node_addrs(&[info])
+        node_addrs(&[info])
             .remove(&node)
-            .ok_or_else(|| SpaceError::Unavailable(format!("{node} serves no data path")))?;
-        let conn = self.connect_node(node, addr)?;
-        self.inner
-            .page_size_bytes
-            .store(conn.page_size_bytes, Ordering::Release);
-        let conn = Arc::new(Mutex::new(conn));
-        self.inner
-            .nodes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(node, Arc::clone(&conn));
-        Ok(conn)
+            .ok_or_else(|| SpaceError::Unavailable(format!("{node} serves no data path")))
     }
 
     fn connect_node(&self, node: NodeId, addr: SocketAddr) -> Result<NodeConn, SpaceError> {
@@ -666,6 +967,8 @@ impl Space {
                 rkey,
                 art_rkey,
                 page_count,
+                version_rkey,
+                version_addr,
             }) => {
                 let buf = AlignedBuf::zeroed(READ_CHUNK_BYTES + ART_SLOTS * ART_ENTRY)
                     .map_err(unavailable)?;
@@ -684,6 +987,11 @@ impl Space {
                         rkey: art_rkey,
                     },
                     page_size_bytes,
+                    versions: RemoteRegion {
+                        addr: version_addr,
+                        len: u64::from(page_count) * 8,
+                        rkey: version_rkey,
+                    },
                     buf,
                 })
             }
@@ -903,6 +1211,7 @@ impl Batch<'_> {
                     buf,
                     page_size_bytes,
                     broken,
+                    ..
                 } = &mut *c;
                 let mut at = 0usize;
                 let mut ops: Vec<OneSided<'_>> = group
@@ -1027,6 +1336,7 @@ impl Batch<'_> {
                             next += 1;
                             continue;
                         };
+                        space.forget_blocks(addr.page(), addr.offset(), op);
                         let body = Body::Update {
                             page_id: addr.page(),
                             offset,

@@ -499,12 +499,21 @@ impl Endpoint {
     /// for later [`Endpoint::poll`] calls.
     pub fn call(&mut self, payload: &[u8], timeout: Duration) -> Result<Vec<u8>> {
         let request_id = self.request(payload, timeout)?;
-        let mut scanned = self.deferred.len();
+        self.wait_response(request_id, timeout)
+    }
+
+    /// Waits for the response to `request_id` (sent with [`Endpoint::request`] and
+    /// `timeout`), as [`Endpoint::call`] does: for a request posted together with other
+    /// work (one-sided operations) on the connection. Requests that arrive meanwhile are
+    /// kept for later [`Endpoint::poll`] calls.
+    pub fn wait_response(&mut self, request_id: u64, timeout: Duration) -> Result<Vec<u8>> {
+        // The response may have come in already (kept while other work was waited for).
+        let mut scanned = 0;
         let mut spins = 0u32;
         loop {
             spins = spins.wrapping_add(1);
             self.progress()?;
-            // Only look at what arrived since the last scan; older entries are not ours.
+            // Only look at what arrived since the last scan.
             while scanned < self.deferred.len() {
                 let ours = matches!(
                     self.deferred.get(scanned),

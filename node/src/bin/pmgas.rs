@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 use pmgas_layout::{GlobalAddr, NodeId, PageId};
+use pmgas_node::blockcache::CacheConfig;
 use pmgas_node::space::{Space, SpaceConfig, SpaceError};
 
 #[derive(Parser)]
@@ -33,6 +34,15 @@ struct Cli {
     /// How long an operation retries what is safe to retry.
     #[arg(long, default_value_t = 30_000)]
     op_timeout_ms: u64,
+    /// Serve reads from the coherent block cache (node/CACHE.md).
+    #[arg(long)]
+    cache: bool,
+    /// The cache's block size (a power of two, at most the page).
+    #[arg(long, default_value_t = 4096)]
+    cache_block_bytes: usize,
+    /// The cache's DRAM budget.
+    #[arg(long, default_value_t = 64)]
+    cache_budget_mib: usize,
     #[command(subcommand)]
     command: Command,
 }
@@ -61,6 +71,10 @@ enum Command {
         len: usize,
         #[arg(long)]
         u64: bool,
+        /// Then wait until this file exists and read again (a test script's signal; with
+        /// --cache the second read may be a hit).
+        #[arg(long)]
+        again_after: Option<PathBuf>,
     },
     /// Writes hex bytes, or with --u64 one 8-byte little-endian word.
     Write {
@@ -111,6 +125,12 @@ struct RegistersArgs {
     /// Stop issuing operations once this file exists (a test script's signal).
     #[arg(long)]
     until_file: Option<PathBuf>,
+    /// Bytes between two registers (a multiple of 8): 8 puts them in one cache block.
+    #[arg(long, default_value_t = 8)]
+    stride: u64,
+    /// Percent of operations that are reads; the rest are writes, CAS and FAA, 3:2:1.
+    #[arg(long, default_value_t = 40)]
+    read_percent: u64,
 }
 
 fn main() -> ExitCode {
@@ -143,6 +163,13 @@ fn run(cli: Cli) -> Result<(), String> {
     let mut config = SpaceConfig::new(&cli.zk, &cli.cluster);
     config.bind = cli.bind;
     config.op_timeout = Duration::from_millis(cli.op_timeout_ms);
+    if cli.cache {
+        config.cache = Some(CacheConfig {
+            block_bytes: cli.cache_block_bytes,
+            budget_bytes: cli.cache_budget_mib << 20,
+            ..CacheConfig::default()
+        });
+    }
     let space = Space::connect(config).map_err(|e| e.to_string())?;
     let s = |e: SpaceError| e.to_string();
     match cli.command {
@@ -177,18 +204,34 @@ fn run(cli: Cli) -> Result<(), String> {
             let freed = space.free_page(PageId(page_id)).map_err(s)?;
             println!("page_id={page_id} freed replicas_freed={freed}");
         }
-        Command::Read { addr: a, len, u64 } => {
+        Command::Read {
+            addr: a,
+            len,
+            u64,
+            again_after,
+        } => {
             let a = addr(&space, &a)?;
-            if u64 {
-                println!("{}", space.read_u64(a).map_err(s)?);
-            } else {
-                let mut buf = vec![0u8; len];
-                space.read(a, &mut buf).map_err(s)?;
-                println!(
-                    "{}",
-                    buf.iter().map(|b| format!("{b:02x}")).collect::<String>()
-                );
+            let read = || -> Result<(), String> {
+                if u64 {
+                    println!("{}", space.read_u64(a).map_err(s)?);
+                } else {
+                    let mut buf = vec![0u8; len];
+                    space.read(a, &mut buf).map_err(s)?;
+                    println!(
+                        "{}",
+                        buf.iter().map(|b| format!("{b:02x}")).collect::<String>()
+                    );
+                }
+                Ok(())
+            };
+            read()?;
+            if let Some(f) = again_after {
+                while !f.exists() {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                read()?;
             }
+            print_cache_stats(&space);
         }
         Command::Write {
             addr: a,
@@ -324,8 +367,11 @@ impl Invocation<'_> {
 
 fn registers(space: &Space, r: &RegistersArgs) -> Result<(), String> {
     let page = PageId(r.page_id);
+    if r.stride == 0 || !r.stride.is_multiple_of(8) {
+        return Err(format!("--stride {}: a multiple of 8", r.stride));
+    }
     let addrs: Vec<GlobalAddr> = (0..r.count)
-        .map(|i| space.addr(page, i * 8))
+        .map(|i| space.addr(page, i * r.stride))
         .collect::<Result<_, _>>()
         .map_err(|e| e.to_string())?;
     if r.init {
@@ -372,15 +418,17 @@ fn registers(space: &Space, r: &RegistersArgs) -> Result<(), String> {
                         // Values unique to this client and operation keep the check fast.
                         let unique =
                             (pmgas_node::fnv1a(client.as_bytes()) & 0xffff) << 40 | (seq + 1);
-                        let op = match rng.next() % 10 {
-                            0..=3 => RegOp::Read,
-                            4..=6 => RegOp::Write(unique),
-                            7..=8 => {
-                                // Expect a recent value of this register to make some succeed.
-                                let expected = space.read_u64(a).unwrap_or(0);
-                                RegOp::Cas(expected, unique)
-                            }
-                            _ => RegOp::Faa(1 + rng.next() % 5),
+                        let op = match rng.next() % 100 {
+                            p if p < r.read_percent => RegOp::Read,
+                            _ => match rng.next() % 6 {
+                                0..=2 => RegOp::Write(unique),
+                                3..=4 => {
+                                    // Expect a recent value of this register to make some succeed.
+                                    let expected = space.read_u64(a).unwrap_or(0);
+                                    RegOp::Cas(expected, unique)
+                                }
+                                _ => RegOp::Faa(1 + rng.next() % 5),
+                            },
                         };
                         let inv = Invocation {
                             client: &client,
@@ -429,5 +477,16 @@ fn registers(space: &Space, r: &RegistersArgs) -> Result<(), String> {
         r.client,
         start.elapsed().as_millis()
     );
+    print_cache_stats(space);
     Ok(())
+}
+
+/// The block cache's counters, when caching is on.
+fn print_cache_stats(space: &Space) {
+    if let Some(c) = space.cache_stats() {
+        println!(
+            "CACHE STATS hits={} misses={} expired={} fills={} invalidations={} evictions={}",
+            c.hits, c.misses, c.expired, c.fills, c.invalidations, c.evictions
+        );
+    }
 }

@@ -38,6 +38,10 @@ pub(crate) struct Coherence {
     notifier: Notifier,
     stop: AtomicBool,
     clock: Instant,
+    /// Fault injection for the rig's tests (`PMGAS_FAULT_CACHE_DEAF=1`): invalidations
+    /// are neither applied nor answered, as if their connection hung, so that only the
+    /// leases keep the cache coherent.
+    deaf: bool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -65,7 +69,11 @@ impl Coherence {
             notifier: Notifier::new().map_err(|e| e.to_string())?,
             stop: AtomicBool::new(false),
             clock: Instant::now(),
+            deaf: std::env::var_os("PMGAS_FAULT_CACHE_DEAF").is_some_and(|v| v == "1"),
         });
+        if me.deaf {
+            tracing::warn!("PMGAS_FAULT_CACHE_DEAF: invalidations are ignored");
+        }
         let serving = Arc::clone(&me);
         std::thread::Builder::new()
             .name("pmgas-cache".into())
@@ -190,6 +198,9 @@ impl Coherence {
                                 request_id,
                                 payload,
                             })) => {
+                                if self.deaf {
+                                    continue;
+                                }
                                 let answer = self.on_request(&payload);
                                 if ep.respond(request_id, &answer).is_err() {
                                     gone.push(*node);

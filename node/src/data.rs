@@ -483,8 +483,8 @@ impl DataServer {
     }
 
     /// C1: registers `client` as a sharer of the block and answers the lease and the
-    /// page's version word now. Not cacheable (lease 0) while the page's invalidation
-    /// round is open, while it is being freed, or before the client's invalidation
+    /// page's version word now. Not cacheable (lease 0) while an invalidation round of an
+    /// update of the block is open, while it is being freed, or before the client's invalidation
     /// connection is known.
     fn cache_fill(
         &mut self,
@@ -522,11 +522,20 @@ impl DataServer {
             Err(b) => return b,
         };
         let version = self.version(page);
+        // An open round of an update that overlaps the block was built without this
+        // sharer: it must not cache the block until the update is stored.
+        let (start, end) = (
+            u64::from(block) * u64::from(block_bytes),
+            (u64::from(block) + 1) * u64::from(block_bytes),
+        );
         let round_open = self
             .pages
             .get(&page_id)
             .and_then(|o| o.in_flight.as_ref())
-            .is_some_and(|f| f.round.is_some());
+            .is_some_and(|f| {
+                let at = u64::from(f.q.offset);
+                f.round.is_some() && at < end && start < at + f.bytes.len() as u64
+            });
         let lease = Duration::from_nanos(self.directory.lease_ns());
         let granted = !round_open
             && self.listeners.contains_key(&client)

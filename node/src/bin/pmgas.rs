@@ -83,6 +83,10 @@ enum Command {
         value: String,
         #[arg(long)]
         u64: bool,
+        /// Connect first, then wait until this file exists to write (a test script's
+        /// signal); prints WRITTEN once acknowledged.
+        #[arg(long)]
+        after_file: Option<PathBuf>,
     },
     /// Compare-and-swap on an 8-byte word; prints the old word.
     Cas {
@@ -226,9 +230,7 @@ fn run(cli: Cli) -> Result<(), String> {
             };
             read()?;
             if let Some(f) = again_after {
-                while !f.exists() {
-                    std::thread::sleep(Duration::from_millis(10));
-                }
+                wait_for_file(&f);
                 read()?;
             }
             print_cache_stats(&space);
@@ -237,6 +239,7 @@ fn run(cli: Cli) -> Result<(), String> {
             addr: a,
             value,
             u64,
+            after_file,
         } => {
             let a = addr(&space, &a)?;
             let bytes = if u64 {
@@ -244,7 +247,14 @@ fn run(cli: Cli) -> Result<(), String> {
             } else {
                 hex(&value)?
             };
+            if let Some(f) = &after_file {
+                wait_for_file(f);
+            }
+            let start = Instant::now();
             space.write(a, &bytes).map_err(s)?;
+            if after_file.is_some() {
+                println!("WRITTEN in_ms={}", start.elapsed().as_millis());
+            }
         }
         Command::Cas {
             addr: a,
@@ -479,6 +489,12 @@ fn registers(space: &Space, r: &RegistersArgs) -> Result<(), String> {
     );
     print_cache_stats(space);
     Ok(())
+}
+
+fn wait_for_file(f: &std::path::Path) {
+    while !f.exists() {
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 /// The block cache's counters, when caching is on.

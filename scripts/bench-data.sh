@@ -6,27 +6,35 @@
 # ib_write_lat, ib_send_lat (8 B and 4 KiB), ib_atomic_lat (CAS), ib_read_bw (4 KiB, 16
 # outstanding); and librpma 1.2's write + flush (bench/c/rpma_write_lat.c, the same
 # hosts and CPUs; its flush is a READ after the WRITE, APM: not durability on rxe).
-# Prints every measurement and the ratios the issue's targets name:
+# Then the coherent block cache (`pmgas-bench cache`, #12) in the same boot: hits next to a
+# DRAM copy, misses next to ib_read_lat, writes with 0-2 other sharers (on hosts 2 and 3)
+# next to a round trip (2 x ib_send_lat), YCSB-B with and without the cache.
+# Prints every measurement and the ratios the issues' targets name:
 #
 #   read p50 / ib_read_lat typical                (target <= 1.05)
 #   CAS, 0 backups / ib_atomic_lat                (target <= 1.05)
 #   durable write, 0 backups / 2 x ib_send_lat    (target <= 1.1: one SEND round trip)
 #   write with 1 or 2 backups / with 0            (target <= 2)
 #   batched 4 KiB reads ops/s / ib_read_bw msg/s  (target >= 0.8)
+#   cache miss / ib_read_lat, 64 B and 4 KiB       (target <= 1.1)
+#   write with k sharers - with 0 / a round trip  (target <= 1, k = 1, 2)
+#   YCSB-B ops/s with the cache / without          (target >= 5)
 #
 # Latencies on the emulated rig are a TCG guest's; the ratios are what this is for.
-# Usage: scripts/bench-data.sh [--iters N] [--json-out FILE]
+# Usage: scripts/bench-data.sh [--iters N] [--json-out FILE] [--cache-only]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 iters=2000
 out_json=
+cache_only=
 args=("$@")
 while (($#)); do
   case $1 in
     --iters) iters=$2; shift 2 ;;
     --json-out) out_json=$2; shift 2 ;;
-    *) echo "usage: $0 [--iters N] [--json-out FILE]" >&2; exit 2 ;;
+    --cache-only) cache_only=1; shift ;;
+    *) echo "usage: $0 [--iters N] [--json-out FILE] [--cache-only]" >&2; exit 2 ;;
   esac
 done
 if [[ ${PMGAS_RIG:-} != 1 ]]; then
@@ -72,8 +80,14 @@ done
 for i in 1 2 3; do wait_line "$work/node$i.log" "NODE READY" 120; done
 
 echo "bench-data: pmgas client on $h4 ($d4, cpu 0) -> primary node 1 on $h1 ($d1, cpu 1); backups on $h2 $h3"
-"$bin/pmgas-bench" data --zk "$zk" --cluster "$cluster" --bind "$h4" --primary 1 --cpu 0 \
-  --iters "$iters" --json >"$work/pmgas.jsonl"
+: >"$work/pmgas.jsonl"
+if [[ -z $cache_only ]]; then
+  "$bin/pmgas-bench" data --zk "$zk" --cluster "$cluster" --bind "$h4" --primary 1 --cpu 0 \
+    --iters "$iters" --json >"$work/pmgas.jsonl"
+fi
+echo "bench-data: the block cache: client on $h4 (cpu 0), other sharers on $h2 $h3"
+"$bin/pmgas-bench" cache --zk "$zk" --cluster "$cluster" --bind "$h4" --sharer-binds "$h2,$h3" \
+  --primary 1 --cpu 0 --iters "$iters" --json >>"$work/pmgas.jsonl"
 cat "$work/pmgas.jsonl"
 [[ -n $out_json ]] && cp "$work/pmgas.jsonl" "$out_json"
 
@@ -114,6 +128,7 @@ for size in 8 4096; do
     lat "$tool" "$size" >>"$work/perftest.txt"
   done
 done
+lat ib_read_lat 64 >>"$work/perftest.txt"
 lat ib_atomic_lat 8 -A CMP_AND_SWAP >>"$work/perftest.txt"
 # librpma write + flush: server on h1/cpu 1, client on h4/cpu 0, as perftest. librpma's
 # client cannot bind a source address, and the rig routes by source (a packet from no
@@ -148,9 +163,9 @@ for line in open(sys.argv[2]):
         continue
     t, s, typ, p99 = f
     pt[(t, int(s))] = (float(typ), float(p99))
-def p(op, size, backups):
+def p(op, size, backups, **kw):
     for r in rows:
-        if r["op"] == op and r["size_bytes"] == size and r["backups"] == backups:
+        if r["op"] == op and r["size_bytes"] == size and r["backups"] == backups and all(r.get(k) == v for k, v in kw.items()):
             return r
     return None
 def us(r):
@@ -192,6 +207,32 @@ for b in (0, 2):
     r = p("batch-write", 4096, b)
     if r:
         print(f"{f'batched 4 KiB writes, {b} backups (ops/s)':<44} {r['ops_per_s']:>10.0f}")
+print()
+print("the coherent block cache (pmgas-bench cache)")
+for size in (64, 4096):
+    r = p("hit", size, 0)
+    d = p("dram-copy", size, 0)
+    line(f"cache hit {size} B vs a DRAM copy in-process (us)", r and us(r), d and us(d), "-")
+for size in (64, 4096):
+    r = p("miss", size, 0)
+    rl = pt.get(("ib_read_lat", size))
+    line(f"cache miss {size} B vs ib_read_lat (us)", r and us(r), rl and rl[0], "<= 1.1")
+    u = p("read-uncached", size, 0)
+    line(f"  (uncached read {size} B vs ib_read_lat)", u and us(u), rl and rl[0], "-")
+w0 = p("write", 8, 0, sharers=0)
+rtt = pt.get(("ib_send_lat", 8))
+for k in (1, 2):
+    wk = p("write", 8, 0, sharers=k)
+    line(f"write 8 B, {k} sharer(s): extra over 0 vs a round trip (us)", wk and w0 and us(wk) - us(w0), rtt and 2 * rtt[0], "<= 1")
+    line(f"  (write 8 B, {k} sharer(s) vs 0 sharers)", wk and us(wk), w0 and us(w0), "-")
+yu = [r for r in rows if r["op"] == "ycsb-b" and not r["cached"]]
+yc = [r for r in rows if r["op"] == "ycsb-b" and r["cached"]]
+if yu and yc:
+    yu, yc = yu[0], yc[0]
+    print(f"{'YCSB-B, 4 clients, ops/s: cache vs none':<44} {yc['ops_per_s']:>10.0f} {yu['ops_per_s']:>10.0f} {yc['ops_per_s'] / yu['ops_per_s']:>7.3f}  >= 5")
+    print(f"{'YCSB-B p99 (us): cache vs none':<44} {yc['p99_ns'] / 1000:>10.2f} {yu['p99_ns'] / 1000:>10.2f} {yc['p99_ns'] / yu['p99_ns']:>7.3f}  -")
+    print(f"{'YCSB-B p50 (us): cache vs none':<44} {yc['p50_ns'] / 1000:>10.2f} {yu['p50_ns'] / 1000:>10.2f} {yc['p50_ns'] / yu['p50_ns']:>7.3f}  -")
+    print(f"YCSB-B cache hits {yc['hits']} misses {yc['misses']} (timed part, all clients)")
 print("persist_mode: cpu (every node's CPU stores and writes back each byte before it acknowledges)")
 print("librpma write+flush: RPMA_FLUSH_TYPE_VISIBILITY (a READ after the WRITE); on rxe the responder's CPU copies the bytes, so it is not durability, printed for reference")
 PY

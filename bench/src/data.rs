@@ -54,18 +54,45 @@ pub struct DataArgs {
 
 /// One measurement, as `--json` prints it.
 #[derive(Debug, Serialize)]
-struct DataReport {
-    op: String,
-    size_bytes: usize,
-    backups: u8,
-    persist_mode: &'static str,
-    in_flight: usize,
-    iters: u64,
-    p50_ns: u64,
-    p99_ns: u64,
-    p999_ns: u64,
-    max_ns: u64,
-    ops_per_s: f64,
+pub(crate) struct DataReport {
+    pub(crate) op: String,
+    pub(crate) size_bytes: usize,
+    pub(crate) backups: u8,
+    pub(crate) persist_mode: &'static str,
+    pub(crate) in_flight: usize,
+    pub(crate) iters: u64,
+    pub(crate) p50_ns: u64,
+    pub(crate) p99_ns: u64,
+    pub(crate) p999_ns: u64,
+    pub(crate) max_ns: u64,
+    pub(crate) ops_per_s: f64,
+}
+
+impl DataReport {
+    /// A report of the latencies in `hist`, `ops` operations in `secs`.
+    pub(crate) fn of(
+        name: &str,
+        size: usize,
+        backups: u8,
+        in_flight: usize,
+        hist: &hdrhistogram::Histogram<u64>,
+        ops: u64,
+        secs: f64,
+    ) -> Self {
+        Self {
+            op: name.to_owned(),
+            size_bytes: size,
+            backups,
+            persist_mode: "cpu",
+            in_flight,
+            iters: hist.len(),
+            p50_ns: hist.value_at_quantile(0.50),
+            p99_ns: hist.value_at_quantile(0.99),
+            p999_ns: hist.value_at_quantile(0.999),
+            max_ns: hist.max(),
+            ops_per_s: ops as f64 / secs.max(1e-9),
+        }
+    }
 }
 
 pub fn run(args: &DataArgs) -> Result<(), String> {
@@ -235,17 +262,13 @@ fn measure(
         let _ = hist.record((t.elapsed().as_nanos() as u64).max(1));
     }
     let secs = start.elapsed().max(Duration::from_nanos(1)).as_secs_f64();
-    Ok(DataReport {
-        op: name.to_owned(),
-        size_bytes: size,
+    Ok(DataReport::of(
+        name,
+        size,
         backups,
-        persist_mode: "cpu",
         in_flight,
-        iters: hist.len(),
-        p50_ns: hist.value_at_quantile(0.50),
-        p99_ns: hist.value_at_quantile(0.99),
-        p999_ns: hist.value_at_quantile(0.999),
-        max_ns: hist.max(),
-        ops_per_s: (args.iters as f64 * in_flight as f64) / secs,
-    })
+        &hist,
+        args.iters * in_flight as u64,
+        secs,
+    ))
 }

@@ -2,6 +2,7 @@
 #![deny(unsafe_code)]
 
 mod alloc_page;
+mod cache;
 #[allow(unsafe_code)] // RDTSC; the block carries its SAFETY argument
 mod clock;
 mod data;
@@ -41,6 +42,8 @@ enum Command {
     /// The data path through the client API: reads, durable writes, CAS and FAA with 0, 1
     /// and 2 backups, batches with 16 in flight (scripts/bench-data.sh: beside perftest).
     Data(data::DataArgs),
+    /// The coherent block cache: hits, misses, writes with sharers, YCSB-B with and without it.
+    Cache(cache::CacheArgs),
     /// How long a starting monitor takes to reload GATs of several sizes from ZooKeeper.
     Recovery(recovery::RecoveryArgs),
     /// Lists RDMA devices, their ports and RoCE v2 GIDs; with --gid-for, prints just the
@@ -89,6 +92,7 @@ fn main() -> ExitCode {
         Command::AllocPage(args) => alloc_page::run(&args),
         Command::Recovery(args) => recovery::run(&args),
         Command::Data(args) => data::run(&args),
+        Command::Cache(args) => cache::run(&args),
         Command::DataProbe(args) => data_probe::run(&args),
         Command::Devices { device, gid_for } => devices(device.as_deref(), gid_for),
         Command::CheckHistory {

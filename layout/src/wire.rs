@@ -18,6 +18,8 @@ pub const MAX_REPLICAS: usize = 8;
 pub const MAX_DETAIL_BYTES: usize = 256;
 /// Most (page, page id) entries in one [`Body::Reconcile`].
 pub const MAX_RECONCILE_ENTRIES: usize = 256;
+/// Blocks one CacheRenew or Renewed names at most.
+pub const MAX_CACHE_BLOCKS: usize = 256;
 /// Most bytes one [`Body::Update`] or [`Body::Replicate`] carries (a longer write is
 /// several updates).
 pub const MAX_UPDATE_BYTES: usize = 4096;
@@ -28,6 +30,7 @@ pub const MAX_NODES: usize = 64;
 pub const MAX_MESSAGE_BYTES: usize = HEADER_BYTES + 32 + MAX_UPDATE_BYTES;
 const _: () = assert!(HEADER_BYTES + 8 + MAX_RECONCILE_ENTRIES * 8 <= MAX_MESSAGE_BYTES);
 const _: () = assert!(HEADER_BYTES + 8 + MAX_NODES * 16 <= MAX_MESSAGE_BYTES);
+const _: () = assert!(HEADER_BYTES + 16 + MAX_CACHE_BLOCKS * 8 <= MAX_MESSAGE_BYTES);
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[non_exhaustive]
@@ -83,10 +86,13 @@ pub enum ErrorCode {
     BadAddress,
     /// The page was freed (its id is never handed out again). Nothing was applied.
     PageFreed,
+    /// A cache fill or renewal from a client whose invalidation connection the primary
+    /// does not know (never opened, or lost): open it again (`CacheListen`).
+    NotListening,
 }
 
 impl ErrorCode {
-    const ALL: [Self; 15] = [
+    const ALL: [Self; 16] = [
         Self::Malformed,
         Self::StaleEpoch,
         Self::UnknownPage,
@@ -102,6 +108,7 @@ impl ErrorCode {
         Self::NotPrimary,
         Self::BadAddress,
         Self::PageFreed,
+        Self::NotListening,
     ];
 
     pub fn code(self) -> u16 {
@@ -330,6 +337,20 @@ pub enum Body {
     CacheListen {
         client: u64,
     },
+    /// Client -> the pages' primary (`node/CACHE.md` C2a): extend the leases of these
+    /// cached blocks (of `block_bytes`), which the client holds under leases still running.
+    /// Answered [`Body::Renewed`].
+    CacheRenew {
+        client: u64,
+        block_bytes: u32,
+        blocks: Vec<(PageId, u32)>,
+    },
+    /// The blocks whose leases were extended by `lease_ms` (from when the primary answered);
+    /// the others must be filled again.
+    Renewed {
+        lease_ms: u32,
+        blocks: Vec<(PageId, u32)>,
+    },
 }
 
 impl Body {
@@ -368,6 +389,8 @@ impl Body {
             Self::Invalidate { .. } => 31,
             Self::Invalidated { .. } => 32,
             Self::CacheListen { .. } => 33,
+            Self::CacheRenew { .. } => 34,
+            Self::Renewed { .. } => 35,
         }
     }
 
@@ -406,6 +429,8 @@ impl Body {
             Self::Invalidate { .. } => "Invalidate",
             Self::Invalidated { .. } => "Invalidated",
             Self::CacheListen { .. } => "CacheListen",
+            Self::CacheRenew { .. } => "CacheRenew",
+            Self::Renewed { .. } => "Renewed",
         }
     }
 }
@@ -438,6 +463,15 @@ impl Writer {
         for r in replicas {
             self.u32(r.node.0);
             self.u32(r.page.0);
+        }
+    }
+    /// count u32, then count × (page_id u32, block u32).
+    fn block_list(&mut self, blocks: &[(PageId, u32)]) {
+        assert!(blocks.len() <= MAX_CACHE_BLOCKS, "block list");
+        self.u32(blocks.len() as u32);
+        for (page_id, block) in blocks {
+            self.u32(page_id.0);
+            self.u32(*block);
         }
     }
 }
@@ -496,6 +530,15 @@ impl<'a> Reader<'a> {
             out.push(r);
         }
         Ok(out)
+    }
+    fn block_list(&mut self) -> Result<Vec<(PageId, u32)>, WireError> {
+        let count = self.u32()? as usize;
+        if count > MAX_CACHE_BLOCKS {
+            return corrupt(format!("{count} blocks (at most {MAX_CACHE_BLOCKS})"));
+        }
+        (0..count)
+            .map(|_| Ok((PageId(self.u32()?), self.u32()?)))
+            .collect()
     }
     fn finish(&self) -> Result<(), WireError> {
         if self.pos != self.bytes.len() {
@@ -746,6 +789,19 @@ impl Message {
                 w.u32(*block);
             }
             Body::CacheListen { client } => w.u64(*client),
+            Body::CacheRenew {
+                client,
+                block_bytes,
+                blocks,
+            } => {
+                w.u64(*client);
+                w.u32(*block_bytes);
+                w.block_list(blocks);
+            }
+            Body::Renewed { lease_ms, blocks } => {
+                w.u32(*lease_ms);
+                w.block_list(blocks);
+            }
             Body::Leased { lease_ms, version } => {
                 w.u32(*lease_ms);
                 w.zeros(4);
@@ -1069,6 +1125,22 @@ impl Message {
                 }
             }
             33 => Body::CacheListen { client: r.u64()? },
+            34 => {
+                let client = r.u64()?;
+                let block_bytes = r.u32()?;
+                if !block_bytes.is_power_of_two() {
+                    return corrupt(format!("cache block size {block_bytes}"));
+                }
+                Body::CacheRenew {
+                    client,
+                    block_bytes,
+                    blocks: r.block_list()?,
+                }
+            }
+            35 => Body::Renewed {
+                lease_ms: r.u32()?,
+                blocks: r.block_list()?,
+            },
             30 => {
                 let lease_ms = r.u32()?;
                 r.zeros(4)?;
@@ -1243,6 +1315,15 @@ mod tests {
             }),
             msg(Body::CacheListen {
                 client: 0xfeed_beef,
+            }),
+            msg(Body::CacheRenew {
+                client: 0xfeed_beef,
+                block_bytes: 64,
+                blocks: vec![(PageId(9), 3), (PageId(10), 1023)],
+            }),
+            msg(Body::Renewed {
+                lease_ms: 500,
+                blocks: vec![(PageId(9), 3)],
             }),
         ]
     }
@@ -1431,7 +1512,8 @@ mod tests {
         assert_eq!(ErrorCode::NotPrimary.code(), 13);
         assert_eq!(ErrorCode::BadAddress.code(), 14);
         assert_eq!(ErrorCode::PageFreed.code(), 15);
-        assert_eq!(ErrorCode::from_code(16), None);
+        assert_eq!(ErrorCode::NotListening.code(), 16);
+        assert_eq!(ErrorCode::from_code(17), None);
     }
 
     #[test]

@@ -62,6 +62,8 @@ pub struct CacheStats {
     pub fills: u64,
     pub invalidations: u64,
     pub evictions: u64,
+    /// Leases extended by a renewal (C2a).
+    pub renewals: u64,
 }
 
 #[derive(Debug)]
@@ -72,6 +74,8 @@ struct Slot {
     expires_ns: u64,
     epoch: Epoch,
     referenced: bool,
+    /// Hit since its lease was last renewed (C2a renews only blocks in use).
+    used: bool,
 }
 
 /// Blocks in DRAM (see the module head).
@@ -134,16 +138,66 @@ impl BlockCache {
         requested_ns: u64,
         lease_ns: u64,
     ) -> bool {
-        let invalidated = self.dropped_all_at > ticket.0
-            || self.invalidated_at.get(&key).is_some_and(|&g| g > ticket.0);
-        self.filling = self.filling.saturating_sub(1);
-        if self.filling == 0 {
-            self.invalidated_at.clear();
-        }
+        let invalidated = self.invalidated_since(ticket, key);
+        self.release(ticket);
         match bytes {
             Some(b) if !invalidated => self.insert(key, b, epoch, requested_ns, lease_ns),
             _ => false,
         }
+    }
+
+    fn invalidated_since(&self, ticket: FillTicket, key: BlockKey) -> bool {
+        self.dropped_all_at > ticket.0
+            || self.invalidated_at.get(&key).is_some_and(|&g| g > ticket.0)
+    }
+
+    fn release(&mut self, _ticket: FillTicket) {
+        self.filling = self.filling.saturating_sub(1);
+        if self.filling == 0 {
+            self.invalidated_at.clear();
+        }
+    }
+
+    /// C2a: the blocks to renew now: hit since their last renewal, lease running and
+    /// ending before `now_ns + within_ns`. Each is marked unused again.
+    pub fn due_for_renewal(&mut self, now_ns: u64, within_ns: u64) -> Vec<BlockKey> {
+        let mut due = vec![];
+        for slot in self.slots.iter_mut().flatten() {
+            if slot.used && now_ns < slot.expires_ns && slot.expires_ns < now_ns + within_ns {
+                slot.used = false;
+                due.push(slot.key);
+            }
+        }
+        due
+    }
+
+    /// C2a, after the primary answered a renewal sent at `sent_ns` (its ticket taken
+    /// before): each of `renewed` still held and not invalidated since has its lease
+    /// extended to `sent_ns + lease_ns − margin`. Every ticket must end here (with
+    /// nothing renewed if the request failed).
+    pub fn end_renewal(
+        &mut self,
+        ticket: FillTicket,
+        renewed: &[BlockKey],
+        sent_ns: u64,
+        lease_ns: u64,
+    ) -> usize {
+        let mut n = 0;
+        if lease_ns > self.config.margin_ns {
+            let expires_ns = sent_ns.saturating_add(lease_ns - self.config.margin_ns);
+            for &key in renewed {
+                if self.invalidated_since(ticket, key) {
+                    continue;
+                }
+                if let Some(slot) = self.index.get(&key).and_then(|&i| self.slots[i].as_mut()) {
+                    slot.expires_ns = slot.expires_ns.max(expires_ns);
+                    n += 1;
+                }
+            }
+        }
+        self.stats.renewals += n as u64;
+        self.release(ticket);
+        n
     }
 
     fn note_invalidated(&mut self, key: Option<BlockKey>) {
@@ -210,6 +264,7 @@ impl BlockCache {
         };
         out.copy_from_slice(src);
         slot.referenced = true;
+        slot.used = true;
         self.stats.hits += 1;
         true
     }
@@ -240,6 +295,7 @@ impl BlockCache {
             expires_ns,
             epoch,
             referenced: false,
+            used: false,
         });
         self.index.insert(key, i);
         self.stats.fills += 1;
@@ -528,6 +584,40 @@ mod tests {
         assert!(!c.end_fill(t, key(3, 0), None, e, 0, 500 * MS));
         assert_eq!(c.filling, 0);
         assert!(c.invalidated_at.is_empty());
+    }
+
+    #[test]
+    fn blocks_in_use_are_renewed_unless_invalidated_meanwhile() {
+        let mut c = cache(4);
+        let e = Epoch(1);
+        let mut out = [0u8; 1];
+        for b in 0..3 {
+            c.insert(key(1, b), &[0; 64], e, 0, 500 * MS); // expires at 450
+        }
+        // Block 0 and 1 are used, block 2 is not; nothing is due before its lease nears
+        // its end.
+        assert!(c.get(key(1, 0), 0, &mut out, e, 10 * MS));
+        assert!(c.get(key(1, 1), 0, &mut out, e, 10 * MS));
+        assert!(c.due_for_renewal(100 * MS, 250 * MS).is_empty());
+        let due = c.due_for_renewal(300 * MS, 250 * MS);
+        assert_eq!(due, vec![key(1, 0), key(1, 1)]);
+        // Marked unused: not due again until hit again.
+        assert!(c.due_for_renewal(300 * MS, 250 * MS).is_empty());
+        let t = c.begin_fill();
+        // Block 1 is invalidated while the renewal is in flight: not extended.
+        c.invalidate(key(1, 1));
+        assert_eq!(c.end_renewal(t, &due, 300 * MS, 500 * MS), 1);
+        assert!(c.get(key(1, 0), 0, &mut out, e, 749 * MS), "300 + 500 - 50");
+        assert!(!c.get(key(1, 0), 0, &mut out, e, 750 * MS));
+        assert!(
+            !c.get(key(1, 2), 0, &mut out, e, 450 * MS),
+            "not renewed, expired"
+        );
+        assert_eq!(c.stats().renewals, 1);
+        // A failed renewal ends its ticket and changes nothing.
+        let t = c.begin_fill();
+        assert_eq!(c.end_renewal(t, &[], 0, 0), 0);
+        assert_eq!(c.filling, 0);
     }
 
     #[test]

@@ -5,17 +5,19 @@
 //! - C1: before its first fill from a primary, the client opens an invalidation
 //!   connection to it and announces its token (`CacheListen`); fills register under that
 //!   token ([`Coherence::listen`]).
+//! - C2a: the same thread renews, on the same connections, the leases of blocks in use
+//!   before they end ([`Coherence::renew`]).
 //! - C3: the thread ([`Coherence::serve`]) drops each block a primary invalidates and
 //!   answers `Invalidated`.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use pmgas_layout::wire::{Body, ErrorCode, Message};
-use pmgas_layout::{Epoch, NodeId};
+use pmgas_layout::wire::{Body, ErrorCode, MAX_CACHE_BLOCKS, Message};
+use pmgas_layout::{Epoch, NodeId, PageId};
 use pmgas_verbs::msg::{Endpoint, Incoming};
 use pmgas_verbs::wait::Notifier;
 use pmgas_verbs::{ConnectionConfig, Connector, ProtectionDomain};
@@ -25,7 +27,11 @@ use crate::data::data_msg_config;
 use crate::space::CLIENT_SENDER;
 
 /// How long the invalidation thread sleeps at most between looks at its connections.
-const IDLE: Duration = Duration::from_millis(100);
+const IDLE: Duration = Duration::from_millis(50);
+
+/// Renewals in flight: (primary, request id) -> (the ticket taken before sending, when
+/// it was sent).
+type Renewals = HashMap<(NodeId, u64), (FillTicket, u64)>;
 
 /// One client's cache and invalidation connections (see the module head).
 pub(crate) struct Coherence {
@@ -38,6 +44,10 @@ pub(crate) struct Coherence {
     notifier: Notifier,
     stop: AtomicBool,
     clock: Instant,
+    /// The last lease a primary granted (0: none yet), and where each cached page's
+    /// primary was when it was filled: for renewals.
+    lease_ns: AtomicU64,
+    owners: Mutex<HashMap<PageId, NodeId>>,
     /// Fault injection for the rig's tests (`PMGAS_FAULT_CACHE_DEAF=1`): invalidations
     /// are neither applied nor answered, as if their connection hung, so that only the
     /// leases keep the cache coherent.
@@ -69,6 +79,8 @@ impl Coherence {
             notifier: Notifier::new().map_err(|e| e.to_string())?,
             stop: AtomicBool::new(false),
             clock: Instant::now(),
+            lease_ns: AtomicU64::new(0),
+            owners: Mutex::new(HashMap::new()),
             deaf: std::env::var_os("PMGAS_FAULT_CACHE_DEAF").is_some_and(|v| v == "1"),
         });
         if me.deaf {
@@ -114,6 +126,7 @@ impl Coherence {
         lock(&self.blocks).begin_fill()
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn end_fill(
         &self,
         ticket: FillTicket,
@@ -122,8 +135,19 @@ impl Coherence {
         epoch: Epoch,
         requested_ns: u64,
         lease_ns: u64,
+        primary: NodeId,
     ) -> bool {
-        lock(&self.blocks).end_fill(ticket, key, bytes, epoch, requested_ns, lease_ns)
+        let installed =
+            lock(&self.blocks).end_fill(ticket, key, bytes, epoch, requested_ns, lease_ns);
+        if installed {
+            self.lease_ns.store(lease_ns, Ordering::Relaxed);
+            let mut owners = lock(&self.owners);
+            if owners.len() >= 1 << 16 {
+                owners.clear();
+            }
+            owners.insert(key.0, primary);
+        }
+        installed
     }
 
     /// This client is about to update `len` bytes at `offset` of `page`: its own copies
@@ -182,14 +206,29 @@ impl Coherence {
         Ok(())
     }
 
+    /// The primary `node` no longer knows this client's invalidation connection: the next
+    /// fill opens another.
+    pub(crate) fn drop_listener(&self, node: NodeId) {
+        if lock(&self.listeners).remove(&node).is_some() {
+            tracing::info!(%node, "invalidation connection dropped: the primary no longer knows it");
+        }
+    }
+
     /// C3, the invalidation thread: answers every primary's Invalidate as soon as it
     /// arrives, until the handle is dropped.
     fn serve(self: Arc<Self>) {
+        let mut renewing = Renewals::new();
+        let mut last_renewal = Instant::now();
         while !self.stop.load(Ordering::Acquire) {
             let mut fds = vec![self.notifier.fd()];
             let mut again = false;
             {
                 let mut listeners = lock(&self.listeners);
+                let lease_ns = self.lease_ns.load(Ordering::Relaxed);
+                if lease_ns > 0 && last_renewal.elapsed() >= Duration::from_nanos(lease_ns / 4) {
+                    last_renewal = Instant::now();
+                    self.renew(&mut listeners, &mut renewing, lease_ns);
+                }
                 let mut gone = vec![];
                 for (node, (ep, _)) in listeners.iter_mut() {
                     loop {
@@ -207,7 +246,19 @@ impl Coherence {
                                     break;
                                 }
                             }
-                            Ok(Some(_)) => {}
+                            Ok(Some(Incoming::Response {
+                                request_id,
+                                payload,
+                            })) => {
+                                if let Some(r) = renewing.remove(&(*node, request_id)) {
+                                    self.renewed(r, &payload);
+                                }
+                            }
+                            Ok(Some(Incoming::TimedOut { request_id })) => {
+                                if let Some(r) = renewing.remove(&(*node, request_id)) {
+                                    self.renewed(r, &[]);
+                                }
+                            }
                             Ok(None) => {
                                 if ep.connection().peer_disconnected().unwrap_or(true) {
                                     gone.push(*node);
@@ -224,8 +275,15 @@ impl Coherence {
                 for node in gone {
                     // The primary can no longer reach this client: it waits for the leases
                     // of the blocks it would invalidate, which end here first.
-                    tracing::debug!(%node, "invalidation connection lost");
+                    tracing::info!(%node, "invalidation connection lost");
                     listeners.remove(&node);
+                    let lost: Vec<(NodeId, u64)> =
+                        renewing.keys().filter(|k| k.0 == node).copied().collect();
+                    for k in lost {
+                        if let Some(r) = renewing.remove(&k) {
+                            self.renewed(r, &[]);
+                        }
+                    }
                 }
                 for (ep, _) in listeners.values_mut() {
                     match ep.arm() {
@@ -242,6 +300,64 @@ impl Coherence {
             }
             self.notifier.drain();
         }
+    }
+
+    /// C2a: sends each primary a renewal of the blocks in use whose leases end within
+    /// half a lease (at most [`MAX_CACHE_BLOCKS`] per message).
+    fn renew(
+        &self,
+        listeners: &mut HashMap<NodeId, (Endpoint, ProtectionDomain)>,
+        renewing: &mut Renewals,
+        lease_ns: u64,
+    ) {
+        let now = self.now_ns();
+        let (due, block_bytes) = {
+            let mut b = lock(&self.blocks);
+            (b.due_for_renewal(now, lease_ns / 2), b.config().block_bytes)
+        };
+        if due.is_empty() {
+            return;
+        }
+        let mut by_node: HashMap<NodeId, Vec<BlockKey>> = HashMap::new();
+        {
+            let owners = lock(&self.owners);
+            for key in due {
+                if let Some(&node) = owners.get(&key.0) {
+                    by_node.entry(node).or_default().push(key);
+                }
+            }
+        }
+        for (node, keys) in by_node {
+            let Some((ep, _)) = listeners.get_mut(&node) else {
+                continue;
+            };
+            for chunk in keys.chunks(MAX_CACHE_BLOCKS) {
+                let ticket = self.begin_fill();
+                let sent_ns = self.now_ns();
+                let body = Body::CacheRenew {
+                    client: self.token,
+                    block_bytes: block_bytes as u32,
+                    blocks: chunk.to_vec(),
+                };
+                let msg = Message::new(Epoch(0), CLIENT_SENDER, 0, body).encode();
+                let timeout = Duration::from_nanos(lease_ns);
+                match ep.request(&msg, timeout) {
+                    Ok(id) => {
+                        renewing.insert((node, id), (ticket, sent_ns));
+                    }
+                    Err(_) => self.renewed((ticket, sent_ns), &[]),
+                }
+            }
+        }
+    }
+
+    /// C2a: a primary's answer to a renewal (empty: none, the ticket just ends).
+    fn renewed(&self, (ticket, sent_ns): (FillTicket, u64), payload: &[u8]) {
+        let (keys, lease_ns) = match Message::decode(payload).map(|m| m.body) {
+            Ok(Body::Renewed { lease_ms, blocks }) => (blocks, u64::from(lease_ms) * 1_000_000),
+            _ => (vec![], 0),
+        };
+        lock(&self.blocks).end_renewal(ticket, &keys, sent_ns, lease_ns);
     }
 
     fn on_request(&self, payload: &[u8]) -> Vec<u8> {

@@ -28,6 +28,7 @@
 //! - C1 [`DataServer::cache_fill`]: a client registers as a sharer of a block (its READs
 //!   of the block and of the page's version word travel with the registration);
 //!   [`DataServer::cache_listen`] takes the connection its invalidations go to.
+//! - C2a [`DataServer::cache_renew`]: a client extends the leases of blocks it uses.
 //! - C3 [`DataServer::invalidate_sharers`]: before D5 stores an update, every sharer of
 //!   the blocks it touches is told to drop them, in parallel; D5 waits for each answer or
 //!   the sharer's lease, and stores with the page's version word odd.
@@ -426,6 +427,11 @@ impl DataServer {
                 client,
             } => Some(self.cache_fill(page_id, block, block_bytes, client)),
             Body::CacheListen { client } => Some(self.cache_listen(conn, client)),
+            Body::CacheRenew {
+                client,
+                block_bytes,
+                blocks,
+            } => Some(self.cache_renew(client, block_bytes, &blocks)),
             other => Some(error(
                 ErrorCode::Malformed,
                 format!("{} is not a data-path request", other.name()),
@@ -472,7 +478,12 @@ impl DataServer {
     /// blocks in a round are waited for until their leases end).
     fn conn_closed(&mut self, conn: u64) {
         self.conns.remove(&conn);
-        self.listeners.retain(|_, c| *c != conn);
+        self.listeners.retain(|client, c| {
+            if *c == conn {
+                tracing::info!(client = %format!("{client:#x}"), "a client's invalidation connection closed");
+            }
+            *c != conn
+        });
         self.invalidating.retain(|(c, _), _| *c != conn);
     }
 
@@ -484,8 +495,8 @@ impl DataServer {
 
     /// C1: registers `client` as a sharer of the block and answers the lease and the
     /// page's version word now. Not cacheable (lease 0) while an invalidation round of an
-    /// update of the block is open, while it is being freed, or before the client's invalidation
-    /// connection is known.
+    /// update of the block is open or the page is being freed; refused NotListening while
+    /// the client's invalidation connection is not known.
     fn cache_fill(
         &mut self,
         page_id: PageId,
@@ -521,9 +532,35 @@ impl DataServer {
             Ok(p) => p,
             Err(b) => return b,
         };
+        if !self.listeners.contains_key(&client) {
+            return error(
+                ErrorCode::NotListening,
+                format!(
+                    "no invalidation connection of client {client:#x} on {}",
+                    self.me
+                ),
+            );
+        }
         let version = self.version(page);
-        // An open round of an update that overlaps the block was built without this
-        // sharer: it must not cache the block until the update is stored.
+        let lease = Duration::from_nanos(self.directory.lease_ns());
+        let granted = self.may_lease(page_id, block, block_bytes);
+        let lease_ms = if granted {
+            let now = self.now_ns();
+            self.directory
+                .register(page_id, block_bytes, block, client, now);
+            lease.as_millis() as u32
+        } else {
+            0
+        };
+        Body::Leased { lease_ms, version }
+    }
+
+    /// Whether a lease on block `block` (of `block_bytes`) of `page_id` may be granted or
+    /// extended now (and, if so, it is recorded for a free to wait for): not while an
+    /// invalidation round of an update that overlaps the block is open (it was built
+    /// without this sharer: the block must not be cached until the update is stored), nor
+    /// while the page is being freed.
+    fn may_lease(&mut self, page_id: PageId, block: u32, block_bytes: u32) -> bool {
         let (start, end) = (
             u64::from(block) * u64::from(block_bytes),
             (u64::from(block) + 1) * u64::from(block_bytes),
@@ -537,23 +574,39 @@ impl DataServer {
                 f.round.is_some() && at < end && start < at + f.bytes.len() as u64
             });
         let lease = Duration::from_nanos(self.directory.lease_ns());
-        let granted = !round_open
-            && self.listeners.contains_key(&client)
+        !round_open
             && self
                 .shared()
                 .leases
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .grant(page_id, Instant::now(), lease);
-        let lease_ms = if granted {
-            let now = self.now_ns();
-            self.directory
-                .register(page_id, block_bytes, block, client, now);
-            lease.as_millis() as u32
-        } else {
-            0
-        };
-        Body::Leased { lease_ms, version }
+                .grant(page_id, Instant::now(), lease)
+    }
+
+    /// C2a: extends the leases of the blocks `client` still holds under a registration no
+    /// update has taken (see `Directory::renew`), on pages this node is still the primary
+    /// of and holds.
+    fn cache_renew(&mut self, client: Sharer, block_bytes: u32, blocks: &[(PageId, u32)]) -> Body {
+        let mut renewed = vec![];
+        for &(page_id, block) in blocks {
+            let primary = self.mapping(page_id).ok().and_then(|r| r.first().copied());
+            let held = primary
+                .filter(|p| p.node == self.me)
+                .is_some_and(|p| self.local_page(page_id, p.page).is_ok());
+            if held && self.may_lease(page_id, block, block_bytes) {
+                let now = self.now_ns();
+                if self
+                    .directory
+                    .renew(page_id, block_bytes, block, client, now)
+                {
+                    renewed.push((page_id, block));
+                }
+            }
+        }
+        Body::Renewed {
+            lease_ms: (self.directory.lease_ns() / 1_000_000) as u32,
+            blocks: renewed,
+        }
     }
 
     /// C3: the round of the in-flight update of `page_id`, which has every backup's

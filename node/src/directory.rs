@@ -62,6 +62,33 @@ impl Directory {
         self.lease_ns
     }
 
+    /// C2a: `sharer`, which holds block `block` (of `block_bytes`) of `page`, asks for its
+    /// lease to be extended. Granted (from `now_ns`) only if it is still registered with
+    /// a lease running: then no update of the block was ordered since it registered
+    /// (every round takes the block's sharers), so the bytes it holds are current.
+    pub fn renew(
+        &mut self,
+        page: PageId,
+        block_bytes: u32,
+        block: u32,
+        sharer: Sharer,
+        now_ns: u64,
+    ) -> bool {
+        let shift = block_bytes.max(1).ilog2();
+        let lease = self.lease_ns;
+        match self
+            .blocks
+            .get_mut(&(page, shift, block))
+            .and_then(|s| s.get_mut(&sharer))
+        {
+            Some(end) if now_ns < *end => {
+                *end = now_ns.saturating_add(lease);
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Sharers of the blocks of `page` that `len` bytes at `offset` overlap, whose lease
     /// has not ended at `now_ns` (the others are forgotten).
     pub fn sharers(&mut self, page: PageId, offset: u64, len: u64, now_ns: u64) -> usize {
@@ -264,6 +291,28 @@ mod tests {
         assert!(!r.done(599 * MS));
         assert!(r.done(600 * MS));
         assert_eq!(d.sharers(PageId(5), 0, 4096, 10 * MS), 1);
+    }
+
+    #[test]
+    fn a_renewal_extends_only_a_registration_no_update_has_taken() {
+        let mut d = Directory::new(500 * MS);
+        let p = PageId(6);
+        d.register(p, B, 0, 1, 0);
+        d.register(p, B, 1, 1, 0);
+        // Running: extended from now.
+        assert!(d.renew(p, B, 0, 1, 400 * MS));
+        assert_eq!(d.sharers(p, 0, 1, 800 * MS), 1);
+        // Ended: refused (an update may have been ordered without this sharer).
+        assert!(!d.renew(p, B, 1, 1, 500 * MS));
+        // Taken by an update's round: refused, and the next update waits for nobody.
+        let _ = d.invalidate(p, 0, 8, 600 * MS);
+        assert!(!d.renew(p, B, 0, 1, 600 * MS));
+        assert!(d.invalidate(p, 0, 8, 600 * MS).done(600 * MS));
+        // Never registered, or another block size: refused.
+        assert!(!d.renew(p, B, 2, 1, 0));
+        d.register(p, 64, 0, 2, 0);
+        assert!(!d.renew(p, B, 0, 2, 0));
+        assert!(d.renew(p, 64, 0, 2, 0));
     }
 
     #[test]

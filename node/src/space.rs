@@ -395,9 +395,10 @@ impl Space {
     ) -> Result<(), SpaceError> {
         self.check(addr, out.len())?;
         let coherence = self.inner.coherence.as_ref().filter(|_| cached);
-        let deadline = Instant::now() + self.inner.config.op_timeout;
-        let mut last = String::new();
-        while Instant::now() < deadline {
+        // The clock is read only once something failed: a cache hit reads it once, in
+        // the cache.
+        let mut deadline: Option<Instant> = None;
+        loop {
             let once = match coherence {
                 Some(c) => self.read_cached_once(c, addr, out),
                 None => self.read_once(addr, out),
@@ -406,16 +407,19 @@ impl Space {
                 Ok(()) => return Ok(()),
                 Err(Failure::Final(e)) => return Err(e),
                 Err(Failure::Moved(e) | Failure::Transport(e)) => {
-                    last = e;
+                    let end = *deadline
+                        .get_or_insert_with(|| Instant::now() + self.inner.config.op_timeout);
+                    if Instant::now() >= end {
+                        return Err(SpaceError::Unavailable(format!(
+                            "read of page {}: {e}",
+                            addr.page().0
+                        )));
+                    }
                     self.invalidate(addr.page());
                     std::thread::sleep(Duration::from_millis(20));
                 }
             }
         }
-        Err(SpaceError::Unavailable(format!(
-            "read of page {}: {last}",
-            addr.page().0
-        )))
     }
 
     /// Reads the aligned 8-byte word at `addr`.
@@ -492,7 +496,7 @@ impl Space {
             let (bytes, reads) = match reads {
                 Ok(r) => r,
                 Err(f) => {
-                    co.end_fill(ticket, key, None, epoch, 0, 0);
+                    co.end_fill(ticket, key, None, epoch, 0, 0, primary.node);
                     return Err(f);
                 }
             };
@@ -505,16 +509,17 @@ impl Space {
                         epoch,
                         requested_ns,
                         reads.lease_ns,
+                        primary.node,
                     );
                     return Ok(bytes);
                 }
                 FillOutcome::ReadOnly => {
-                    co.end_fill(ticket, key, None, epoch, 0, 0);
+                    co.end_fill(ticket, key, None, epoch, 0, 0, primary.node);
                     return Ok(bytes);
                 }
-                FillOutcome::Retry => co.end_fill(ticket, key, None, epoch, 0, 0),
+                FillOutcome::Retry => co.end_fill(ticket, key, None, epoch, 0, 0, primary.node),
                 FillOutcome::Stale => {
-                    co.end_fill(ticket, key, None, epoch, 0, 0);
+                    co.end_fill(ticket, key, None, epoch, 0, 0, primary.node);
                     return Err(Failure::Moved(format!(
                         "page {} no longer holds page id {}",
                         primary.page.0, page_id.0
@@ -619,6 +624,14 @@ impl Space {
                 code: ErrorCode::NotPrimary | ErrorCode::StaleEpoch,
                 detail,
             } => return Err(Failure::Moved(detail)),
+            Body::Error {
+                code: ErrorCode::NotListening,
+                detail,
+            } => {
+                // The primary lost this client's invalidation connection: a new one.
+                co.drop_listener(primary.node);
+                return Err(Failure::Moved(detail));
+            }
             Body::Error {
                 code: ErrorCode::PageFreed,
                 detail,

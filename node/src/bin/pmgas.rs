@@ -501,8 +501,8 @@ fn wait_for_file(f: &std::path::Path) {
 fn print_cache_stats(space: &Space) {
     if let Some(c) = space.cache_stats() {
         println!(
-            "CACHE STATS hits={} misses={} expired={} fills={} invalidations={} evictions={}",
-            c.hits, c.misses, c.expired, c.fills, c.invalidations, c.evictions
+            "CACHE STATS hits={} misses={} expired={} fills={} invalidations={} evictions={} renewals={}",
+            c.hits, c.misses, c.expired, c.fills, c.invalidations, c.evictions, c.renewals
         );
     }
 }

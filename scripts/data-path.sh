@@ -6,6 +6,14 @@
 #      CAS, an unknown page through the client; garbage, truncated, out-of-bounds and
 #      misdirected requests sent straight to the data ports (pmgas-bench data-probe);
 #      each must fail with a clear error and change nothing.
+#   C. The coherent block cache (#12): every register client caches blocks (pmgas --cache)
+#      in C1 (no faults, all registers in one block), C2 (read-mostly: 16 registers in 16
+#      blocks, 95 % reads; client p2 ignores invalidations, PMGAS_FAULT_CACHE_DEAF, so only
+#      its leases keep it coherent; the counters must show more hits than misses), C4 (a
+#      client stopped by SIGSTOP mid-run, continued later) and phases 2 and 3 below (a
+#      client SIGKILLed at its crash point, the primary killed). C3: a deaf sharer caches a
+#      register and is stopped; a write is acknowledged elsewhere; continued, the sharer
+#      must read the new value, never its block.
 #   2. Registers, a client killed: two client processes (hosts 4 and 1), two threads each,
 #      on 8 registers of a page with 2 backups, and a third (host 2) that kills itself at
 #      crash point client.update-sent (an update applied, its answer never seen); every

@@ -87,6 +87,8 @@ struct CacheReport {
     /// The cache's hits and misses over the measurement (all clients).
     hits: u64,
     misses: u64,
+    /// YCSB: how many records the keys are drawn from.
+    records: u64,
 }
 
 fn cache_config(block_bytes: usize, budget_bytes: usize) -> CacheConfig {
@@ -141,6 +143,7 @@ pub fn run(args: &CacheArgs) -> Result<(), String> {
             cached,
             hits: stats.0,
             misses: stats.1,
+            records: 0,
         })
     };
     let counters = |s: &Space| s.cache_stats().map_or((0, 0), |c| (c.hits, c.misses));
@@ -358,6 +361,7 @@ fn ycsb(
             cached,
             hits,
             misses,
+            records: args.ycsb_records,
         });
     }
     Ok(())

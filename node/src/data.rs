@@ -69,6 +69,8 @@ const NO_CLIENT: u64 = 0;
 const REPLICATE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How often waiting updates are looked at again (D6).
 const TICK: Duration = Duration::from_millis(50);
+/// How often the directory forgets ended leases.
+const PRUNE_EVERY: Duration = Duration::from_secs(1);
 /// Least time between two connection attempts to one backup.
 const RECONNECT_EVERY: Duration = Duration::from_millis(200);
 
@@ -191,6 +193,7 @@ pub(crate) struct DataServer {
     /// C4: no update is stored before this: every lease an earlier process of this node
     /// granted has ended by then.
     serving_from: Instant,
+    last_prune: Instant,
 }
 
 fn error(code: ErrorCode, detail: String) -> Body {
@@ -237,6 +240,7 @@ impl DataServer {
             invalidating: HashMap::new(),
             clock: Instant::now(),
             serving_from: Instant::now() + lease,
+            last_prune: Instant::now(),
         })
     }
 
@@ -1245,6 +1249,11 @@ impl DataServer {
     /// page's mapping (declared dead, new epoch), it is no longer waited for; otherwise the
     /// Replicate is sent again (reconnecting if needed).
     fn tick(&mut self) {
+        if self.last_prune.elapsed() >= PRUNE_EVERY {
+            self.last_prune = Instant::now();
+            let now = self.now_ns();
+            self.directory.prune(now);
+        }
         // C3: rounds that wait for a lease to end (or C4's start).
         let rounds: Vec<PageId> = self
             .pages

@@ -89,6 +89,24 @@ impl Directory {
         }
     }
 
+    /// Forgets every registration whose lease ended before `now_ns` (the data path calls
+    /// it now and then: blocks nobody updates would otherwise keep their sharers forever).
+    pub fn prune(&mut self, now_ns: u64) {
+        self.blocks.retain(|_, sharers| {
+            sharers.retain(|_, &mut end| now_ns < end);
+            !sharers.is_empty()
+        });
+    }
+
+    /// Registrations held now (all blocks, all sharers).
+    pub fn len(&self) -> usize {
+        self.blocks.values().map(HashMap::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.blocks.is_empty()
+    }
+
     /// Sharers of the blocks of `page` that `len` bytes at `offset` overlap, whose lease
     /// has not ended at `now_ns` (the others are forgotten).
     pub fn sharers(&mut self, page: PageId, offset: u64, len: u64, now_ns: u64) -> usize {
@@ -313,6 +331,12 @@ mod tests {
         d.register(p, 64, 0, 2, 0);
         assert!(!d.renew(p, B, 0, 2, 0));
         assert!(d.renew(p, 64, 0, 2, 0));
+        // Pruning forgets ended leases only.
+        d.register(p, B, 7, 3, 1_000 * MS);
+        d.prune(1_000 * MS);
+        assert_eq!(d.len(), 1);
+        d.prune(1_500 * MS);
+        assert!(d.is_empty());
     }
 
     #[test]

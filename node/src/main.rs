@@ -140,6 +140,12 @@ enum Command {
         /// Serve no data path (allocation only).
         #[arg(long)]
         no_data_path: bool,
+        /// The lease this node grants on a block a client caches (node/CACHE.md): a writer
+        /// waits at most this long for a sharer that does not answer. Keep it well below
+        /// the monitor's node timeout (a new primary must not order updates while a dead
+        /// one's leases run).
+        #[arg(long, default_value_t = 500)]
+        cache_lease_ms: u64,
     },
     /// Crash-test workload (internal): formats a blank pool, then performs a seeded random
     /// sequence of ART transitions, printing `DONE i` after each is durable.
@@ -213,6 +219,7 @@ fn main() -> ExitCode {
             retry_ms,
             data_port,
             no_data_path,
+            cache_lease_ms,
         } => {
             let rediscover = zk.clone().zip(cluster.clone());
             let t0 = std::time::Instant::now();
@@ -248,6 +255,11 @@ fn main() -> ExitCode {
             // With ZooKeeper, a lost monitor is looked up again and rejoined.
             config.rediscover = rediscover;
             config.data_port = (!no_data_path).then_some(data_port);
+            if !(50..=60_000).contains(&cache_lease_ms) {
+                eprintln!("pmgas-node: --cache-lease-ms {cache_lease_ms}: between 50 and 60000");
+                return ExitCode::FAILURE;
+            }
+            config.cache_lease = std::time::Duration::from_millis(cache_lease_ms);
             serve(&pm, id.identity(), size_bytes, config, &load)
         }
         Command::ArtDump { pm, json } => art_dump(&pm, json),

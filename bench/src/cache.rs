@@ -228,20 +228,9 @@ fn timed(
     name: &str,
     size: usize,
     args: &CacheArgs,
-    mut op: impl FnMut() -> Result<(), String>,
+    op: impl FnMut() -> Result<(), String>,
 ) -> Result<DataReport, String> {
-    for _ in 0..args.warmup {
-        op()?;
-    }
-    let mut hist = new_histogram();
-    let start = Instant::now();
-    for _ in 0..args.iters {
-        let t = Instant::now();
-        op()?;
-        let _ = hist.record((t.elapsed().as_nanos() as u64).max(1));
-    }
-    let secs = start.elapsed().as_secs_f64();
-    Ok(DataReport::of(name, size, 0, 1, &hist, args.iters, secs))
+    crate::data::timed(name, size, 0, 1, args.iters, args.warmup, op)
 }
 
 /// YCSB-B without and with the cache.

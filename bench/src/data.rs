@@ -249,14 +249,28 @@ fn measure(
     backups: u8,
     in_flight: usize,
     args: &DataArgs,
+    op: impl FnMut() -> Result<(), String>,
+) -> Result<DataReport, String> {
+    timed(name, size, backups, in_flight, args.iters, args.warmup, op)
+}
+
+/// `iters` timed calls of `op` after `warmup` untimed ones; `in_flight` operations per
+/// call. Latency is per call; throughput counts operations.
+pub(crate) fn timed(
+    name: &str,
+    size: usize,
+    backups: u8,
+    in_flight: usize,
+    iters: u64,
+    warmup: u64,
     mut op: impl FnMut() -> Result<(), String>,
 ) -> Result<DataReport, String> {
-    for _ in 0..args.warmup {
+    for _ in 0..warmup {
         op()?;
     }
     let mut hist = new_histogram();
     let start = Instant::now();
-    for _ in 0..args.iters {
+    for _ in 0..iters {
         let t = Instant::now();
         op()?;
         let _ = hist.record((t.elapsed().as_nanos() as u64).max(1));
@@ -268,7 +282,7 @@ fn measure(
         backups,
         in_flight,
         &hist,
-        args.iters * in_flight as u64,
+        iters * in_flight as u64,
         secs,
     ))
 }

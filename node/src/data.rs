@@ -517,23 +517,8 @@ impl DataServer {
                 format!("block {block} of {block_bytes} bytes in a {page_size}-byte page"),
             );
         }
-        let replicas = match self.mapping(page_id) {
-            Ok(r) => r,
-            Err(b) => return b,
-        };
-        let Some(primary) = replicas.first().filter(|r| r.node == self.me) else {
-            return error(
-                ErrorCode::NotPrimary,
-                format!(
-                    "{} is not the primary of page {} in epoch {}",
-                    self.me,
-                    page_id.0,
-                    self.epoch().0
-                ),
-            );
-        };
-        let page = match self.local_page(page_id, primary.page) {
-            Ok(p) => p,
+        let page = match self.primary_page(page_id) {
+            Ok((page, _)) => page,
             Err(b) => return b,
         };
         if !self.listeners.contains_key(&client) {
@@ -593,10 +578,7 @@ impl DataServer {
     fn cache_renew(&mut self, client: Sharer, block_bytes: u32, blocks: &[(PageId, u32)]) -> Body {
         let mut renewed = vec![];
         for &(page_id, block) in blocks {
-            let primary = self.mapping(page_id).ok().and_then(|r| r.first().copied());
-            let held = primary
-                .filter(|p| p.node == self.me)
-                .is_some_and(|p| self.local_page(page_id, p.page).is_ok());
+            let held = self.primary_page(page_id).is_ok();
             if held && self.may_lease(page_id, block, block_bytes) {
                 let now = self.now_ns();
                 if self
@@ -753,6 +735,25 @@ impl DataServer {
         }
     }
 
+    /// This node's page holding `page_id` and the page's replicas (primary first), if this
+    /// node is its primary in its epoch and its ART holds the page under that id.
+    fn primary_page(&self, page_id: PageId) -> Result<(PageIndex, Vec<Replica>), Body> {
+        let replicas = self.mapping(page_id)?;
+        let Some(primary) = replicas.first().filter(|r| r.node == self.me) else {
+            return Err(error(
+                ErrorCode::NotPrimary,
+                format!(
+                    "{} is not the primary of page {} in epoch {}",
+                    self.me,
+                    page_id.0,
+                    self.epoch().0
+                ),
+            ));
+        };
+        let page = self.local_page(page_id, primary.page)?;
+        Ok((page, replicas))
+    }
+
     fn check_range(&self, offset: u32, op: &UpdateOp) -> Result<(), Body> {
         let page_size = self.pool.header().page_size_bytes;
         let len = match op {
@@ -787,22 +788,7 @@ impl DataServer {
         if let Err(b) = self.check_range(offset, &op) {
             return Some(b);
         }
-        let replicas = match self.mapping(page_id) {
-            Ok(r) => r,
-            Err(b) => return Some(b),
-        };
-        let Some(primary) = replicas.first().filter(|r| r.node == self.me) else {
-            return Some(error(
-                ErrorCode::NotPrimary,
-                format!(
-                    "{} is not the primary of page {} in epoch {}",
-                    self.me,
-                    page_id.0,
-                    self.epoch().0
-                ),
-            ));
-        };
-        let page = match self.local_page(page_id, primary.page) {
+        let (page, replicas) = match self.primary_page(page_id) {
             Ok(p) => p,
             Err(b) => return Some(b),
         };

@@ -141,9 +141,10 @@ enum Command {
         #[arg(long)]
         no_data_path: bool,
         /// The lease this node grants on a block a client caches (node/CACHE.md): a writer
-        /// waits at most this long for a sharer that does not answer. Keep it well below
-        /// the monitor's node timeout (a new primary must not order updates while a dead
-        /// one's leases run).
+        /// waits at most this long for a sharer that does not answer (50 to 1000). Keep it
+        /// well below the monitor's node and heartbeat timeouts (a new primary must not
+        /// order updates while a dead one's leases run; a free waits for a lease on the
+        /// thread that answers heartbeats).
         #[arg(long, default_value_t = 500)]
         cache_lease_ms: u64,
     },
@@ -255,8 +256,10 @@ fn main() -> ExitCode {
             // With ZooKeeper, a lost monitor is looked up again and rejoined.
             config.rediscover = rediscover;
             config.data_port = (!no_data_path).then_some(data_port);
-            if !(50..=60_000).contains(&cache_lease_ms) {
-                eprintln!("pmgas-node: --cache-lease-ms {cache_lease_ms}: between 50 and 60000");
+            // A free waits for a page's last lease on the node's service thread, which must
+            // keep answering the monitor's heartbeats meanwhile.
+            if !(50..=1_000).contains(&cache_lease_ms) {
+                eprintln!("pmgas-node: --cache-lease-ms {cache_lease_ms}: between 50 and 1000");
                 return ExitCode::FAILURE;
             }
             config.cache_lease = std::time::Duration::from_millis(cache_lease_ms);

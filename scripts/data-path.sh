@@ -30,7 +30,8 @@
 #      node.data-backup-stored (bytes stored, no ack sent); updates wait until it is
 #      declared dead, then go on with node 2 alone; the history must be linearizable.
 #      Then node 1 comes back: it rejoins, is in no mapping of the page and refuses to
-#      order its updates (its stale replica is never served).
+#      order its updates (its stale replica is never served); its reconciliation frees
+#      the replicas its declaration as dead dropped from the GAT.
 #   5. Freeing pages (nodes 1 and 2): pmgas-bench data-probe --freed frees a page that
 #      another handle has cached, checks that the freed id is refused everywhere, that the
 #      page taking its place reads zeros, and that the stale handle's reads, writes, CAS and
@@ -304,6 +305,12 @@ start_node 1 "$h1"
 wait_line "$work/node1.log" "NODE READY" 120 || fail "node 1 did not rejoin"
 "$bin/pmgas-bench" data-probe --zk "$zk" --cluster "$cluster" --bind "$h4" --page-id "$pid" \
   --returned 1 || fail "node 1, back after being declared dead, served its stale replica"
+# Its reconciliation told it to free the replica its declaration dropped (#13, item 3).
+wait_line "$work/node1.log" "REPLICA FREED node=1 page_id=$pid " 60 ||
+  fail "node 1 kept the replica of page $pid that the GAT dropped"
+d=$("$bin/pmgas-node" page-digest --pm "/dev/shm/pmgas-$cluster-node1" --page-id "$pid")
+[[ $d == *missing* ]] || fail "node 1 still holds page $pid: $d"
+echo "data-path: RETURNED node 1 freed its dropped replica of page $pid"
 
 # --- 5. freeing pages, a stale cached mapping, and the monitor dying after a tombstone.
 "$bin/pmgas-bench" data-probe --zk "$zk" --cluster "$cluster" --bind "$h4" --page-id "$pid" \

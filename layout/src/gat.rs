@@ -127,16 +127,23 @@ pub struct DeadNodes(pub std::collections::BTreeMap<NodeId, DeadNode>);
 impl DeadNodes {
     /// Drops the replicas of `m` that died with their node; returns how many.
     pub fn apply(&self, m: &mut Mapping) -> usize {
+        self.apply_dropping(m).len()
+    }
+
+    /// Drops the replicas of `m` that died with their node and returns them: a node that
+    /// comes back still holds them, and is told to free them.
+    pub fn apply_dropping(&self, m: &mut Mapping) -> Vec<Replica> {
         if self.0.is_empty() {
-            return 0;
+            return vec![];
         }
-        let before = m.replicas.len();
-        m.replicas.retain(|r| {
+        let page_id = m.page_id;
+        let (kept, dropped) = m.replicas.iter().partition(|r| {
             self.0
                 .get(&r.node)
-                .is_none_or(|d| m.page_id.0 > d.max_page_id)
+                .is_none_or(|d| page_id.0 > d.max_page_id)
         });
-        before - m.replicas.len()
+        m.replicas = kept;
+        dropped
     }
 }
 
@@ -385,7 +392,11 @@ mod tests {
         let dead = DeadNodes([(NodeId(2), d)].into_iter().collect());
         // Primary died: the first backup is the primary now, order kept.
         let mut old = m(10, &[2, 1, 3]);
-        assert_eq!(dead.apply(&mut old), 1);
+        let dropped = dead.apply_dropping(&mut old);
+        assert_eq!(
+            dropped.iter().map(|r| r.node).collect::<Vec<_>>(),
+            vec![NodeId(2)]
+        );
         assert_eq!(old, m(10, &[1, 3]));
         // Allocated after the declaration (the node rejoined): kept.
         let mut new = m(11, &[2, 1, 3]);

@@ -140,14 +140,40 @@ fn replicas_on(
 
 /// What a joining node's reconciliation sends it, in order: FreeReplicas for the replicas
 /// on it of freed pages (a node that was away when the page was freed, or crashed while
-/// freeing it), then Reconcile with its live replicas, the last one flagged `last`.
-fn reconcile_messages(mappings: &HashMap<PageId, Mapping>, node: NodeId) -> Vec<Body> {
+/// freeing it) and for the replicas its declaration as dead dropped from the GAT (`dropped`:
+/// it came back; the pages live on elsewhere), then Reconcile with its live replicas, the
+/// last one flagged `last`. A dropped replica of a page that has no replica left (lost) is
+/// kept, not freed: it is the last copy of the bytes.
+fn reconcile_messages(
+    mappings: &HashMap<PageId, Mapping>,
+    node: NodeId,
+    dropped: Option<&std::collections::BTreeSet<(PageIndex, PageId)>>,
+) -> Vec<Body> {
     let sorted = |freed| {
         let mut v: Vec<(PageIndex, PageId)> = replicas_on(mappings, node, freed).collect();
         v.sort_unstable();
         v
     };
-    let mut messages: Vec<Body> = sorted(true)
+    let mut to_free = sorted(true);
+    let mut kept = vec![];
+    for &(page, page_id) in dropped.into_iter().flatten() {
+        match mappings.get(&page_id) {
+            Some(m) if !m.freed && m.replicas.is_empty() => kept.push(page_id.0),
+            _ => to_free.push((page, page_id)),
+        }
+    }
+    to_free.sort_unstable();
+    to_free.dedup();
+    if let Some(d) = dropped {
+        tracing::info!(
+            %node,
+            dropped = d.len(),
+            kept_lost = kept.len(),
+            first_kept = ?&kept[..kept.len().min(8)],
+            "a node declared dead came back: it frees the replicas its declaration dropped"
+        );
+    }
+    let mut messages: Vec<Body> = to_free
         .chunks(MAX_RECONCILE_ENTRIES)
         .map(|c| Body::FreeReplicas {
             entries: c.to_vec(),
@@ -303,6 +329,7 @@ pub fn serve(
     let dead = Failures {
         dead: gat.dead,
         missing,
+        dropped: gat.dropped,
     };
     let mappings: HashMap<PageId, Mapping> =
         gat.mappings.into_iter().map(|m| (m.page_id, m)).collect();
@@ -412,6 +439,26 @@ fn report_art_check(node: NodeId, c: &ArtCheck, took: Duration) {
 struct Failures {
     dead: pmgas_layout::gat::DeadNodes,
     missing: BTreeMap<NodeId, Instant>,
+    /// Replicas the declarations dropped from the GAT's view, by node (page index there,
+    /// page id): a node declared dead that comes back still holds them ALLOCATED, and its
+    /// reconciliation tells it to free them.
+    dropped: Dropped,
+}
+
+type Dropped = BTreeMap<NodeId, std::collections::BTreeSet<(PageIndex, PageId)>>;
+
+impl Failures {
+    /// Drops `m`'s replicas on dead nodes from the view, remembering them.
+    fn drop_dead(&mut self, m: &mut Mapping) -> usize {
+        let gone = self.dead.apply_dropping(m);
+        for r in &gone {
+            self.dropped
+                .entry(r.node)
+                .or_default()
+                .insert((r.page, m.page_id));
+        }
+        gone.len()
+    }
 }
 
 /// The RDMA loop's state, owned by one thread; ZooKeeper writes of the GAT run on the writer
@@ -570,7 +617,7 @@ impl Monitor<'_> {
                 {
                     // Written with a replica on a node declared dead meanwhile: the
                     // declaration covers its id (assigned before), so the view drops it.
-                    self.failures.dead.apply(&mut m);
+                    self.failures.drop_dead(&mut m);
                     self.mappings.insert(m.page_id, m);
                 }
             }
@@ -594,7 +641,7 @@ impl Monitor<'_> {
         let page_id = tombstone.page_id;
         let stored = match outcome {
             Persisted::Stored => {
-                self.failures.dead.apply(&mut tombstone);
+                self.failures.drop_dead(&mut tombstone);
                 self.mappings.insert(page_id, tombstone);
                 fault::point("monitor.tombstone-written");
                 Ok(())
@@ -1016,6 +1063,8 @@ impl Monitor<'_> {
                 Sent::Reconcile { last: true },
             ) => {
                 if let Some(mut r) = peer.reconcile.take() {
+                    // The FreeReplicas went before: its dropped replicas are FREE now.
+                    self.failures.dropped.remove(&node);
                     if let Some((region, page_count)) = peer.art {
                         let t = Instant::now();
                         match check_art(&mut peer.ep, node, &region, page_count, &self.mappings) {
@@ -1201,9 +1250,12 @@ impl Monitor<'_> {
         let mut remaining: BTreeMap<usize, usize> = BTreeMap::new();
         let mut lost: Vec<u32> = vec![];
         let only_this = pmgas_layout::gat::DeadNodes([(node, record)].into_iter().collect());
+        let dropped = self.failures.dropped.entry(node).or_default();
         for m in self.mappings.values_mut() {
             let was_primary = m.replicas.first().is_some_and(|r| r.node == node);
-            if only_this.apply(m) == 0 || m.freed {
+            let gone = only_this.apply_dropping(m);
+            dropped.extend(gone.iter().map(|r| (r.page, m.page_id)));
+            if gone.is_empty() || m.freed {
                 continue;
             }
             affected += 1;
@@ -1265,7 +1317,11 @@ impl Monitor<'_> {
                 if self.coordinator.persisting_involves(node) {
                     continue;
                 }
-                r.messages = Some(reconcile_messages(&self.mappings, node));
+                r.messages = Some(reconcile_messages(
+                    &self.mappings,
+                    node,
+                    self.failures.dropped.get(&node),
+                ));
             }
             let messages = r.messages.as_deref().unwrap_or(&[]);
             while !r.sent_last && peer.ep.outstanding() < peer.ep.request_limit() {
@@ -1721,4 +1777,62 @@ fn record_join(
     idempotent_write(rt, &what, 3, Duration::ZERO, || {
         store.register_node(node.0, &info)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pmgas_layout::wire::Replica;
+
+    fn m(id: u32, replicas: &[(u32, u32)], freed: bool) -> (PageId, Mapping) {
+        let mut m = Mapping::new(
+            PageId(id),
+            replicas
+                .iter()
+                .map(|&(node, page)| Replica {
+                    node: NodeId(node),
+                    page: PageIndex(page),
+                })
+                .collect(),
+        );
+        m.freed = freed;
+        (PageId(id), m)
+    }
+
+    #[test]
+    fn a_returning_node_frees_what_its_declaration_dropped_but_never_a_lost_page() {
+        // Node 1 was declared dead: page 1 lives on node 2, page 2 had no other replica
+        // (lost), page 3 was freed since; page 4 was allocated on node 1 after it came back.
+        let mappings: HashMap<PageId, Mapping> = [
+            m(1, &[(2, 7)], false),
+            m(2, &[], false),
+            m(3, &[(2, 8)], true),
+            m(4, &[(1, 5), (2, 9)], false),
+        ]
+        .into_iter()
+        .collect();
+        let dropped: std::collections::BTreeSet<(PageIndex, PageId)> = [
+            (PageIndex(0), PageId(1)),
+            (PageIndex(1), PageId(2)),
+            (PageIndex(2), PageId(3)),
+        ]
+        .into_iter()
+        .collect();
+        let messages = reconcile_messages(&mappings, NodeId(1), Some(&dropped));
+        assert_eq!(
+            messages,
+            vec![
+                Body::FreeReplicas {
+                    entries: vec![(PageIndex(0), PageId(1)), (PageIndex(2), PageId(3))],
+                },
+                Body::Reconcile {
+                    last: true,
+                    entries: vec![(PageIndex(5), PageId(4))],
+                },
+            ]
+        );
+        // Without a declaration: only its live replicas.
+        let messages = reconcile_messages(&mappings, NodeId(1), None);
+        assert_eq!(messages.len(), 1);
+    }
 }

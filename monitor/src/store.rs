@@ -17,7 +17,7 @@ use std::time::Duration;
 use pmgas_layout::gat::{
     self, CHUNK_HEADER_BYTES, CHUNK_MAX_BYTES, DeadNode, DeadNodes, GatError, Mapping,
 };
-use pmgas_layout::{Epoch, NodeId, PageId};
+use pmgas_layout::{Epoch, NodeId, PageId, PageIndex};
 use zookeeper_client as zk;
 
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +89,10 @@ pub struct LoadedGat {
     pub dead: DeadNodes,
     /// Replicas the dead-node records removed from the stored mappings.
     pub dropped_replicas: usize,
+    /// Those replicas, by node: (page index there, page id), tombstones' included. A node
+    /// declared dead that comes back is told to free them.
+    pub dropped:
+        std::collections::BTreeMap<NodeId, std::collections::BTreeSet<(PageIndex, PageId)>>,
     pub chunks: usize,
     pub max_page_id: u32,
 }
@@ -500,7 +504,14 @@ impl Store {
             })?;
             for mut m in mappings {
                 out.max_page_id = out.max_page_id.max(m.page_id.0);
-                out.dropped_replicas += out.dead.apply(&mut m);
+                let gone = out.dead.apply_dropping(&mut m);
+                out.dropped_replicas += gone.len();
+                for r in gone {
+                    out.dropped
+                        .entry(r.node)
+                        .or_default()
+                        .insert((r.page, m.page_id));
+                }
                 out.mappings.push(m);
             }
         }

@@ -40,6 +40,10 @@ fn data_path_is_linearizable_durable_and_survives_crashes() {
         "the returned node was not probed"
     );
     assert!(
+        stdout.contains("RETURNED node 1 freed its dropped replica"),
+        "the returned node kept the replica the GAT dropped"
+    );
+    assert!(
         stdout.contains("PROBE ok freed"),
         "freeing under a stale mapping was not probed"
     );

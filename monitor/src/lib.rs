@@ -7,6 +7,7 @@
 
 pub mod coordinator;
 pub mod freeing;
+pub mod rereplication;
 pub mod server;
 pub mod store;
 

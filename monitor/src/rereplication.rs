@@ -1,0 +1,546 @@
+//! The monitor's side of restoring replication after a node loss (#13,
+//! `monitor/REREPLICATION.md`), as a pure state machine beside the
+//! [`crate::coordinator::Coordinator`]: it takes inputs (pages short of replicas, the
+//! nodes' answers, the GAT writer's outcome) and returns actions; a shell sends, writes
+//! and reports. The steps, each one method:
+//!
+//! - R1 [`Rereplicator::need`] and [`Rereplicator::drive`]: a page short of replicas is
+//!   queued; at most `concurrency` pages at a time get a target: a ready node holding no
+//!   replica of the page, the one with the most free pages (lowest id on a tie), not one
+//!   that already failed for this page.
+//! - R2 (in [`Rereplicator::drive`]): the target is asked to prepare a page (`Prepare`).
+//! - R3 [`Rereplicator::prepared`]: the page's primary is asked to add the target, copying
+//!   the page through its update queue (`AddReplica`).
+//! - R4/R5 [`Rereplicator::copied`]: the copy is done; the mapping with the target
+//!   appended is written (a fenced GAT write: the commit point).
+//! - R6 [`Rereplicator::persisted`] and [`Rereplicator::committed`]: the target commits
+//!   its page under the page id; the page is done.
+//! - R7 [`Rereplicator::progress`] and the final [`RereplicateAction::Report`].
+//!
+//! Failures before the GAT write roll back (`Abort` to the target, the page queued again
+//! with another target); a lost primary or target re-queues the page, whose current
+//! mapping the shell supplies at the next [`Rereplicator::drive`].
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use pmgas_layout::gat::Mapping;
+use pmgas_layout::wire::Replica;
+use pmgas_layout::{NodeId, PageId, PageIndex};
+
+/// What the shell does for the re-replication.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RereplicateAction {
+    /// R2: ask `to` to prepare a page for `txn` (answer: [`Rereplicator::prepared`] or
+    /// [`Rereplicator::prepare_failed`]).
+    Prepare { to: NodeId, txn: u64 },
+    /// R3: ask the page's primary to copy the page to `target` and send it every later
+    /// update (answer: [`Rereplicator::copied`]).
+    AddReplica {
+        to: NodeId,
+        page_id: PageId,
+        target: Replica,
+        txn: u64,
+    },
+    /// R5: write this mapping to the GAT (answer: [`Rereplicator::persisted`]).
+    Persist { mapping: Mapping, txn: u64 },
+    /// R6: the target commits its page under the page id (answer:
+    /// [`Rereplicator::committed`]).
+    Commit {
+        to: NodeId,
+        txn: u64,
+        page_id: PageId,
+        replicas: Vec<Replica>,
+    },
+    /// Roll back: the target frees the page it prepared for `txn`.
+    Abort { to: NodeId, txn: u64 },
+    /// R7: nothing is left to do.
+    Report { pages: u64, failed_attempts: u64 },
+}
+
+/// A node as the re-replication sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodeView {
+    pub free_pages: u32,
+    /// Joined and reconciled.
+    pub ready: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    Preparing,
+    Copying { page: PageIndex },
+    Persisting { page: PageIndex },
+    Committing,
+}
+
+#[derive(Debug)]
+struct InFlight {
+    page_id: PageId,
+    mapping: Mapping,
+    target: NodeId,
+    stage: Stage,
+}
+
+/// Pages being brought back to their replica count (see the module head).
+#[derive(Debug)]
+pub struct Rereplicator {
+    concurrency: usize,
+    queue: VecDeque<PageId>,
+    queued: BTreeSet<PageId>,
+    /// By transaction id.
+    flights: BTreeMap<u64, InFlight>,
+    /// Targets that failed, per page: not chosen again for it.
+    failed: BTreeMap<PageId, BTreeSet<NodeId>>,
+    next_txn: u64,
+    done: u64,
+    failed_attempts: u64,
+    reported: bool,
+}
+
+impl Rereplicator {
+    /// `txn_base`: transaction ids start there (distinct from the allocation's).
+    pub fn new(concurrency: usize, txn_base: u64) -> Self {
+        Self {
+            concurrency: concurrency.max(1),
+            queue: VecDeque::new(),
+            queued: BTreeSet::new(),
+            flights: BTreeMap::new(),
+            failed: BTreeMap::new(),
+            next_txn: txn_base,
+            done: 0,
+            failed_attempts: 0,
+            reported: true,
+        }
+    }
+
+    /// R1: page `page_id` has fewer replicas than it should.
+    pub fn need(&mut self, page_id: PageId) {
+        let in_flight = self.flights.values().any(|f| f.page_id == page_id);
+        if !in_flight && self.queued.insert(page_id) {
+            self.queue.push_back(page_id);
+            self.reported = false;
+        }
+    }
+
+    /// (pages waiting, pages in flight, pages done).
+    pub fn progress(&self) -> (usize, usize, u64) {
+        (self.queue.len(), self.flights.len(), self.done)
+    }
+
+    /// R1, R2: gives queued pages a target, as far as the concurrency allows. `view`
+    /// returns a page's current mapping and how many replicas it should have (None: it
+    /// is freed or no longer short, and leaves the queue).
+    pub fn drive(
+        &mut self,
+        view: &dyn Fn(PageId) -> Option<(Mapping, usize)>,
+        nodes: &BTreeMap<NodeId, NodeView>,
+    ) -> Vec<RereplicateAction> {
+        let mut out = vec![];
+        let mut waiting = VecDeque::new();
+        while self.flights.len() < self.concurrency {
+            let Some(page_id) = self.queue.pop_front() else {
+                break;
+            };
+            let Some((mapping, want)) = view(page_id) else {
+                self.queued.remove(&page_id);
+                continue;
+            };
+            if mapping.freed || mapping.replicas.is_empty() || mapping.replicas.len() >= want {
+                // Freed, lost (nothing to copy from), or whole again.
+                self.queued.remove(&page_id);
+                continue;
+            }
+            let failed = self.failed.get(&page_id);
+            let target = nodes
+                .iter()
+                .filter(|(n, v)| {
+                    v.ready
+                        && v.free_pages > 0
+                        && !mapping.replicas.iter().any(|r| r.node == **n)
+                        && !failed.is_some_and(|f| f.contains(n))
+                })
+                .max_by_key(|(n, v)| (v.free_pages, std::cmp::Reverse(**n)))
+                .map(|(n, _)| *n);
+            let Some(target) = target else {
+                // No node can take it now: asked again at the next drive.
+                waiting.push_back(page_id);
+                continue;
+            };
+            self.queued.remove(&page_id);
+            let txn = self.next_txn;
+            self.next_txn += 1;
+            self.flights.insert(
+                txn,
+                InFlight {
+                    page_id,
+                    mapping,
+                    target,
+                    stage: Stage::Preparing,
+                },
+            );
+            out.push(RereplicateAction::Prepare { to: target, txn });
+        }
+        // Pages without a target wait at the front, in order.
+        while let Some(p) = waiting.pop_back() {
+            self.queue.push_front(p);
+        }
+        self.report_if_done(&mut out);
+        out
+    }
+
+    /// R3: the target prepared `page` for `txn`.
+    pub fn prepared(&mut self, txn: u64, page: PageIndex) -> Vec<RereplicateAction> {
+        let Some(f) = self.flights.get_mut(&txn) else {
+            return vec![];
+        };
+        if f.stage != Stage::Preparing {
+            return vec![];
+        }
+        f.stage = Stage::Copying { page };
+        let Some(primary) = f.mapping.replicas.first() else {
+            return vec![];
+        };
+        vec![RereplicateAction::AddReplica {
+            to: primary.node,
+            page_id: f.page_id,
+            target: Replica {
+                node: f.target,
+                page,
+            },
+            txn,
+        }]
+    }
+
+    /// R2 failed: the target could not prepare a page (full, gone). Another is chosen.
+    pub fn prepare_failed(&mut self, txn: u64) -> Vec<RereplicateAction> {
+        self.fail(txn, false)
+    }
+
+    /// R4, R5: the primary copied the page to the target (Ok) or could not (the target
+    /// or the primary failed: rolled back, queued again).
+    pub fn copied(&mut self, txn: u64, ok: bool) -> Vec<RereplicateAction> {
+        if !ok {
+            return self.fail(txn, true);
+        }
+        let Some(f) = self.flights.get_mut(&txn) else {
+            return vec![];
+        };
+        let Stage::Copying { page } = f.stage else {
+            return vec![];
+        };
+        f.stage = Stage::Persisting { page };
+        let mut mapping = f.mapping.clone();
+        mapping.replicas.push(Replica {
+            node: f.target,
+            page,
+        });
+        vec![RereplicateAction::Persist { mapping, txn }]
+    }
+
+    /// R6: the GAT writer's outcome. Stored: the target is a replica from now on; it is
+    /// told to commit. Not stored: rolled back, queued again.
+    pub fn persisted(&mut self, txn: u64, stored: bool) -> Vec<RereplicateAction> {
+        if !stored {
+            return self.fail(txn, true);
+        }
+        let Some(f) = self.flights.get_mut(&txn) else {
+            return vec![];
+        };
+        let Stage::Persisting { page } = f.stage else {
+            return vec![];
+        };
+        f.stage = Stage::Committing;
+        let mut replicas = f.mapping.replicas.clone();
+        replicas.push(Replica {
+            node: f.target,
+            page,
+        });
+        vec![RereplicateAction::Commit {
+            to: f.target,
+            txn,
+            page_id: f.page_id,
+            replicas,
+        }]
+    }
+
+    /// R6 done: the page has its replica back.
+    pub fn committed(&mut self, txn: u64) -> Vec<RereplicateAction> {
+        let mut out = vec![];
+        if self
+            .flights
+            .get(&txn)
+            .is_some_and(|f| f.stage == Stage::Committing)
+        {
+            let f = self.flights.remove(&txn);
+            if let Some(f) = f {
+                self.failed.remove(&f.page_id);
+            }
+            self.done += 1;
+        }
+        self.report_if_done(&mut out);
+        out
+    }
+
+    /// A node was declared dead: pages it was the target of before their GAT write are
+    /// rolled back and queued again; pages it was the primary of are queued again (their
+    /// mapping has a new primary). After the GAT write, its own declaration drops it and
+    /// the page is short again: the shell calls [`Self::need`].
+    pub fn node_lost(&mut self, node: NodeId) -> Vec<RereplicateAction> {
+        let hit: Vec<u64> = self
+            .flights
+            .iter()
+            .filter(|(_, f)| {
+                f.stage != Stage::Committing
+                    && (f.target == node
+                        || f.mapping.replicas.first().is_some_and(|r| r.node == node))
+            })
+            .map(|(t, _)| *t)
+            .collect();
+        let mut out = vec![];
+        for txn in hit {
+            let by_target = self.flights.get(&txn).is_some_and(|f| f.target == node);
+            out.extend(self.fail(txn, !by_target));
+        }
+        out
+    }
+
+    /// Rolls `txn` back (Abort to the target when it may hold a prepared page) and queues
+    /// its page again, not to be given the same target.
+    fn fail(&mut self, txn: u64, abort: bool) -> Vec<RereplicateAction> {
+        let Some(f) = self.flights.remove(&txn) else {
+            return vec![];
+        };
+        self.failed_attempts += 1;
+        self.failed.entry(f.page_id).or_default().insert(f.target);
+        self.need(f.page_id);
+        if abort {
+            vec![RereplicateAction::Abort { to: f.target, txn }]
+        } else {
+            vec![]
+        }
+    }
+
+    fn report_if_done(&mut self, out: &mut Vec<RereplicateAction>) {
+        if !self.reported && self.queue.is_empty() && self.flights.is_empty() {
+            self.reported = true;
+            out.push(RereplicateAction::Report {
+                pages: self.done,
+                failed_attempts: self.failed_attempts,
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(node: u32, page: u32) -> Replica {
+        Replica {
+            node: NodeId(node),
+            page: PageIndex(page),
+        }
+    }
+
+    fn nodes(list: &[(u32, u32)]) -> BTreeMap<NodeId, NodeView> {
+        list.iter()
+            .map(|&(n, free)| {
+                (
+                    NodeId(n),
+                    NodeView {
+                        free_pages: free,
+                        ready: true,
+                    },
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_page_gets_a_new_replica_on_the_emptiest_node_and_commits_after_the_gat_write() {
+        let mut re = Rereplicator::new(4, 1000);
+        let page = PageId(7);
+        let current = Mapping::new(page, vec![r(2, 5)]);
+        let view = |_: PageId| Some((current.clone(), 2));
+        re.need(page);
+        re.need(page);
+        // Node 2 holds it; node 3 has the most free pages.
+        let a = re.drive(&view, &nodes(&[(2, 100), (3, 50), (4, 10)]));
+        assert_eq!(
+            a,
+            vec![RereplicateAction::Prepare {
+                to: NodeId(3),
+                txn: 1000
+            }]
+        );
+        assert_eq!(re.progress(), (0, 1, 0));
+        let a = re.prepared(1000, PageIndex(9));
+        assert_eq!(
+            a,
+            vec![RereplicateAction::AddReplica {
+                to: NodeId(2),
+                page_id: page,
+                target: r(3, 9),
+                txn: 1000
+            }]
+        );
+        let a = re.copied(1000, true);
+        assert_eq!(
+            a,
+            vec![RereplicateAction::Persist {
+                mapping: Mapping::new(page, vec![r(2, 5), r(3, 9)]),
+                txn: 1000
+            }]
+        );
+        let a = re.persisted(1000, true);
+        assert_eq!(
+            a,
+            vec![RereplicateAction::Commit {
+                to: NodeId(3),
+                txn: 1000,
+                page_id: page,
+                replicas: vec![r(2, 5), r(3, 9)]
+            }]
+        );
+        assert_eq!(
+            re.committed(1000),
+            vec![RereplicateAction::Report {
+                pages: 1,
+                failed_attempts: 0
+            }]
+        );
+        // Answers that come late or twice change nothing.
+        assert!(re.committed(1000).is_empty());
+        assert!(re.copied(1000, true).is_empty());
+    }
+
+    #[test]
+    fn failures_before_the_gat_write_roll_back_and_choose_another_target() {
+        let mut re = Rereplicator::new(1, 1);
+        let page = PageId(3);
+        let current = std::cell::RefCell::new(Mapping::new(page, vec![r(1, 0), r(2, 0)]));
+        let view = |_: PageId| Some((current.borrow().clone(), 3));
+        let all = nodes(&[(1, 9), (2, 9), (3, 8), (4, 5)]);
+        re.need(page);
+        assert_eq!(
+            re.drive(&view, &all),
+            vec![RereplicateAction::Prepare {
+                to: NodeId(3),
+                txn: 1
+            }]
+        );
+        // Node 3 cannot prepare: node 4 next, never 3 again for this page.
+        assert!(re.prepare_failed(1).is_empty());
+        assert_eq!(
+            re.drive(&view, &all),
+            vec![RereplicateAction::Prepare {
+                to: NodeId(4),
+                txn: 2
+            }]
+        );
+        re.prepared(2, PageIndex(1));
+        // The copy failed (the target died): rolled back, and no target is left.
+        assert_eq!(
+            re.copied(2, false),
+            vec![RereplicateAction::Abort {
+                to: NodeId(4),
+                txn: 2
+            }]
+        );
+        assert!(re.drive(&view, &all).is_empty());
+        assert_eq!(
+            re.progress(),
+            (1, 0, 0),
+            "waits for a node that can take it"
+        );
+        // A GAT write that failed rolls back too.
+        let mut re = Rereplicator::new(1, 1);
+        re.need(page);
+        re.drive(&view, &all);
+        re.prepared(1, PageIndex(4));
+        re.copied(1, true);
+        assert_eq!(
+            re.persisted(1, false),
+            vec![RereplicateAction::Abort {
+                to: NodeId(3),
+                txn: 1
+            }]
+        );
+        // The primary died mid-copy: the page is queued again and goes from the new
+        // primary, once the view says so.
+        re.drive(&view, &all);
+        let a = re.prepared(2, PageIndex(6));
+        assert!(matches!(
+            a[0],
+            RereplicateAction::AddReplica { to: NodeId(1), .. }
+        ));
+        assert_eq!(
+            re.node_lost(NodeId(1)),
+            vec![RereplicateAction::Abort {
+                to: NodeId(4),
+                txn: 2
+            }]
+        );
+        *current.borrow_mut() = Mapping::new(page, vec![r(2, 0)]);
+        let fresh = nodes(&[(2, 9), (5, 1)]);
+        assert_eq!(
+            re.drive(&view, &fresh),
+            vec![RereplicateAction::Prepare {
+                to: NodeId(5),
+                txn: 3
+            }]
+        );
+        assert!(matches!(
+            re.prepared(3, PageIndex(0))[0],
+            RereplicateAction::AddReplica { to: NodeId(2), .. }
+        ));
+    }
+
+    #[test]
+    fn concurrency_is_bounded_and_freed_lost_or_whole_pages_leave_the_queue() {
+        let mut re = Rereplicator::new(2, 1);
+        let view = |p: PageId| match p.0 {
+            1..=3 => Some((Mapping::new(p, vec![r(1, p.0)]), 2)),
+            4 => Some((Mapping::new(p, vec![r(1, 4), r(2, 4)]), 2)), // whole again
+            5 => Some((Mapping::new(p, vec![]), 2)),                 // lost
+            _ => None,                                               // freed or unknown
+        };
+        for p in 1..=6 {
+            re.need(PageId(p));
+        }
+        let all = nodes(&[(1, 9), (2, 9)]);
+        let a = re.drive(&view, &all);
+        assert_eq!(a.len(), 2, "two in flight at most: {a:?}");
+        assert!(
+            a.iter()
+                .all(|x| matches!(x, RereplicateAction::Prepare { to: NodeId(2), .. }))
+        );
+        assert_eq!(re.progress(), (4, 2, 0));
+        for txn in [1, 2] {
+            re.prepared(txn, PageIndex(txn as u32));
+            re.copied(txn, true);
+            re.persisted(txn, true);
+            re.committed(txn);
+        }
+        // Page 3 goes; 4, 5 and 6 leave the queue without a copy.
+        let a = re.drive(&view, &all);
+        assert_eq!(
+            a,
+            vec![RereplicateAction::Prepare {
+                to: NodeId(2),
+                txn: 3
+            }]
+        );
+        assert_eq!(re.progress(), (0, 1, 2));
+        re.prepared(3, PageIndex(3));
+        re.copied(3, true);
+        re.persisted(3, true);
+        assert_eq!(
+            re.committed(3),
+            vec![RereplicateAction::Report {
+                pages: 3,
+                failed_attempts: 0
+            }]
+        );
+    }
+}

@@ -509,9 +509,7 @@ impl DataServer {
         client: Sharer,
     ) -> Body {
         let page_size = self.pool.header().page_size_bytes;
-        if u64::from(block_bytes) > page_size
-            || (u64::from(block) + 1) * u64::from(block_bytes) > page_size
-        {
+        if (u64::from(block) + 1) * u64::from(block_bytes) > page_size {
             return error(
                 ErrorCode::BadAddress,
                 format!("block {block} of {block_bytes} bytes in a {page_size}-byte page"),

@@ -500,32 +500,28 @@ impl Space {
                     return Err(f);
                 }
             };
-            match judge_fill(&reads) {
-                FillOutcome::Install => {
-                    co.end_fill(
-                        ticket,
-                        key,
-                        Some(&bytes),
-                        epoch,
-                        requested_ns,
-                        reads.lease_ns,
-                        primary.node,
-                    );
-                    return Ok(bytes);
-                }
-                FillOutcome::ReadOnly => {
-                    co.end_fill(ticket, key, None, epoch, 0, 0, primary.node);
-                    return Ok(bytes);
-                }
-                FillOutcome::Retry => co.end_fill(ticket, key, None, epoch, 0, 0, primary.node),
+            // Every ticket ends here; only an Install hands the bytes to the cache.
+            let outcome = judge_fill(&reads);
+            let keep = (outcome == FillOutcome::Install).then_some(&bytes[..]);
+            co.end_fill(
+                ticket,
+                key,
+                keep,
+                epoch,
+                requested_ns,
+                reads.lease_ns,
+                primary.node,
+            );
+            match outcome {
+                FillOutcome::Install | FillOutcome::ReadOnly => return Ok(bytes),
+                FillOutcome::Retry => {}
                 FillOutcome::Stale => {
-                    co.end_fill(ticket, key, None, epoch, 0, 0, primary.node);
                     return Err(Failure::Moved(format!(
                         "page {} no longer holds page id {}",
                         primary.page.0, page_id.0
                     )));
                 }
-            };
+            }
         }
         Err(Failure::Moved(format!(
             "page {} kept changing under its fill",

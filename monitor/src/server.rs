@@ -1249,13 +1249,11 @@ impl Monitor<'_> {
         let (mut affected, mut promoted) = (0usize, 0usize);
         let mut remaining: BTreeMap<usize, usize> = BTreeMap::new();
         let mut lost: Vec<u32> = vec![];
-        let only_this = pmgas_layout::gat::DeadNodes([(node, record)].into_iter().collect());
-        let dropped = self.failures.dropped.entry(node).or_default();
+        // Replicas on the other dead nodes left the view at their declarations: this drops
+        // (and remembers) this node's.
         for m in self.mappings.values_mut() {
             let was_primary = m.replicas.first().is_some_and(|r| r.node == node);
-            let gone = only_this.apply_dropping(m);
-            dropped.extend(gone.iter().map(|r| (r.page, m.page_id)));
-            if gone.is_empty() || m.freed {
+            if self.failures.drop_dead(m) == 0 || m.freed {
                 continue;
             }
             affected += 1;

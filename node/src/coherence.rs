@@ -38,6 +38,8 @@ pub(crate) struct Coherence {
     /// What this client registers under at every primary (random per handle: a restarted
     /// client is a new sharer, and starts cold).
     pub(crate) token: u64,
+    /// The blocks' configuration (fixed; read without the blocks' lock on every hit).
+    config: CacheConfig,
     blocks: Mutex<BlockCache>,
     /// Invalidation connections by primary (with the protection domain each was made on).
     listeners: Mutex<HashMap<NodeId, (Endpoint, ProtectionDomain)>>,
@@ -74,6 +76,7 @@ impl Coherence {
         };
         let me = Arc::new(Self {
             token,
+            config,
             blocks: Mutex::new(BlockCache::new(config)),
             listeners: Mutex::new(HashMap::new()),
             notifier: Notifier::new().map_err(|e| e.to_string())?,
@@ -105,11 +108,11 @@ impl Coherence {
     }
 
     pub(crate) fn block_bytes(&self) -> usize {
-        lock(&self.blocks).config().block_bytes
+        self.config.block_bytes
     }
 
     pub(crate) fn margin_ns(&self) -> u64 {
-        lock(&self.blocks).config().margin_ns
+        self.config.margin_ns
     }
 
     pub(crate) fn stats(&self) -> CacheStats {
@@ -153,7 +156,7 @@ impl Coherence {
     /// This client is about to update `len` bytes at `offset` of `page`: its own copies
     /// of those blocks go first (C3).
     pub(crate) fn forget(&self, page: pmgas_layout::PageId, offset: u64, len: u64) {
-        let bs = self.block_bytes() as u64;
+        let bs = self.config.block_bytes as u64;
         let (first, last) = (offset / bs, (offset + len.max(1) - 1) / bs);
         let mut b = lock(&self.blocks);
         for block in first..=last {
@@ -311,10 +314,8 @@ impl Coherence {
         lease_ns: u64,
     ) {
         let now = self.now_ns();
-        let (due, block_bytes) = {
-            let mut b = lock(&self.blocks);
-            (b.due_for_renewal(now, lease_ns / 2), b.config().block_bytes)
-        };
+        let due = lock(&self.blocks).due_for_renewal(now, lease_ns / 2);
+        let block_bytes = self.config.block_bytes;
         if due.is_empty() {
             return;
         }

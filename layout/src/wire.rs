@@ -89,10 +89,13 @@ pub enum ErrorCode {
     /// A cache fill or renewal from a client whose invalidation connection the primary
     /// does not know (never opened, or lost): open it again (`CacheListen`).
     NotListening,
+    /// The page is being given a new replica (re-replication) past the point where a free
+    /// could come between: ask again shortly. Nothing changed.
+    Busy,
 }
 
 impl ErrorCode {
-    const ALL: [Self; 16] = [
+    const ALL: [Self; 17] = [
         Self::Malformed,
         Self::StaleEpoch,
         Self::UnknownPage,
@@ -109,6 +112,7 @@ impl ErrorCode {
         Self::BadAddress,
         Self::PageFreed,
         Self::NotListening,
+        Self::Busy,
     ];
 
     pub fn code(self) -> u16 {
@@ -351,6 +355,27 @@ pub enum Body {
         lease_ms: u32,
         blocks: Vec<(PageId, u32)>,
     },
+    /// Monitor -> a re-replication's target (`monitor/REREPLICATION.md` R2): pre-allocate
+    /// a page for transaction `txn_id` that will receive a copy of `page_id` (Replicates
+    /// of `page_id` may store into it before it commits). Answered [`Body::Prepared`].
+    PrepareCopy {
+        txn_id: u64,
+        page_id: PageId,
+    },
+    /// Monitor -> the page's primary (R3): copy the page to `target` through the page's
+    /// update queue and send it every later update. Answered [`Body::ReplicaAdded`] once
+    /// the copy is acknowledged.
+    AddReplica {
+        txn_id: u64,
+        page_id: PageId,
+        target: Replica,
+    },
+    /// R4: the copy of `bytes` is on the target, which now gets every update.
+    ReplicaAdded {
+        txn_id: u64,
+        page_id: PageId,
+        bytes: u64,
+    },
 }
 
 impl Body {
@@ -391,6 +416,9 @@ impl Body {
             Self::CacheListen { .. } => 33,
             Self::CacheRenew { .. } => 34,
             Self::Renewed { .. } => 35,
+            Self::PrepareCopy { .. } => 36,
+            Self::AddReplica { .. } => 37,
+            Self::ReplicaAdded { .. } => 38,
         }
     }
 
@@ -431,6 +459,9 @@ impl Body {
             Self::CacheListen { .. } => "CacheListen",
             Self::CacheRenew { .. } => "CacheRenew",
             Self::Renewed { .. } => "Renewed",
+            Self::PrepareCopy { .. } => "PrepareCopy",
+            Self::AddReplica { .. } => "AddReplica",
+            Self::ReplicaAdded { .. } => "ReplicaAdded",
         }
     }
 }
@@ -802,6 +833,31 @@ impl Message {
                 w.u32(*lease_ms);
                 w.block_list(blocks);
             }
+            Body::PrepareCopy { txn_id, page_id } => {
+                w.u64(*txn_id);
+                w.u32(page_id.0);
+                w.zeros(4);
+            }
+            Body::AddReplica {
+                txn_id,
+                page_id,
+                target,
+            } => {
+                w.u64(*txn_id);
+                w.u32(page_id.0);
+                w.zeros(4);
+                w.replicas(std::slice::from_ref(target));
+            }
+            Body::ReplicaAdded {
+                txn_id,
+                page_id,
+                bytes,
+            } => {
+                w.u64(*txn_id);
+                w.u32(page_id.0);
+                w.zeros(4);
+                w.u64(*bytes);
+            }
             Body::Leased { lease_ms, version } => {
                 w.u32(*lease_ms);
                 w.zeros(4);
@@ -1141,6 +1197,24 @@ impl Message {
                 lease_ms: r.u32()?,
                 blocks: r.block_list()?,
             },
+            36..=38 => {
+                let txn_id = r.u64()?;
+                let page_id = PageId(r.u32()?);
+                r.zeros(4)?;
+                match kind {
+                    36 => Body::PrepareCopy { txn_id, page_id },
+                    37 => Body::AddReplica {
+                        txn_id,
+                        page_id,
+                        target: r.replicas(1)?.remove(0),
+                    },
+                    _ => Body::ReplicaAdded {
+                        txn_id,
+                        page_id,
+                        bytes: r.u64()?,
+                    },
+                }
+            }
             30 => {
                 let lease_ms = r.u32()?;
                 r.zeros(4)?;
@@ -1324,6 +1398,20 @@ mod tests {
             msg(Body::Renewed {
                 lease_ms: 500,
                 blocks: vec![(PageId(9), 3)],
+            }),
+            msg(Body::PrepareCopy {
+                txn_id: 1 << 40,
+                page_id: PageId(12),
+            }),
+            msg(Body::AddReplica {
+                txn_id: 1 << 40,
+                page_id: PageId(12),
+                target: replicas(1)[0],
+            }),
+            msg(Body::ReplicaAdded {
+                txn_id: 1 << 40,
+                page_id: PageId(12),
+                bytes: 1 << 20,
             }),
         ]
     }
@@ -1513,7 +1601,8 @@ mod tests {
         assert_eq!(ErrorCode::BadAddress.code(), 14);
         assert_eq!(ErrorCode::PageFreed.code(), 15);
         assert_eq!(ErrorCode::NotListening.code(), 16);
-        assert_eq!(ErrorCode::from_code(17), None);
+        assert_eq!(ErrorCode::Busy.code(), 17);
+        assert_eq!(ErrorCode::from_code(18), None);
     }
 
     #[test]

@@ -100,6 +100,11 @@ impl<W> Freer<W> {
         self.pages.len()
     }
 
+    /// Whether `page_id` is being freed.
+    pub fn freeing(&self, page_id: PageId) -> bool {
+        self.pages.contains_key(&page_id)
+    }
+
     /// F1: free `mapping`'s page (the shell checked that it is live in the GAT).
     pub fn request(&mut self, mapping: &Mapping, waiter: W) -> Vec<FreeAction<W>> {
         if let Some(f) = self.pages.get_mut(&mapping.page_id) {

@@ -65,6 +65,14 @@ enum Command {
         /// node is caught, not only one whose connection fails.
         #[arg(long, default_value_t = 5_000)]
         heartbeat_timeout_ms: u64,
+        /// After a data server is declared dead, how many pages are copied to new
+        /// replicas at once (monitor/REREPLICATION.md).
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=256))]
+        rereplicate_concurrency: u32,
+        /// The re-replication's copy bandwidth in MB/s (pages start no faster); 0: no
+        /// limit.
+        #[arg(long, default_value_t = 0)]
+        rereplicate_mb_s: u32,
     },
     /// Opens a GAT writer series as a new active monitor would, fencing off its current
     /// writer (internal: the deposed-monitor and ZooKeeper-write-failure tests).
@@ -107,6 +115,8 @@ fn main() -> ExitCode {
             session_timeout_ms,
             node_timeout_ms,
             heartbeat_timeout_ms,
+            rereplicate_concurrency,
+            rereplicate_mb_s,
         } => serve(
             &zk,
             &cluster,
@@ -117,6 +127,8 @@ fn main() -> ExitCode {
                 max_batch,
                 node_timeout: Duration::from_millis(node_timeout_ms),
                 heartbeat_timeout: Duration::from_millis(heartbeat_timeout_ms),
+                rereplicate_concurrency: rereplicate_concurrency as usize,
+                rereplicate_mb_s,
             },
             Duration::from_millis(session_timeout_ms),
         ),
@@ -171,6 +183,14 @@ fn gat_dump(zk: &str, cluster: &str, json: bool) -> Result<(), String> {
         let gat = store.load_gat().await.map_err(|e| e.to_string())?;
         Ok::<_, String>((epoch, nodes, gat))
     })?;
+    // Per page, the replicas declarations dropped and no re-replication replaced yet.
+    let mut dropped: std::collections::HashMap<u32, usize> = Default::default();
+    for set in gat.dropped.values() {
+        for (_, page_id) in set {
+            *dropped.entry(page_id.0).or_default() += 1;
+        }
+    }
+    let short = |id: u32| dropped.get(&id).copied().unwrap_or(0);
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let written = (|| -> std::io::Result<()> {
         if json {
@@ -199,7 +219,7 @@ fn gat_dump(zk: &str, cluster: &str, json: bool) -> Result<(), String> {
                 writeln!(
                     out,
                     "{}",
-                    serde_json::json!({"page_id": m.page_id.0, "replicas": replicas, "freed": m.freed})
+                    serde_json::json!({"page_id": m.page_id.0, "replicas": replicas, "replica_count": replicas.len(), "dropped": short(m.page_id.0), "freed": m.freed})
                 )?;
             }
         } else {
@@ -224,11 +244,16 @@ fn gat_dump(zk: &str, cluster: &str, json: bool) -> Result<(), String> {
                     .iter()
                     .map(|r| format!("node{}:{}", r.node.0, r.page.0))
                     .collect();
-                let freed = if m.freed { " (freed)" } else { "" };
+                let state = match (m.freed, short(m.page_id.0)) {
+                    (true, _) => " (freed)".to_string(),
+                    (false, 0) => String::new(),
+                    (false, k) => format!(" (short: {k} dropped with dead nodes)"),
+                };
                 writeln!(
                     out,
-                    "page {:>10} -> {}{freed}",
+                    "page {:>10} -> [{}] {}{state}",
                     m.page_id.0,
+                    replicas.len(),
                     replicas.join(" ")
                 )?;
             }

@@ -47,6 +47,8 @@ use pmgas_verbs::msg::{Endpoint, Incoming, MsgConfig};
 use pmgas_verbs::wait::Notifier;
 use pmgas_verbs::{ConnectionConfig, Listener, ProtectionDomain, RemoteRegion};
 
+mod rereplicate;
+
 use crate::coordinator::{Action, Coordinator, Input, NodeView, Timeouts};
 use crate::freeing::{FreeAction, Freer, NodeState};
 use crate::store::{GatWriter, Store, StoreError};
@@ -68,6 +70,10 @@ pub struct ServerConfig {
     pub node_timeout: Duration,
     /// A joined node silent this long (heartbeats unanswered) is disconnected.
     pub heartbeat_timeout: Duration,
+    /// Re-replication: pages copied at once, and the copy bandwidth in MB/s (0: no
+    /// limit).
+    pub rereplicate_concurrency: usize,
+    pub rereplicate_mb_s: u32,
 }
 
 /// What an outstanding monitor → node request was for.
@@ -86,6 +92,8 @@ enum Sent {
         page_id: PageId,
         attempt: u64,
     },
+    /// A re-replication's request (`rereplicate`).
+    Rere(rereplicate::ReSent),
 }
 
 /// A client waiting for its FreePage's answer: the connection (by serial: indices move),
@@ -383,13 +391,18 @@ pub fn serve(
             fault::unix_ms()
         );
         // Dropping `to_persister` (when the loop ends) stops the writer thread.
-        Monitor {
+        let mut monitor = Monitor {
             config,
             store,
             rt,
             epoch,
             coordinator: coord,
             freer: Freer::new(REQUEST_TIMEOUT.as_nanos() as u64),
+            rereplication: rereplicate::Rereplication::new(
+                config.rereplicate_concurrency,
+                config.rereplicate_mb_s,
+                config.page_size_bytes,
+            ),
             mappings,
             failures: dead,
             writing: HashMap::new(),
@@ -409,8 +422,9 @@ pub fn serve(
             last_accept: Instant::now() - Duration::from_secs(1),
             spin: pmgas_verbs::spin::SpinThenSleep::default(),
             last_request: Instant::now(),
-        }
-        .run_loop()
+        };
+        monitor.rereplicate_loaded();
+        monitor.run_loop()
     })
 }
 
@@ -475,6 +489,8 @@ struct Monitor<'a> {
     coordinator: Coordinator,
     /// Pages being freed (steps F1-F4).
     freer: Freer<Waiter>,
+    /// Pages being given back their replicas (R1-R7, [`rereplicate`]).
+    rereplication: rereplicate::Rereplication,
     /// The in-memory GAT: what ZooKeeper holds (see [`Monitor::collect_persisted`]),
     /// freed pages as their tombstones.
     mappings: HashMap<PageId, Mapping>,
@@ -539,7 +555,8 @@ impl Monitor<'_> {
             let idle_pass = inputs.iter().all(|i| matches!(i, Input::Tick));
             let reconciling = self.drive_reconciliations();
             let freeing = self.drive_frees();
-            self.spin_or_sleep(idle_pass && !reconciling && !freeing)?;
+            let rereplicating = self.drive_rereplication();
+            self.spin_or_sleep(idle_pass && !reconciling && !freeing && !rereplicating)?;
             self.run_coordinator(inputs, now_ns)?;
             self.stop_if_deposed()?;
         }
@@ -604,6 +621,7 @@ impl Monitor<'_> {
         while let Ok(report) = self.persisted.try_recv() {
             let (items, outcome) = report?;
             let mut txn_ids = vec![];
+            let mut rereplicated = vec![];
             // The GAT in memory is what ZooKeeper holds: a mapping enters it once its write
             // is acknowledged (reconciliations of rejoining nodes are cut from it).
             for (txn, tombstone) in items {
@@ -611,7 +629,11 @@ impl Monitor<'_> {
                     self.tombstone_persisted(tombstone, &outcome);
                     continue;
                 };
-                txn_ids.push(t);
+                if self.rereplication.owns(t) {
+                    rereplicated.push(t);
+                } else {
+                    txn_ids.push(t);
+                }
                 if let Some(mut m) = self.writing.remove(&t)
                     && matches!(outcome, Persisted::Stored)
                 {
@@ -620,6 +642,9 @@ impl Monitor<'_> {
                     self.failures.drop_dead(&mut m);
                     self.mappings.insert(m.page_id, m);
                 }
+            }
+            for t in rereplicated {
+                self.rereplica_persisted(t, matches!(outcome, Persisted::Stored));
             }
             inputs.push(match outcome {
                 Persisted::Stored => Input::Persisted { txn_ids },
@@ -695,14 +720,23 @@ impl Monitor<'_> {
                     }
                     Incoming::TimedOut { request_id } => {
                         // The coordinator's own timers retry or abort; a reconciliation
-                        // starts over (the node's side is idempotent).
+                        // starts over (the node's side is idempotent); a re-replication
+                        // hears of it.
                         let peer = &mut self.peers[i];
-                        if let Some(Sent::Reconcile { .. }) = peer.sent.remove(&request_id)
-                            && let Some(r) = peer.reconcile.as_mut()
-                        {
-                            r.messages = None;
-                            r.next = 0;
-                            r.sent_last = false;
+                        match peer.sent.remove(&request_id) {
+                            Some(Sent::Reconcile { .. }) => {
+                                if let Some(r) = peer.reconcile.as_mut() {
+                                    r.messages = None;
+                                    r.next = 0;
+                                    r.sent_last = false;
+                                }
+                            }
+                            Some(Sent::Rere(sent)) => {
+                                if let Some(node) = peer.node {
+                                    self.rereplicate_answer(node, sent, None);
+                                }
+                            }
+                            _ => {}
                         }
                     }
                 }
@@ -954,6 +988,15 @@ impl Monitor<'_> {
             Some(m) if !m.freed => m.clone(),
             _ => return Some(self.lookup_mapping(page_id)),
         };
+        if self.rereplication.busy(page_id) {
+            return Some(Err((
+                ErrorCode::Busy,
+                format!(
+                    "page {} is being given a new replica; ask again shortly",
+                    page_id.0
+                ),
+            )));
+        }
         let actions = self.freer.request(&mapping, waiter);
         self.carry_out_frees(actions);
         None
@@ -1052,6 +1095,11 @@ impl Monitor<'_> {
         let (Some(node), Some(sent)) = (peer.node, peer.sent.remove(&request_id)) else {
             return Connection::Keep;
         };
+        if let Sent::Rere(sent) = sent {
+            let body = Message::decode(payload).map(|m| m.body).ok();
+            self.rereplicate_answer(node, sent, body);
+            return Connection::Keep;
+        }
         match (Message::decode(payload).map(|m| m.body), sent) {
             (
                 Ok(Body::Reconciled {
@@ -1082,6 +1130,7 @@ impl Monitor<'_> {
                         %node, committed, freed, unknown_allocated, conflicting,
                         ms = format!("{ms:.1}"), "node reconciled with the GAT"
                     );
+                    self.rereplicate_node_ready(node);
                     if unknown_allocated + conflicting > 0 {
                         tracing::error!(
                             %node, unknown_allocated, conflicting,
@@ -1249,13 +1298,16 @@ impl Monitor<'_> {
         let (mut affected, mut promoted) = (0usize, 0usize);
         let mut remaining: BTreeMap<usize, usize> = BTreeMap::new();
         let mut lost: Vec<u32> = vec![];
+        let mut shorts: Vec<(PageId, usize)> = vec![];
         // Replicas on the other dead nodes left the view at their declarations: this drops
         // (and remembers) this node's.
         for m in self.mappings.values_mut() {
             let was_primary = m.replicas.first().is_some_and(|r| r.node == node);
+            let before = m.replicas.len();
             if self.failures.drop_dead(m) == 0 || m.freed {
                 continue;
             }
+            shorts.push((m.page_id, before));
             affected += 1;
             promoted += usize::from(was_primary && !m.replicas.is_empty());
             *remaining.entry(m.replicas.len()).or_default() += 1;
@@ -1297,6 +1349,7 @@ impl Monitor<'_> {
             remaining_text.join(", "),
             fault::unix_ms()
         );
+        self.rereplicate_after_death(node, shorts);
         Ok(record.epoch)
     }
 
@@ -1312,7 +1365,9 @@ impl Monitor<'_> {
                 continue;
             }
             if r.messages.is_none() {
-                if self.coordinator.persisting_involves(node) {
+                if self.coordinator.persisting_involves(node)
+                    || self.rereplication.persisting_involves(node)
+                {
                     continue;
                 }
                 r.messages = Some(reconcile_messages(
@@ -1486,16 +1541,26 @@ impl Monitor<'_> {
 
     /// Sends a request to joined node `to` in the current epoch, remembering what it was for.
     fn send(&mut self, to: NodeId, body: Body, sent: Sent) {
+        self.send_with_timeout(to, body, sent, REQUEST_TIMEOUT);
+    }
+
+    /// As [`Monitor::send`], for a request whose answer may take `timeout`. Returns
+    /// whether it went out.
+    fn send_with_timeout(&mut self, to: NodeId, body: Body, sent: Sent, timeout: Duration) -> bool {
         let Some(&i) = self.by_node.get(&to) else {
             tracing::warn!(?to, "no connection to node");
-            return;
+            return false;
         };
         let msg = Message::new(self.epoch, MONITOR_SENDER, 0, body).encode();
-        match self.peers[i].ep.request(&msg, REQUEST_TIMEOUT) {
+        match self.peers[i].ep.request(&msg, timeout) {
             Ok(id) => {
                 self.peers[i].sent.insert(id, sent);
+                true
             }
-            Err(e) => tracing::warn!(?to, error = %e, "send failed"),
+            Err(e) => {
+                tracing::warn!(?to, error = %e, "send failed");
+                false
+            }
         }
     }
 

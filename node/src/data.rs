@@ -129,6 +129,22 @@ struct Queued {
     /// D2a: copy this many bytes of the primary's own copy at `offset` (read when the copy
     /// starts, so it includes every update ordered before it); `op` is ignored.
     copy_len: Option<usize>,
+    /// R4: the last chunk of re-replication `txn`'s copy (its target has the whole page
+    /// once this is acknowledged).
+    ends_copy: Option<u64>,
+}
+
+/// A re-replication's target joining a page this node is the primary of
+/// (`monitor/REREPLICATION.md` R3, R4): every update of the page queued from the join on
+/// goes to the target too, after a copy of the whole page through the page's queue.
+#[derive(Debug, Clone, Copy)]
+struct Join {
+    txn_id: u64,
+    target: Replica,
+    /// The copy is acknowledged and the monitor told: from now on only the monitor ends
+    /// the join (a mapping notice, or a new monitor), never a refusal by the target, whose
+    /// page the GAT may list already.
+    added: bool,
 }
 
 /// The update of a page in flight (D3-D5).
@@ -194,6 +210,10 @@ pub(crate) struct DataServer {
     /// granted has ended by then.
     serving_from: Instant,
     last_prune: Instant,
+    /// Re-replication joins by page (R3), and the monitor connection they belong to
+    /// (`Rereplica::generation`).
+    joins: HashMap<PageId, Join>,
+    generation: u64,
 }
 
 fn error(code: ErrorCode, detail: String) -> Body {
@@ -241,6 +261,8 @@ impl DataServer {
             clock: Instant::now(),
             serving_from: Instant::now() + lease,
             last_prune: Instant::now(),
+            joins: HashMap::new(),
+            generation: 0,
         })
     }
 
@@ -255,6 +277,8 @@ impl DataServer {
 
     /// Serves until the node's service stops.
     pub(crate) fn run(mut self, shared: Arc<Shared>) {
+        shared.rereplica.set_data_wake(Arc::clone(&self.notifier));
+        self.generation = shared.rereplica.generation();
         self.shared = Some(shared);
         let mut spin = pmgas_verbs::spin::SpinThenSleep::default();
         tracing::info!(node = %self.me, port = self.port(), persist_mode = "cpu", "data path serving");
@@ -270,6 +294,7 @@ impl DataServer {
                 busy = true;
                 self.respond(conn, request_id, 0, body);
             }
+            busy |= self.poll_rereplica();
             if self.last_tick.elapsed() >= TICK {
                 self.last_tick = Instant::now();
                 self.tick();
@@ -797,8 +822,9 @@ impl DataServer {
             page,
             offset,
             op,
-            backups: replicas[1..].to_vec(),
+            backups: self.backups_of(page_id, &replicas),
             copy_len: None,
+            ends_copy: None,
         };
         let epoch = self.epoch();
         let resync = self.synced.insert(page_id, epoch) != Some(epoch);
@@ -823,6 +849,7 @@ impl DataServer {
                     op: UpdateOp::Write(vec![]),
                     backups: q.backups.clone(),
                     copy_len: Some(len),
+                    ends_copy: None,
                 });
             }
             tracing::debug!(
@@ -935,6 +962,13 @@ impl DataServer {
         for (node, body) in to_send {
             let msg = Message::new(epoch, self.me, 0, body).encode();
             let Some(link) = self.link(node) else {
+                if self
+                    .joins
+                    .get(&page_id)
+                    .is_some_and(|j| j.target.node == node && !j.added)
+                {
+                    self.fail_join(page_id, "the target cannot be reached");
+                }
                 continue;
             };
             match link.ep.request(&msg, REPLICATE_TIMEOUT) {
@@ -1056,7 +1090,8 @@ impl DataServer {
         busy
     }
 
-    /// A link failed: every Replicate in flight on it is to be sent again (D6).
+    /// A link failed: every Replicate in flight on it is to be sent again (D6); joins of
+    /// that node whose copy is not done fail.
     fn lose_link(&mut self, node: NodeId) {
         if let Some(link) = self.links.remove(&node) {
             for (id, page_id) in link.sent {
@@ -1064,6 +1099,16 @@ impl DataServer {
             }
         }
         self.addrs.remove(&node);
+        let failed: Vec<PageId> = self
+            .joins
+            .iter()
+            .filter(|(_, j)| j.target.node == node && !j.added)
+            .map(|(p, _)| *p)
+            .collect();
+        // Advanced by the caller's page (poll_links's answers) or the next tick.
+        for page_id in failed {
+            self.fail_join(page_id, "the link to the target was lost");
+        }
     }
 
     fn forget_sent(&mut self, node: NodeId, page_id: PageId, request_id: u64) {
@@ -1079,7 +1124,25 @@ impl DataServer {
     }
 
     fn replicate_answer(&mut self, node: NodeId, page_id: PageId, request_id: u64, payload: &[u8]) {
-        match Message::decode(payload).map(|m| m.body) {
+        let body = Message::decode(payload).map(|m| m.body);
+        if !matches!(body, Ok(Body::ReplicateAck { .. }))
+            && let Some(j) = self.joins.get(&page_id).filter(|j| j.target.node == node)
+        {
+            // A joining target refused (its page was aborted, or freed by its
+            // reconciliation): before the copy is done the join fails; after it, the
+            // update waits (the GAT may list the target) until the monitor ends the join.
+            if j.added {
+                self.forget_sent(node, page_id, request_id);
+            } else {
+                self.fail_join(
+                    page_id,
+                    &format!("the target refused a Replicate: {body:?}"),
+                );
+                self.advance(page_id);
+            }
+            return;
+        }
+        match body {
             Ok(Body::ReplicateAck { page_id: got }) if got == page_id => {
                 let Some(f) = self
                     .pages
@@ -1126,6 +1189,23 @@ impl DataServer {
             });
         if !acked {
             return false;
+        }
+        let copy = self
+            .pages
+            .get(&page_id)
+            .and_then(|o| o.in_flight.as_ref())
+            .is_some_and(|f| f.q.copy_len.is_some());
+        if copy {
+            // A copy (D2a, R3) changes nothing here: no sharer is invalidated, nothing
+            // stored.
+            let f = self
+                .pages
+                .get_mut(&page_id)
+                .and_then(|o| o.in_flight.take());
+            if let Some(f) = f {
+                self.copied(page_id, &f.q);
+            }
+            return true;
         }
         if !round_started {
             self.invalidate_sharers(page_id);
@@ -1215,10 +1295,11 @@ impl DataServer {
         if data.len() > MAX_UPDATE_BYTES {
             return error(ErrorCode::Malformed, format!("{} bytes", data.len()));
         }
-        match self
-            .pool
-            .store_in_page_as(page, page_id, u64::from(offset), data)
-        {
+        let stored =
+            self.shared()
+                .rereplica
+                .store_copy(&self.pool, page, page_id, u64::from(offset), data);
+        match stored {
             Ok(()) => {
                 self.audit_ack(page, offset, data.len());
                 fault::point("node.data-backup-stored");
@@ -1226,6 +1307,183 @@ impl DataServer {
             }
             Err(e @ PoolError::NotHeld { .. }) => error(ErrorCode::PageFreed, e.to_string()),
             Err(e) => error(ErrorCode::BadAddress, e.to_string()),
+        }
+    }
+
+    /// The backups an update of `page_id` goes to: the mapping's, and a joining target
+    /// (R3). A join whose target the mapping lists now ends: it is a backup like the
+    /// others.
+    fn backups_of(&mut self, page_id: PageId, replicas: &[Replica]) -> Vec<Replica> {
+        let mut backups = replicas[1..].to_vec();
+        if let Some(j) = self.joins.get(&page_id) {
+            if replicas.iter().any(|r| r.node == j.target.node) {
+                self.joins.remove(&page_id);
+            } else {
+                backups.push(j.target);
+            }
+        }
+        backups
+    }
+
+    /// The service's re-replication business: a new monitor connection ends every join
+    /// (the new monitor knows nothing of them: the GAT it loaded lists the target or not,
+    /// and the page's next update looks the mapping up again); mapping notices end the
+    /// joins of their pages; AddReplica requests start joins. Returns whether there was
+    /// anything.
+    fn poll_rereplica(&mut self) -> bool {
+        let generation = self.shared().rereplica.generation();
+        let mut busy = false;
+        if generation != self.generation {
+            self.generation = generation;
+            let pages: Vec<PageId> = self.joins.keys().copied().collect();
+            for page_id in pages {
+                self.shared().cache.remove(page_id);
+                self.fail_join(page_id, "this node joined another monitor");
+                self.advance(page_id);
+            }
+            busy = true;
+        }
+        for (page_id, replicas) in self.shared().rereplica.take_notices() {
+            busy = true;
+            if let Some(j) = self.joins.remove(&page_id) {
+                let kept = replicas.iter().any(|r| r.node == j.target.node);
+                tracing::info!(page_id = page_id.0, target = %j.target.node, kept, "join ended by the monitor");
+            }
+        }
+        for add in self.shared().rereplica.take_asked() {
+            busy = true;
+            self.start_join(add);
+        }
+        busy
+    }
+
+    /// R3: `add.target` joins the page: the page is copied to it through the page's
+    /// queue, chunk by chunk (each read when it starts, so it holds every update ordered
+    /// before it), and every update queued from now on goes to it too.
+    fn start_join(&mut self, add: crate::rereplica::AddReplica) {
+        let crate::rereplica::AddReplica {
+            txn_id,
+            page_id,
+            target,
+        } = add;
+        let refuse = |s: &Self, body: Body| {
+            s.shared().rereplica.answer(txn_id, body);
+            s.shared().notifier.notify();
+        };
+        let (page, replicas) = match self.primary_page(page_id) {
+            Ok(p) => p,
+            Err(b) => return refuse(self, b),
+        };
+        if replicas.iter().any(|r| r.node == target.node) {
+            let detail = format!(
+                "{} holds a replica of page {} already",
+                target.node, page_id.0
+            );
+            return refuse(self, error(ErrorCode::Malformed, detail));
+        }
+        if let Some(old) = self.joins.get(&page_id).copied() {
+            if old.txn_id == txn_id {
+                return; // asked again: the copy is under way
+            }
+            self.fail_join(page_id, "another re-replication of the page started");
+        }
+        self.joins.insert(
+            page_id,
+            Join {
+                txn_id,
+                target,
+                added: false,
+            },
+        );
+        let page_size = self.pool.header().page_size_bytes;
+        let chunks = page_size.div_ceil(MAX_UPDATE_BYTES as u64);
+        let order = self.pages.entry(page_id).or_default();
+        for chunk in 0..chunks {
+            let offset = chunk * MAX_UPDATE_BYTES as u64;
+            let len = (page_size - offset).min(MAX_UPDATE_BYTES as u64) as usize;
+            order.queue.push_back(Queued {
+                conn: NO_CLIENT,
+                request_id: 0,
+                wire_id: 0,
+                page,
+                offset: offset as u32,
+                op: UpdateOp::Write(vec![]),
+                backups: vec![target],
+                copy_len: Some(len),
+                ends_copy: (chunk + 1 == chunks).then_some(txn_id),
+            });
+        }
+        tracing::info!(page_id = page_id.0, target = %target.node, txn_id, "copying a page to a new replica");
+        if order.in_flight.is_none() {
+            self.start_next(page_id);
+        }
+    }
+
+    /// A copy chunk (D2a, R3) was acknowledged by every backup it went to; the last one
+    /// of a join's copy tells the monitor (R4).
+    fn copied(&mut self, page_id: PageId, q: &Queued) {
+        if q.offset == 0 && self.joins.contains_key(&page_id) {
+            fault::point("node.rereplicate-copying");
+        }
+        let Some(txn_id) = q.ends_copy else {
+            return;
+        };
+        let Some(j) = self.joins.get_mut(&page_id).filter(|j| j.txn_id == txn_id) else {
+            return;
+        };
+        j.added = true;
+        let bytes = self.pool.header().page_size_bytes;
+        println!(
+            "REPLICA COPIED page_id={} target={} bytes={bytes} unix_ms={}",
+            page_id.0,
+            j.target.node.0,
+            fault::unix_ms()
+        );
+        let shared = self.shared();
+        shared.rereplica.answer(
+            txn_id,
+            Body::ReplicaAdded {
+                txn_id,
+                page_id,
+                bytes,
+            },
+        );
+        shared.notifier.notify();
+    }
+
+    /// The join of `page_id` fails before its copy is done (the target refused or cannot
+    /// be reached, or the monitor changed): the target leaves the page's updates, in flight
+    /// and queued, and the monitor hears why (it rolls back and chooses again). The caller
+    /// advances the page ([`Self::advance`]) unless it is about to.
+    fn fail_join(&mut self, page_id: PageId, why: &str) {
+        let Some(j) = self.joins.remove(&page_id) else {
+            return;
+        };
+        tracing::warn!(page_id = page_id.0, target = %j.target.node, txn_id = j.txn_id, why, "re-replication join failed");
+        if !j.added {
+            let shared = self.shared();
+            let detail = format!("copying page {} to {}: {why}", page_id.0, j.target.node);
+            shared
+                .rereplica
+                .answer(j.txn_id, error(ErrorCode::Internal, detail));
+            shared.notifier.notify();
+        }
+        if let Some(order) = self.pages.get_mut(&page_id) {
+            for q in order.queue.iter_mut() {
+                q.backups.retain(|r| r.node != j.target.node);
+            }
+            if let Some(f) = order.in_flight.as_mut() {
+                f.q.backups.retain(|r| r.node != j.target.node);
+                f.waiting.remove(&j.target.node);
+            }
+        }
+    }
+
+    /// Finishes the page's update in flight if nothing is waited for any more, and
+    /// starts the next.
+    fn advance(&mut self, page_id: PageId) {
+        if self.finish_if_done(page_id) {
+            self.start_next(page_id);
         }
     }
 
@@ -1277,8 +1535,9 @@ impl DataServer {
                     .and_then(|o| o.in_flight.as_mut())
             {
                 let before = f.waiting.len();
+                let joining = self.joins.get(&page_id).map(|j| j.target.node);
                 f.waiting
-                    .retain(|n, _| replicas.iter().any(|r| r.node == *n));
+                    .retain(|n, _| replicas.iter().any(|r| r.node == *n) || joining == Some(*n));
                 if f.waiting.len() < before {
                     tracing::warn!(
                         page_id = page_id.0,

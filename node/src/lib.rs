@@ -21,6 +21,7 @@ pub mod participant;
 #[allow(unsafe_code)] // the one module that touches the mapping and issues flushes
 pub mod pmem;
 pub mod pool;
+mod rereplica;
 pub mod service;
 pub mod space;
 

@@ -143,6 +143,11 @@ impl Participant {
         Ok(page)
     }
 
+    /// The page prepared for `txn_id`, while the transaction is open.
+    pub fn page_of(&self, txn_id: u64) -> Option<PageIndex> {
+        self.txns.get(&txn_id).copied()
+    }
+
     /// Commit: mark this node's replica ALLOCATED under `page_id` (durably). Repeats of a
     /// commit already applied succeed.
     pub fn commit(

@@ -210,9 +210,25 @@ impl Pool {
         offset: u64,
         data: &[u8],
     ) -> Result<(), PoolError> {
+        self.store_in_replica(page, page_id, false, offset, data)
+    }
+
+    /// As [`Self::store_in_page_as`]; with `copy_target`, a PREALLOCATED page takes the
+    /// bytes too: this node prepared it to receive a copy of `page_id` (re-replication,
+    /// `monitor/REREPLICATION.md` R3; the caller checked that under its own lock, held
+    /// across this call, so an abort cannot come between).
+    pub fn store_in_replica(
+        &self,
+        page: PageIndex,
+        page_id: PageId,
+        copy_target: bool,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), PoolError> {
         let art = self.lock();
         let rec = art.get(page)?;
-        if !rec.holds(page_id) {
+        let prepared_copy = copy_target && rec.state == PageState::Preallocated;
+        if !rec.holds(page_id) && !prepared_copy {
             return Err(PoolError::NotHeld {
                 page: page.0,
                 page_id: page_id.0,

@@ -63,6 +63,8 @@ pub(crate) struct Shared {
     /// Leases of cached blocks, by page (the data path grants them; a free waits for them:
     /// `node/CACHE.md` C5).
     pub(crate) leases: Mutex<crate::data::PageLeases>,
+    /// Re-replication: prepared copies (target), joins and their answers (primary).
+    pub(crate) rereplica: crate::rereplica::Rereplica,
 }
 
 impl Shared {
@@ -123,6 +125,7 @@ pub(crate) fn start(
             .map_err(|e| ClientError::Stopped(e.to_string()))?,
         reconciled: Mutex::new(None),
         leases: Mutex::new(crate::data::PageLeases::default()),
+        rereplica: crate::rereplica::Rereplica::default(),
     });
     let (ready_tx, ready_rx) = mpsc::sync_channel(1);
     let service = {
@@ -227,6 +230,9 @@ struct Service<'a> {
     /// Message-layer request id -> what it was for.
     outstanding: HashMap<u64, Outstanding>,
     next_wire_id: u64,
+    /// AddReplica requests the data path is carrying out: transaction -> the monitor's
+    /// message-layer request id, answered when the copy is done.
+    adding: HashMap<u64, u64>,
 }
 
 fn join(
@@ -448,6 +454,7 @@ fn connection(
         }
     };
     shared.epoch.store(epoch.0, Ordering::Release);
+    shared.rereplica.rejoined();
     let mut service = Service {
         ep,
         me: config.node_id,
@@ -465,6 +472,7 @@ fn connection(
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(2, |d| d.as_nanos() as u64 & ((1 << 62) - 1))
             .max(2),
+        adding: HashMap::new(),
     };
     // The monitor sends this node its part of the GAT next; nothing is allocated here
     // until the ART agrees with it.
@@ -729,6 +737,7 @@ impl Service<'_> {
                 Ok(None) => {}
                 Err(e) => return Err(format!("monitor connection lost: {e}")),
             }
+            busy |= self.answer_joins();
             if busy {
                 spin.busy();
             } else if spin.should_sleep() {
@@ -850,11 +859,12 @@ impl Service<'_> {
                 request_id,
                 payload,
             } => {
-                let body = self.monitor_request(&payload);
-                let _ = self.ep.respond(
-                    request_id,
-                    &Message::new(self.epoch, self.me, 0, body).encode(),
-                );
+                if let Some(body) = self.monitor_request(request_id, &payload) {
+                    let _ = self.ep.respond(
+                        request_id,
+                        &Message::new(self.epoch, self.me, 0, body).encode(),
+                    );
+                }
             }
             Incoming::Response {
                 request_id,
@@ -1030,14 +1040,16 @@ impl Service<'_> {
 
     /// Handles one request from the monitor (this node as a backup). Malformed or
     /// stale-epoch requests are refused without touching the pool.
-    fn monitor_request(&mut self, payload: &[u8]) -> Body {
-        let mut table = self.pool;
+    /// One request of the monitor's (`msg_id`: its message-layer id): the answer now, or
+    /// `None` when it comes later (an AddReplica's, once the copy is done:
+    /// [`Service::answer_joins`]).
+    fn monitor_request(&mut self, msg_id: u64, payload: &[u8]) -> Option<Body> {
         let m = match Message::decode(payload) {
             Err(e) => {
-                return Body::Error {
+                return Some(Body::Error {
                     code: ErrorCode::Malformed,
                     detail: e.to_string(),
-                };
+                });
             }
             Ok(m) => m,
         };
@@ -1045,13 +1057,35 @@ impl Service<'_> {
             self.adopt(m.header.epoch);
         }
         if m.header.epoch != self.epoch {
-            return Body::Error {
+            return Some(Body::Error {
                 code: ErrorCode::StaleEpoch,
                 detail: format!("epoch {} is not {}", m.header.epoch.0, self.epoch.0),
-            };
+            });
         }
+        Some(match m.body {
+            // R3: answered by the data path when the copy is acknowledged.
+            Body::AddReplica {
+                txn_id,
+                page_id,
+                target,
+            } => {
+                self.adding.insert(txn_id, msg_id);
+                self.shared.rereplica.ask(crate::rereplica::AddReplica {
+                    txn_id,
+                    page_id,
+                    target,
+                });
+                return None;
+            }
+            body => self.monitor_order(body),
+        })
+    }
+
+    /// The answer to one of the monitor's requests (the epoch checked).
+    fn monitor_order(&mut self, body: Body) -> Body {
+        let mut table = self.pool;
         let failed = |code, what: String| Body::Error { code, detail: what };
-        match m.body {
+        match body {
             Body::Prepare { txn_id } => match self.participant.prepare(&mut table, txn_id) {
                 Ok(page) => {
                     fault::point("node.prepared");
@@ -1059,6 +1093,24 @@ impl Service<'_> {
                 }
                 Err(code) => failed(code, format!("prepare {txn_id}")),
             },
+            // R2: a page to receive a copy of `page_id`.
+            Body::PrepareCopy { txn_id, page_id } => {
+                match self.participant.prepare(&mut table, txn_id) {
+                    Ok(page) => {
+                        self.shared.rereplica.expect_copy(page, page_id);
+                        fault::point("node.rereplicate-prepared");
+                        Body::Prepared { txn_id, page }
+                    }
+                    Err(code) => failed(code, format!("prepare a copy of page {}", page_id.0)),
+                }
+            }
+            // R6 on the primary: the page's mapping is now this (with the new replica, or
+            // without it: the re-replication was rolled back); a join of the page ends.
+            Body::Mapping { page_id, replicas } => {
+                self.shared.remember(page_id, self.epoch, &replicas);
+                self.shared.rereplica.notice(page_id, replicas.clone());
+                Body::Mapping { page_id, replicas }
+            }
             Body::Commit {
                 txn_id,
                 page_id,
@@ -1069,15 +1121,24 @@ impl Service<'_> {
             {
                 Ok(()) => {
                     self.shared.remember(page_id, self.epoch, &replicas);
+                    for r in replicas.iter().filter(|r| r.node == self.me) {
+                        self.shared.rereplica.copy_ended(r.page);
+                    }
                     fault::point("node.backup-committed");
                     Body::CommitAck { txn_id, page_id }
                 }
                 Err(code) => failed(code, format!("commit {txn_id}")),
             },
-            Body::Abort { txn_id } => match self.participant.abort(&mut table, txn_id) {
-                Ok(()) => Body::AbortAck { txn_id },
-                Err(code) => failed(code, format!("abort {txn_id}")),
-            },
+            Body::Abort { txn_id } => {
+                // A page prepared for a copy takes no more Replicates before it is freed.
+                if let Some(page) = self.participant.page_of(txn_id) {
+                    self.shared.rereplica.copy_ended(page);
+                }
+                match self.participant.abort(&mut table, txn_id) {
+                    Ok(()) => Body::AbortAck { txn_id },
+                    Err(code) => failed(code, format!("abort {txn_id}")),
+                }
+            }
             Body::Reconcile { last, entries } => {
                 for (page, id) in entries {
                     self.reconcile.insert(page, (id, self.epoch));
@@ -1125,6 +1186,20 @@ impl Service<'_> {
                 format!("{} is not a request to a node", other.name()),
             ),
         }
+    }
+
+    /// R4: answers the AddReplica requests whose copies the data path finished (or
+    /// gave up). Returns whether there were any.
+    fn answer_joins(&mut self) -> bool {
+        let answers = self.shared.rereplica.take_answers();
+        let any = !answers.is_empty();
+        for (txn_id, body) in answers {
+            if let Some(msg_id) = self.adding.remove(&txn_id) {
+                let msg = Message::new(self.epoch, self.me, 0, body).encode();
+                let _ = self.ep.respond(msg_id, &msg);
+            }
+        }
+        any
     }
 
     /// F3 on this node: its replicas of freed pages go FREE (zeroed first), each only if

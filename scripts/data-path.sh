@@ -41,6 +41,14 @@
 #      must go FREE through the nodes' reconciliation with the new monitor. The register
 #      workload runs meanwhile (on the registers' page, node 2 its only replica now): its
 #      history across the monitor's death must be linearizable.
+#   7. Re-replication (#13): node 3 comes back; a register page and four pages with one
+#      backup each, primaries on node 2, hold known bytes; the register workload runs on
+#      one of them while node 2 is killed (kill -9). Once declared dead, the monitor must
+#      copy every page that lost its replica to the node that holds none (REREPLICATED),
+#      the history must be linearizable and every page must end with two byte-identical
+#      replicas (gat-dump, page-digest). Then node 1, an original survivor, is killed too:
+#      every page (the registers' final values, the known bytes) must still read the same,
+#      from the new replicas alone.
 #   6. The persistence audit of every node (binaries built with the `persist-audit`
 #      feature record every store, write-back and acknowledgement): every acknowledged byte
 #      was written back after it was last stored, before the acknowledgement.
@@ -340,6 +348,86 @@ touch "$work/stop4"
 echo "data-path: registers ran on across the monitor's crash ($at records when the new monitor had freed the page)"
 finish_registers 4
 digests 2
+
+# --- 7. re-replication: node 2 dies under a write workload; its pages get a new replica;
+# then node 1 dies too and every page must still read the same.
+# wait_after FILE FIRST PATTERN SECONDS: waits for a line matching PATTERN after one
+# matching FIRST.
+wait_after() {
+  local until=$((SECONDS + $4))
+  while ((SECONDS < until)); do
+    awk -v a="$2" -v p="$3" 'f && $0 ~ p {found = 1; exit} $0 ~ a {f = 1} END {exit !found}' "$1" && return 0
+    sleep 0.1
+  done
+  echo "data-path: no '$3' after '$2' in $1 within $4 s:"; tail -n 20 "$1"; return 1
+}
+mlog=
+for m in 2 3; do grep -q "MONITOR READY" "$work/monitor$m.log" && mlog=$work/monitor$m.log; done
+[[ -n $mlog ]] || fail "no monitor took over from monitor 1"
+mv "$work/node3.log" "$work/node3-first.log"
+start_node 3 "$h3"
+wait_line "$work/node3.log" "NODE READY" 120 || fail "node 3 did not rejoin"
+rpage=$(cli alloc-page --backups 1 --on 2)
+pid=$(sed -n 's/.*page_id=\([0-9]*\).*/\1/p' <<<"$rpage")
+rbase=$((pid << 32))
+echo "data-path: re-replication: registers on $rpage"
+bulk=() bytes=()
+for k in 0 1 2 3; do
+  b=$(cli alloc-page --backups 1 --on 2)
+  bid=$(sed -n 's/.*page_id=\([0-9]*\).*/\1/p' <<<"$b")
+  # 32 bytes across a 4 KiB boundary (two copy chunks), different on every page.
+  hex=$(for i in $(seq 1 32); do printf '%02x' $(((k * 32 + i) % 256)); done)
+  cli write $(((bid << 32) + k * 16384 + 4080)) "$hex" >/dev/null
+  bulk+=("$bid") bytes+=("$hex")
+  echo "data-path: re-replication: $b"
+done
+registers 5 --until "$work/stop5"
+wait_records 5 $((ops / 4))
+kill -9 "${pids[2]}"
+echo "data-path: killed node 2 (kill -9) after $(wc -l <"$work/history5.jsonl") history records"
+wait_line "$mlog" "NODE DEAD node=2" 60 || fail "node 2 was not declared dead"
+wait_after "$mlog" "NODE DEAD node=2" "REREPLICATED" 120 || fail "the monitor did not restore the replicas"
+grep "REREPLICATE" "$mlog" | tail -n 4
+at=$(wc -l <"$work/history5.jsonl")
+wait_records 5 $((at + 100))
+touch "$work/stop5"
+finish_registers 5
+"$bin/pmgas-monitor" gat-dump --zk "$zk" --cluster "$cluster" --json >"$work/gat7.jsonl"
+# Every page of the phase has two replicas, none on node 2; print "page node node".
+python3 - "$work/gat7.jsonl" "$pid" "${bulk[@]}" >"$work/replicas7.txt" <<'PY' || fail "a page did not get its replica back: $(cat "$work/replicas7.txt")"
+import json, sys
+want = {int(p) for p in sys.argv[2:]}
+ok = True
+for line in open(sys.argv[1]).read().splitlines()[1:]:
+    m = json.loads(line)
+    if m["page_id"] not in want:
+        continue
+    want.discard(m["page_id"])
+    nodes = [r["node"] for r in m["replicas"]]
+    print(m["page_id"], *nodes)
+    if len(nodes) != 2 or 2 in nodes or m["dropped"] or m["freed"]:
+        ok = False
+sys.exit(0 if ok and not want else 1)
+PY
+keep=$pid
+while read -r p n1 n2; do
+  pid=$p
+  digests "$n1" "$n2"
+done <"$work/replicas7.txt"
+pid=$keep
+grep -q " 1 \| 1$" "$work/replicas7.txt" || fail "no page of the phase is on node 1: the second kill proves nothing"
+echo "data-path: REREPLICATED every page back to 2 identical replicas: $(tr '\n' ';' <"$work/replicas7.txt")"
+regs=$(cli read "$rbase" --len 64)
+kill -9 "${pids[1]}"
+echo "data-path: killed node 1 (kill -9), a survivor of node 2's pages"
+wait_line "$mlog" "NODE DEAD node=1" 60 || fail "node 1 was not declared dead"
+[[ $(cli read "$rbase" --len 64) == "$regs" ]] || fail "the registers changed or were lost with node 1"
+for k in 0 1 2 3; do
+  got=$(cli read $(((${bulk[k]} << 32) + k * 16384 + 4080)) --len 32) ||
+    fail "page ${bulk[k]} is not readable after the second node's death: $got"
+  [[ $got == "${bytes[k]}" ]] || fail "page ${bulk[k]} lost its bytes: $got, not ${bytes[k]}"
+done
+echo "data-path: SECOND LOSS ok: with nodes 1 and 2 dead, every page reads what was acknowledged"
 
 # --- 6. the persistence audit: no acknowledgement of bytes not yet written back.
 for i in 1 2 3; do

@@ -63,8 +63,14 @@ pub enum RereplicateAction {
         txn: u64,
         primary: Option<(NodeId, PageId)>,
     },
-    /// R7: nothing is left to do.
-    Report { pages: u64, failed_attempts: u64 },
+    /// R7: nothing is left to do now: `pages` got their replica back since the last
+    /// report, after `failed_attempts` rollbacks; `waiting` pages have no node that can
+    /// take them (they go when one can).
+    Report {
+        pages: u64,
+        failed_attempts: u64,
+        waiting: usize,
+    },
 }
 
 /// A page short of replicas as the shell sees it now.
@@ -217,8 +223,10 @@ impl Rereplicator {
         let mut out = vec![];
         let mut waiting = VecDeque::new();
         let mut started = 0;
+        let mut exhausted = false;
         while self.flights.len() < self.concurrency && started < budget {
             let Some(page_id) = self.queue.pop_front() else {
+                exhausted = true;
                 break;
             };
             let want = self.want.get(&page_id).copied().unwrap_or(0);
@@ -250,6 +258,7 @@ impl Rereplicator {
             };
             self.queued.remove(&page_id);
             started += 1;
+            self.reported = false;
             let txn = self.next_txn;
             self.next_txn += 1;
             self.flights.insert(
@@ -268,10 +277,13 @@ impl Rereplicator {
             });
         }
         // Pages without a target wait at the front, in order.
+        let stuck = waiting.len();
         while let Some(p) = waiting.pop_back() {
             self.queue.push_front(p);
         }
-        self.report_if_done(&mut out);
+        if exhausted && self.queue.len() == stuck {
+            self.report_if_done(&mut out, stuck);
+        }
         out
     }
 
@@ -356,7 +368,7 @@ impl Rereplicator {
             }
             self.done += 1;
         }
-        self.report_if_done(&mut out);
+        self.report_if_done(&mut out, 0);
         out
     }
 
@@ -415,12 +427,15 @@ impl Rereplicator {
         self.failed.remove(&page_id);
     }
 
-    fn report_if_done(&mut self, out: &mut Vec<RereplicateAction>) {
-        if !self.reported && self.queue.is_empty() && self.flights.is_empty() {
+    /// R7 once nothing is in flight and the queue holds only the `waiting` pages that no
+    /// node can take; the counts start again.
+    fn report_if_done(&mut self, out: &mut Vec<RereplicateAction>, waiting: usize) {
+        if !self.reported && self.queue.len() == waiting && self.flights.is_empty() {
             self.reported = true;
             out.push(RereplicateAction::Report {
-                pages: self.done,
-                failed_attempts: self.failed_attempts,
+                pages: std::mem::take(&mut self.done),
+                failed_attempts: std::mem::take(&mut self.failed_attempts),
+                waiting,
             });
         }
     }
@@ -518,7 +533,8 @@ mod tests {
             re.committed(1000),
             vec![RereplicateAction::Report {
                 pages: 1,
-                failed_attempts: 0
+                failed_attempts: 0,
+                waiting: 0
             }]
         );
         // Answers that come late or twice change nothing.
@@ -545,6 +561,15 @@ mod tests {
         // The copy failed (the target died): rolled back, the primary told; no target is
         // left.
         assert_eq!(re.copied(2, false), vec![abort(4, 2, Some(1))]);
+        assert_eq!(
+            re.drive(&view, &all, 8),
+            vec![RereplicateAction::Report {
+                pages: 0,
+                failed_attempts: 2,
+                waiting: 1
+            }],
+            "reported once as waiting"
+        );
         assert!(re.drive(&view, &all, 8).is_empty());
         assert_eq!(
             re.progress(),
@@ -626,7 +651,14 @@ mod tests {
         re.copied(3, true);
         re.persisted(3, true);
         assert!(re.committed(3).is_empty(), "page 7 still waits");
-        assert!(re.drive(&view, &all, 8).is_empty());
+        assert_eq!(
+            re.drive(&view, &all, 8),
+            vec![RereplicateAction::Report {
+                pages: 3,
+                failed_attempts: 0,
+                waiting: 1
+            }]
+        );
         let more = nodes(&[(1, 9), (2, 9), (3, 1)]);
         assert_eq!(re.drive(&view, &more, 8), vec![prepare(3, 4, 7)]);
         re.prepared(4, PageIndex(0));
@@ -635,8 +667,9 @@ mod tests {
         assert_eq!(
             re.committed(4),
             vec![RereplicateAction::Report {
-                pages: 4,
-                failed_attempts: 0
+                pages: 1,
+                failed_attempts: 0,
+                waiting: 0
             }]
         );
     }

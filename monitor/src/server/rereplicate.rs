@@ -73,21 +73,16 @@ impl Rereplication {
     /// R1: `page_id` should have `want` replicas.
     pub(super) fn need(&mut self, page_id: PageId, want: usize) {
         self.machine.need(page_id, want);
-        if self.began.is_none() {
-            self.began = Some(Instant::now());
-            self.started = 0;
-            self.bytes = 0;
-        }
     }
 
     /// How many more pages may start now under the bandwidth setting (one page of burst).
     fn budget(&self) -> usize {
-        let Some(began) = self.began else {
-            return 0;
-        };
         if self.mb_s == 0 {
             return usize::MAX;
         }
+        let Some(began) = self.began else {
+            return 1;
+        };
         let allowed = began.elapsed().as_secs_f64() * f64::from(self.mb_s) * 1e6
             / self.page_size as f64
             + 1.0;
@@ -129,7 +124,8 @@ impl Monitor<'_> {
     /// R1, R2, R7: starts what the concurrency and bandwidth allow, prints progress.
     /// Returns whether it sent anything.
     pub(super) fn drive_rereplication(&mut self) -> bool {
-        if self.rereplication.began.is_none() || self.deposed.is_some() {
+        let (waiting, in_flight, _) = self.rereplication.machine.progress();
+        if waiting + in_flight == 0 || self.deposed.is_some() {
             return false;
         }
         let nodes: BTreeMap<NodeId, NodeView> = self
@@ -200,7 +196,14 @@ impl Monitor<'_> {
         for action in actions {
             match action {
                 RereplicateAction::Prepare { to, txn, page_id } => {
-                    self.rereplication.started += 1;
+                    let r = &mut self.rereplication;
+                    if r.began.is_none() {
+                        // A round starts: its counts, rate and report start here.
+                        r.began = Some(Instant::now());
+                        r.started = 0;
+                        r.bytes = 0;
+                    }
+                    r.started += 1;
                     let body = Body::PrepareCopy {
                         txn_id: txn,
                         page_id,
@@ -248,15 +251,24 @@ impl Monitor<'_> {
                 RereplicateAction::Report {
                     pages,
                     failed_attempts,
+                    waiting,
                 } => {
                     let r = &mut self.rereplication;
                     let ms = r.began.take().map_or(0, |b| b.elapsed().as_millis());
+                    let rate = r.bytes as f64 / (ms as f64 / 1e3).max(1e-3) / 1e6;
                     println!(
-                        "REREPLICATED pages={pages} bytes={} ms={ms} failed_attempts={failed_attempts} \
-                         unix_ms={}",
+                        "REREPLICATED pages={pages} bytes={} ms={ms} rate_mb_s={rate:.2} \
+                         failed_attempts={failed_attempts} waiting_for_a_node={waiting} unix_ms={}",
                         r.bytes,
                         fault::unix_ms()
                     );
+                    if waiting > 0 {
+                        tracing::warn!(
+                            pages = waiting,
+                            "pages short of replicas with no node that can take one (they go once one joins)"
+                        );
+                    }
+                    r.bytes = 0;
                 }
             }
         }

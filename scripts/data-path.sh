@@ -55,7 +55,7 @@
 #
 # Exit status 0 when every check passes. PMGAS_ZK=host:port uses that ZooKeeper.
 # Usage (outside the rig it re-runs itself inside): scripts/data-path.sh [--ops N]
-set -euo pipefail
+set -eEuo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 ops=500
@@ -88,7 +88,16 @@ cleanup() {
 }
 trap cleanup EXIT
 ulimit -c 0
-fail() { echo "data-path: FAILED: $*"; exit 1; }
+# A failure keeps the processes' logs where the host can read them (the rig's /tmp is the
+# VM's own; rig.sh copies PMGAS_RIG_LOGS to target/rig-logs).
+fail() {
+  echo "data-path: FAILED: $*"
+  if [[ -n ${PMGAS_RIG_LOGS:-} ]]; then
+    mkdir -p "$PMGAS_RIG_LOGS/data-path" && cp "$work"/*.log "$PMGAS_RIG_LOGS/data-path/" 2>/dev/null || true
+  fi
+  exit 1
+}
+trap 'fail "line $LINENO: a command failed"' ERR
 # wait_line FILE PATTERN SECONDS: waits until FILE has a line matching PATTERN.
 wait_line() {
   local until=$((SECONDS + $3))

@@ -46,6 +46,8 @@ trap 'rm -rf "$out"' EXIT
   printf 'source /tmp/pmgas-rig.env\n'
   printf 'export PATH=%q\n' "$PATH"
   printf 'export HOME=%q\n' "${HOME:-/root}"
+  # A test that fails keeps its logs here; they reach the host's target/rig-logs.
+  printf 'export PMGAS_RIG_LOGS=%q\n' "$out/logs"
   [[ -n ${RUST_LOG:-} ]] && printf 'export RUST_LOG=%q\n' "$RUST_LOG"
   # Every PMGAS_* knob of the caller reaches the command.
   while IFS='=' read -r name _; do
@@ -92,6 +94,10 @@ vng --disable-kvm --run "$kernel" --cpus 2 --memory 3G "${pm_opts[@]}" \
 vng_rc=${PIPESTATUS[0]}
 set -e
 echo "rig: VM ran $(($(date +%s) - start)) s"
+if [[ -d $out/logs ]]; then
+  rm -rf target/rig-logs && cp -r "$out/logs" target/rig-logs &&
+    echo "rig: a test's logs are in target/rig-logs"
+fi
 if [[ ! -f $out/rc ]]; then
   echo "rig: the VM did not run the command (vng exit $vng_rc): the RDMA rig could not start" >&2
   exit 90

@@ -86,6 +86,7 @@ fn payload(replicas: usize) -> Vec<u8> {
             })
             .collect(),
         freed: false,
+        revision: 0,
     };
     encode_chunk(&[m]).expect("one mapping fits a chunk")
 }

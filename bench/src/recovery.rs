@@ -73,6 +73,7 @@ fn mapping(id: u32, replicas: u32) -> Mapping {
             })
             .collect(),
         freed: false,
+        revision: 0,
     }
 }
 

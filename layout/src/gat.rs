@@ -9,8 +9,10 @@
 //! A freed page leaves a *tombstone*: its mapping again, flagged freed, written in a later
 //! znode than the mapping (possibly another worker's series). The page id is never handed
 //! out again, and the replicas it names are freed by their nodes (also at reconciliation,
-//! for a node that was away). [`merge_tombstones`] makes the GAT's view: a page id may be
-//! stored at most twice, once live and once freed, and the tombstone wins.
+//! for a node that was away). A page given a new replica after a node loss (re-replication,
+//! `monitor/REREPLICATION.md`) is stored again live with the next *revision*.
+//! [`merge_tombstones`] makes the GAT's view: a page id is stored live at most once per
+//! revision and freed at most once; the tombstone wins, then the highest revision.
 
 use crate::PageId;
 use crate::ids::{NodeId, PageIndex};
@@ -31,6 +33,8 @@ pub struct Mapping {
     pub page_id: PageId,
     pub replicas: Vec<Replica>,
     pub freed: bool,
+    /// 0 as allocated; each re-replication stores the mapping again with the next one.
+    pub revision: u16,
 }
 
 impl Mapping {
@@ -40,6 +44,7 @@ impl Mapping {
             page_id,
             replicas,
             freed: false,
+            revision: 0,
         }
     }
 
@@ -60,17 +65,19 @@ impl Mapping {
 const FLAG_FREED: u8 = 1;
 
 /// Merges a GAT's mappings, sorted by page id, into its view: where a page id is stored
-/// live and as a tombstone, the tombstone stays. Returns the page id of the first
-/// violation (an id stored twice live, or twice freed) as an error.
+/// live and as a tombstone, the tombstone stays; of its live revisions, the highest.
+/// Returns the page id of the first violation (an id stored twice live in one revision, or
+/// twice freed) as an error.
 pub fn merge_tombstones(mappings: &mut Vec<Mapping>) -> Result<(), PageId> {
-    mappings.sort_unstable_by_key(|m| (m.page_id, m.freed));
-    if let Some(w) = mappings
-        .windows(2)
-        .find(|w| w[0].page_id == w[1].page_id && w[0].freed == w[1].freed)
-    {
+    mappings.sort_unstable_by_key(|m| (m.page_id, m.freed, m.revision));
+    if let Some(w) = mappings.windows(2).find(|w| {
+        w[0].page_id == w[1].page_id
+            && w[0].freed == w[1].freed
+            && (w[0].freed || w[0].revision == w[1].revision)
+    }) {
         return Err(w[0].page_id);
     }
-    // Sorted with `false` first: of a (live, freed) pair, the tombstone replaces the live.
+    // Sorted with `false` first, then by revision: each later one replaces the one before.
     let mut out: Vec<Mapping> = Vec::with_capacity(mappings.len());
     for m in mappings.drain(..) {
         match out.last_mut() {
@@ -162,7 +169,7 @@ fn corrupt<T>(reason: impl Into<String>) -> Result<T, GatError> {
 
 /// Encodes a chunk. Header: checksum u32 (CRC32C of bytes 4..), version u16, reserved
 /// u16, magic [8], count u32, reserved u32; then per mapping: page_id u32, count u8,
-/// flags u8 (bit 0: freed, a tombstone), reserved [2], count × (node u32, page u32).
+/// flags u8 (bit 0: freed, a tombstone), revision u16, count × (node u32, page u32).
 pub fn encode_chunk(mappings: &[Mapping]) -> Result<Vec<u8>, GatError> {
     let len = CHUNK_HEADER_BYTES + mappings.iter().map(Mapping::encoded_bytes).sum::<usize>();
     if len > CHUNK_MAX_BYTES {
@@ -184,7 +191,7 @@ pub fn encode_chunk(mappings: &[Mapping]) -> Result<Vec<u8>, GatError> {
         out.extend_from_slice(&m.page_id.0.to_le_bytes());
         out.push(m.replicas.len() as u8);
         out.push(if m.freed { FLAG_FREED } else { 0 });
-        out.extend_from_slice(&[0; 2]);
+        out.extend_from_slice(&m.revision.to_le_bytes());
         for r in &m.replicas {
             out.extend_from_slice(&r.node.0.to_le_bytes());
             out.extend_from_slice(&r.page.0.to_le_bytes());
@@ -197,7 +204,7 @@ pub fn encode_chunk(mappings: &[Mapping]) -> Result<Vec<u8>, GatError> {
 
 /// Decodes and validates a chunk: checksum, version, magic, exact length, reserved bytes,
 /// 1..=8 replicas on distinct nodes per mapping (0..=8 for a tombstone), no page id twice
-/// in the chunk except once live and once freed.
+/// in the chunk except live in different revisions and once freed.
 pub fn decode_chunk(bytes: &[u8]) -> Result<Vec<Mapping>, GatError> {
     if bytes.len() < CHUNK_HEADER_BYTES || bytes.len() > CHUNK_MAX_BYTES {
         return corrupt(format!("{} bytes", bytes.len()));
@@ -225,13 +232,15 @@ pub fn decode_chunk(bytes: &[u8]) -> Result<Vec<Mapping>, GatError> {
         let page_id = PageId(u32::from_le_bytes([head[0], head[1], head[2], head[3]]));
         let n = head[4] as usize;
         let freed = head[5] == FLAG_FREED;
-        if (n == 0 && !freed) || n > MAX_REPLICAS || head[5] > FLAG_FREED || head[6..8] != [0, 0] {
+        let revision = u16::from_le_bytes([head[6], head[7]]);
+        if (n == 0 && !freed) || n > MAX_REPLICAS || head[5] > FLAG_FREED {
             return corrupt(format!(
                 "page {}: {n} replicas or reserved bytes set",
                 page_id.0
             ));
         }
-        ids.push((page_id.0, freed));
+        // Two tombstones of one page are a violation whatever their revisions.
+        ids.push((page_id.0, freed, if freed { 0 } else { revision }));
         pos += 8;
         let Some(body) = bytes.get(pos..pos + 8 * n) else {
             return corrupt("truncated replicas");
@@ -252,6 +261,7 @@ pub fn decode_chunk(bytes: &[u8]) -> Result<Vec<Mapping>, GatError> {
             page_id,
             replicas,
             freed,
+            revision,
         });
     }
     if pos != bytes.len() {
@@ -287,11 +297,40 @@ mod tests {
     }
 
     #[test]
+    fn a_later_revision_replaces_the_mapping_and_one_revision_twice_is_corrupt() {
+        let r = |node: u32, page: u32| Replica {
+            node: NodeId(node),
+            page: PageIndex(page),
+        };
+        let first = Mapping::new(PageId(9), vec![r(1, 0), r(2, 0)]);
+        let mut second = Mapping::new(PageId(9), vec![r(2, 0), r(3, 4)]);
+        second.revision = 1;
+        // Both revisions in one chunk (a compaction of two deltas), in either order.
+        let chunk = encode_chunk(&[second.clone(), first.clone()]).unwrap();
+        let mut ms = decode_chunk(&chunk).unwrap();
+        assert_eq!(ms[0].revision, 1);
+        merge_tombstones(&mut ms).unwrap();
+        assert_eq!(ms, vec![second.clone()]);
+        // The tombstone still wins over every revision.
+        let mut ms = vec![second.tombstone(), first.clone(), second.clone()];
+        merge_tombstones(&mut ms).unwrap();
+        assert_eq!(ms, vec![second.tombstone()]);
+        // One revision stored twice is corrupt, in a chunk and across chunks.
+        let twice = encode_chunk(&[first.clone(), first.clone()]).unwrap();
+        assert!(decode_chunk(&twice).is_err());
+        assert_eq!(
+            merge_tombstones(&mut vec![first.clone(), first]),
+            Err(PageId(9))
+        );
+    }
+
+    #[test]
     fn tombstones_round_trip_and_win_over_the_live_mapping() {
         let dead_everywhere = Mapping {
             page_id: PageId(4),
             replicas: vec![],
             freed: true,
+            revision: 0,
         };
         let ms = vec![
             m(1, &[1, 2]),

@@ -701,6 +701,7 @@ mod tests {
                 },
             ],
             freed: false,
+            revision: 0,
         };
         assert_eq!(
             a,

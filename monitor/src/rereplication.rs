@@ -329,11 +329,13 @@ impl Rereplicator {
             return vec![];
         };
         f.stage = Stage::Persisting { page };
+        // Stored again, in the next revision: it replaces the one it grew from.
         let mut mapping = f.mapping.clone();
         mapping.replicas.push(Replica {
             node: f.target,
             page,
         });
+        mapping.revision = mapping.revision.wrapping_add(1);
         vec![RereplicateAction::Persist { mapping, txn }]
     }
 
@@ -513,10 +515,12 @@ mod tests {
             }]
         );
         let a = re.copied(1000, true);
+        let mut next = Mapping::new(page, vec![r(2, 5), r(3, 9)]);
+        next.revision = 1;
         assert_eq!(
             a,
             vec![RereplicateAction::Persist {
-                mapping: Mapping::new(page, vec![r(2, 5), r(3, 9)]),
+                mapping: next,
                 txn: 1000
             }]
         );

@@ -59,6 +59,7 @@ fn mapping(id: u32, nodes: &[u32]) -> Mapping {
             })
             .collect(),
         freed: false,
+        revision: 0,
     }
 }
 

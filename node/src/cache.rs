@@ -22,6 +22,7 @@ impl MappingCache {
             page_id,
             replicas: replicas.clone(),
             freed: false,
+            revision: 0,
         })
     }
 

@@ -1056,7 +1056,15 @@ impl DataServer {
             while let Some(link) = self.links.get_mut(&node) {
                 let incoming = match link.ep.poll() {
                     Ok(Some(m)) => m,
-                    Ok(None) => break,
+                    Ok(None) => {
+                        // A backup that died (and maybe came back elsewhere) is noticed
+                        // here, not only when a send to it fails.
+                        if link.ep.connection().peer_disconnected().unwrap_or(true) {
+                            tracing::warn!(%node, "link to a backup disconnected");
+                            self.lose_link(node);
+                        }
+                        break;
+                    }
                     Err(e) => {
                         tracing::warn!(%node, error = %e, "link to a backup lost");
                         self.lose_link(node);
@@ -1075,8 +1083,14 @@ impl DataServer {
                         self.replicate_answer(node, page_id, request_id, &payload);
                     }
                     Incoming::TimedOut { request_id } => {
+                        // No answer in time: the link may lead to a process that is gone
+                        // (its node restarted elsewhere); the Replicate goes again on a
+                        // new one (D6).
                         if let Some(page_id) = link.sent.remove(&request_id) {
+                            tracing::warn!(%node, "a Replicate timed out; reconnecting");
                             self.forget_sent(node, page_id, request_id);
+                            self.lose_link(node);
+                            break;
                         }
                     }
                     Incoming::Request { request_id, .. } => {

@@ -395,7 +395,8 @@ wait_records 5 $((ops / 4))
 kill -9 "${pids[2]}"
 echo "data-path: killed node 2 (kill -9) after $(wc -l <"$work/history5.jsonl") history records"
 wait_line "$mlog" "NODE DEAD node=2" 60 || fail "node 2 was not declared dead"
-wait_after "$mlog" "NODE DEAD node=2" "REREPLICATED" 120 || fail "the monitor did not restore the replicas"
+wait_after "$mlog" "NODE DEAD node=2" "REREPLICATED .* waiting_for_a_node=0" 120 ||
+  fail "the monitor did not restore the replicas"
 grep "REREPLICATE" "$mlog" | tail -n 4
 at=$(wc -l <"$work/history5.jsonl")
 wait_records 5 $((at + 100))

@@ -161,6 +161,12 @@ impl Rereplicator {
         (self.queue.len(), self.flights.len(), self.done)
     }
 
+    /// Targets that failed may be chosen again (the shell calls it now and then: a node
+    /// that failed once, unreachable for a moment, may be the only one left).
+    pub fn forgive(&mut self) {
+        self.failed.clear();
+    }
+
     /// Whether `txn` is a re-replication's (the GAT writer's reports are shared).
     pub fn owns(&self, txn: u64) -> bool {
         self.flights.contains_key(&txn)

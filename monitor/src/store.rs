@@ -496,6 +496,10 @@ impl Store {
             ..LoadedGat::default()
         };
         out.dead = dead;
+        // Replicas the declarations dropped, with the revision of the mapping that named
+        // them: only the page's last revision counts (a re-replication's mapping names
+        // live replicas only).
+        let mut drops: Vec<(PageId, u16, pmgas_layout::wire::Replica)> = vec![];
         while let Some((path, result)) = futures::StreamExt::next(&mut reads).await {
             let (data, _) = result.map_err(zk_error("get", path.clone()))?;
             let mappings = gat::decode_chunk(&data).map_err(|source| StoreError::Chunk {
@@ -505,13 +509,7 @@ impl Store {
             for mut m in mappings {
                 out.max_page_id = out.max_page_id.max(m.page_id.0);
                 let gone = out.dead.apply_dropping(&mut m);
-                out.dropped_replicas += gone.len();
-                for r in gone {
-                    out.dropped
-                        .entry(r.node)
-                        .or_default()
-                        .insert((r.page, m.page_id));
-                }
+                drops.extend(gone.into_iter().map(|r| (m.page_id, m.revision, r)));
                 out.mappings.push(m);
             }
         }
@@ -522,6 +520,20 @@ impl Store {
                 path: self.chunks_holding(&paths, id).await.join(" and "),
                 reason: format!("page id {} stored twice", id.0),
             });
+        }
+        let last: std::collections::HashMap<PageId, u16> = out
+            .mappings
+            .iter()
+            .map(|m| (m.page_id, m.revision))
+            .collect();
+        for (page_id, revision, r) in drops {
+            if last.get(&page_id) == Some(&revision) {
+                out.dropped_replicas += 1;
+                out.dropped
+                    .entry(r.node)
+                    .or_default()
+                    .insert((r.page, page_id));
+            }
         }
         Ok(out)
     }

@@ -145,7 +145,13 @@ struct Join {
     /// the join (a mapping notice, or a new monitor), never a refusal by the target, whose
     /// page the GAT may list already.
     added: bool,
+    /// When it started: a target that cannot be reached fails the join only after
+    /// [`JOIN_PATIENCE`] (its address may just have changed).
+    since: Instant,
 }
+
+/// How long a join's target may stay unreachable before the join fails.
+const JOIN_PATIENCE: Duration = Duration::from_secs(5);
 
 /// The update of a page in flight (D3-D5).
 struct InFlight {
@@ -173,6 +179,8 @@ struct PeerLink {
 }
 
 type AllocAnswer = (u64, u64, Body);
+type LinkMade = (NodeId, Result<Endpoint, String>);
+type LinksMade = (mpsc::Sender<LinkMade>, mpsc::Receiver<LinkMade>);
 
 pub(crate) struct DataServer {
     me: NodeId,
@@ -186,6 +194,9 @@ pub(crate) struct DataServer {
     conns: HashMap<u64, Endpoint>,
     next_conn: u64,
     links: HashMap<NodeId, PeerLink>,
+    /// Links being connected on helper threads ([`Self::link`]), and their outcomes.
+    connecting: HashSet<NodeId>,
+    links_made: LinksMade,
     last_attempt: HashMap<NodeId, Instant>,
     addrs: HashMap<NodeId, SocketAddr>,
     pages: HashMap<PageId, PageOrder>,
@@ -247,6 +258,8 @@ impl DataServer {
             conns: HashMap::new(),
             next_conn: 1,
             links: HashMap::new(),
+            connecting: HashSet::new(),
+            links_made: mpsc::channel(),
             last_attempt: HashMap::new(),
             addrs: HashMap::new(),
             pages: HashMap::new(),
@@ -295,6 +308,7 @@ impl DataServer {
                 self.respond(conn, request_id, 0, body);
             }
             busy |= self.poll_rereplica();
+            busy |= self.collect_links();
             if self.last_tick.elapsed() >= TICK {
                 self.last_tick = Instant::now();
                 self.tick();
@@ -962,11 +976,9 @@ impl DataServer {
         for (node, body) in to_send {
             let msg = Message::new(epoch, self.me, 0, body).encode();
             let Some(link) = self.link(node) else {
-                if self
-                    .joins
-                    .get(&page_id)
-                    .is_some_and(|j| j.target.node == node && !j.added)
-                {
+                if self.joins.get(&page_id).is_some_and(|j| {
+                    j.target.node == node && !j.added && j.since.elapsed() >= JOIN_PATIENCE
+                }) {
                     self.fail_join(page_id, "the target cannot be reached");
                 }
                 continue;
@@ -992,14 +1004,18 @@ impl DataServer {
         fault::point("node.data-replicating");
     }
 
-    /// The outgoing connection to `node`, made on demand (its address from the monitor's
-    /// node list), at most one attempt per [`RECONNECT_EVERY`].
+    /// The outgoing connection to `node`, if it is up. Otherwise one is started on a
+    /// helper thread (its address from the monitor's node list), at most one attempt per
+    /// [`RECONNECT_EVERY`], and [`Self::collect_links`] takes it when it is made: a
+    /// connect on this thread would stop it accepting, and two primaries connecting to each
+    /// other would each wait for the other's accept until both timed out.
     fn link(&mut self, node: NodeId) -> Option<&mut PeerLink> {
         if !self.links.contains_key(&node) {
-            if self
-                .last_attempt
-                .get(&node)
-                .is_some_and(|t| t.elapsed() < RECONNECT_EVERY)
+            if self.connecting.contains(&node)
+                || self
+                    .last_attempt
+                    .get(&node)
+                    .is_some_and(|t| t.elapsed() < RECONNECT_EVERY)
             {
                 return None;
             }
@@ -1016,16 +1032,43 @@ impl DataServer {
                     *self.addrs.get(&node)?
                 }
             };
-            let ep = Connector::new(Some(self.bind), addr)
-                .resolve()
-                .and_then(|route| {
-                    route.connect_endpoint(
-                        &self.pd,
-                        &ConnectionConfig::default(),
-                        &[],
-                        data_msg_config(),
-                    )
+            let (bind, pd, done) = (self.bind, self.pd.clone(), self.links_made.0.clone());
+            let wake = Arc::clone(&self.notifier);
+            let spawned = std::thread::Builder::new()
+                .name(format!("pmgas-link-{}", node.0))
+                .spawn(move || {
+                    let ep = Connector::new(Some(bind), addr)
+                        .resolve()
+                        .and_then(|route| {
+                            route.connect_endpoint(
+                                &pd,
+                                &ConnectionConfig::default(),
+                                &[],
+                                data_msg_config(),
+                            )
+                        })
+                        .map_err(|e| format!("{addr}: {e}"));
+                    let _ = done.send((node, ep));
+                    wake.notify();
                 });
+            match spawned {
+                Ok(_) => {
+                    self.connecting.insert(node);
+                }
+                Err(e) => tracing::warn!(%node, error = %e, "cannot start a connection"),
+            }
+            return None;
+        }
+        self.links.get_mut(&node)
+    }
+
+    /// Connections [`Self::link`] started that are made (or failed): a new link carries
+    /// the Replicates waiting for it at once. Returns whether there were any.
+    fn collect_links(&mut self) -> bool {
+        let mut any = false;
+        while let Ok((node, ep)) = self.links_made.1.try_recv() {
+            any = true;
+            self.connecting.remove(&node);
             match ep {
                 Ok(ep) => {
                     self.links.insert(
@@ -1035,16 +1078,28 @@ impl DataServer {
                             sent: HashMap::new(),
                         },
                     );
+                    let waiting: Vec<PageId> = self
+                        .pages
+                        .iter()
+                        .filter(|(_, o)| {
+                            o.in_flight
+                                .as_ref()
+                                .is_some_and(|f| f.waiting.get(&node) == Some(&None))
+                        })
+                        .map(|(id, _)| *id)
+                        .collect();
+                    for page_id in waiting {
+                        self.send_replicates(page_id);
+                    }
                 }
                 Err(e) => {
-                    tracing::warn!(%node, %addr, error = %e, "cannot reach a backup");
+                    tracing::warn!(%node, error = %e, "cannot reach a backup");
                     // Its address may have changed (a restart): ask again next time.
                     self.addrs.remove(&node);
-                    return None;
                 }
             }
         }
-        self.links.get_mut(&node)
+        any
     }
 
     /// Answers from backups on outgoing links.
@@ -1407,6 +1462,7 @@ impl DataServer {
                 txn_id,
                 target,
                 added: false,
+                since: Instant::now(),
             },
         );
         let page_size = self.pool.header().page_size_bytes;

@@ -19,6 +19,8 @@ use crate::rereplication::{NodeView, PageView, RereplicateAction, Rereplicator};
 const COPY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often progress is printed while pages remain.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+/// How often targets that failed become eligible again.
+const FORGIVE_EVERY: Duration = Duration::from_secs(2);
 
 /// What a re-replication request to a node was.
 #[derive(Debug, Clone, Copy)]
@@ -42,6 +44,7 @@ pub(super) struct Rereplication {
     started: u64,
     bytes: u64,
     last_progress: Instant,
+    last_forgiven: Instant,
 }
 
 impl Rereplication {
@@ -55,6 +58,7 @@ impl Rereplication {
             started: 0,
             bytes: 0,
             last_progress: Instant::now(),
+            last_forgiven: Instant::now(),
         }
     }
 
@@ -156,6 +160,10 @@ impl Monitor<'_> {
                 .collect();
             Some(PageView { mapping, excluded })
         };
+        if self.rereplication.last_forgiven.elapsed() >= FORGIVE_EVERY {
+            self.rereplication.last_forgiven = Instant::now();
+            self.rereplication.machine.forgive();
+        }
         let budget = self.rereplication.budget();
         let actions = self.rereplication.machine.drive(&view, &nodes, budget);
         let any = !actions.is_empty();

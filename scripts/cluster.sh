@@ -36,8 +36,9 @@
 #                      monitors run with a 5 s node timeout and pages have one backup. The active monitor declares it dead: the epoch moves on, it
 #                      leaves the live list, its replicas leave the GAT (the backup of every
 #                      page it was primary of is promoted), the surviving nodes adopt the
-#                      new epoch and go on allocating. The check compares the GAT taken
-#                      just before the kill with the final one.
+#                      new epoch and go on allocating; every page that lost a replica gets
+#                      a new one on the other survivor (re-replication, #13). The check
+#                      compares the GAT taken just before the kill with the final one.
 #   --hang-node3-after S  the same, but node 3 hangs (SIGSTOP) instead: its connection
 #                      stays up, only unanswered heartbeats (2 s here) reveal it.
 #   --crash WHO:POINT[:N]  WHO (monitor: the first active one; node3) kills itself (SIGKILL)
@@ -355,6 +356,11 @@ for i in $alloc_nodes; do
   grep -q "ALLOC DONE" "$work/node$i.log" || { echo "node $i did not finish:"; cat "$work/node$i.log"; tail -n 20 "$work"/monitor*.log; exit 1; }
   echo "node$i: $(grep 'ALLOC DONE' "$work/node$i.log")"
 done
+if [[ -n $lose3 ]]; then
+  # Re-replication (#13): every page that lost its replica with node 3 gets one back.
+  for _ in $(seq 1 1200); do grep -q "^REREPLICATED .* waiting_for_a_node=0" "$work"/monitor*.log && break; sleep 0.1; done
+  grep -h "^REREPLICATED" "$work"/monitor*.log | tail -1 | sed 's/^/cluster: /'
+fi
 if ((objects > 0)); then
   grep -q "OBJECTS DONE" "$work/node1.log" || { echo "node 1 did not finish its objects:"; tail -20 "$work/node1.log"; exit 1; }
   echo "node1: $(grep 'OBJECTS DONE' "$work/node1.log")"
@@ -478,20 +484,29 @@ if lost3:
     before = [json.loads(l) for l in open(f"{work}/gat-before.jsonl")]
     if head["epoch"] != before[0]["epoch"] + 1: errors.append(f"epoch {before[0]['epoch']} became {head['epoch']}, not one more")
     now = {m["page_id"]: [(r["node"], r["page_index"]) for r in m["replicas"]] for m in maps}
-    promoted = 0
+    promoted = rereplicated = short = 0
     for m in before[1:]:
         want = [(r["node"], r["page_index"]) for r in m["replicas"] if r["node"] != 3]
         promoted += m["replicas"][0]["node"] == 3
-        if now.get(m["page_id"]) != want: errors.append(f"page {m['page_id']}: {now.get(m['page_id'])} after node 3 died, expected {want}")
+        got = now.get(m["page_id"]) or []
+        # Re-replication (#13) appends one replica on a live node that held none.
+        if got[:len(want)] != want or len(got) > len(m["replicas"]) or (len(got) > len(want) and got[-1][0] in [n for n, _ in want]):
+            errors.append(f"page {m['page_id']}: {got} after node 3 died, expected {want} and maybe one new replica")
+        lost_one = len(want) < len(m["replicas"])
+        rereplicated += lost_one and len(got) == len(m["replicas"])
+        short += len(got) < len(m["replicas"])
     if max(now, default=0) <= int(dead.get("3", {}).get("max_page_id", 0)): slow.append("no page was allocated after node 3 was declared dead")
     for pid, reps in now.items():
         if any(n == 3 for n, _ in reps): errors.append(f"page {pid}: a replica on the dead node 3")
         if not reps: errors.append(f"page {pid}: no replica left")
         if len(reps) != 2 and pid > int(dead.get("3", {}).get("max_page_id", 0)): errors.append(f"page {pid}: {len(reps)} replicas")
+        if len(set(n for n, _ in reps)) != len(reps): errors.append(f"page {pid}: two replicas on one node")
     # (With the declaring monitor killed, the nodes learn the epoch when they rejoin.)
     for i in (() if monitor_killed else (1, 2)):
         if not any("declared dead" in l for l in open(f"{work}/node{i}.log")): slow.append(f"node {i} never heard of the new epoch")
-    print(f"cluster check: node 3 dead: {len(before) - 1} mappings before, {promoted} of them had node 3 as primary (backup promoted)")
+    done_lines = [l for m in (1, 2, 3) for l in open(f"{work}/monitor{m}.log") if l.startswith("REREPLICATED")]
+    if short: slow.append(f"{short} pages still short of a replica at the end (re-replication unfinished)")
+    print(f"cluster check: node 3 dead: {len(before) - 1} mappings before, {promoted} of them had node 3 as primary (backup promoted), {rereplicated} given a new replica; {done_lines[-1].strip() if done_lines else 'no REREPLICATED line'}")
 # A killed monitor may fail callers whose requests queue while the nodes reconnect, or
 # none (those in flight are carried over): its runs are held to the exact count above.
 if fits and not expect_failures and not node3_killed and not monitor_killed and ok < pages * 0.99: slow.append(f"only {ok} of {pages} allocations succeeded")

@@ -50,6 +50,8 @@ scenarios=(
   "node dies for good: declared dead, backups promoted|--lose-node3-after 0"
   "node dies for good; monitor dies having declared it|--lose-node3-after 0 --crash monitor:monitor.node-declared-dead"
   "node hangs for good (SIGSTOP): heartbeats unanswered, declared dead|--hang-node3-after 0"
+  "node dies for good; monitor dies mid re-replication (copying)|--lose-node3-after 0 --crash monitor:monitor.rereplicate-copying:3"
+  "node dies for good; monitor dies after a re-replication's GAT write|--lose-node3-after 0 --crash monitor:monitor.rereplicate-mapped:2"
 )
 
 echo "crash-suite: starting ZooKeeper"

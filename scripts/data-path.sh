@@ -42,10 +42,13 @@
 #      workload runs meanwhile (on the registers' page, node 2 its only replica now): its
 #      history across the monitor's death must be linearizable.
 #   7. Re-replication (#13): node 3 comes back; a register page and four pages with one
-#      backup each, primaries on node 2, hold known bytes; the register workload runs on
-#      one of them while node 2 is killed (kill -9). Once declared dead, the monitor must
-#      copy every page that lost its replica to the node that holds none (REREPLICATED),
-#      the history must be linearizable and every page must end with two byte-identical
+#      backup each, primaries on node 2, hold known bytes; then node 4 joins empty (on
+#      host 4), armed to die at its first stored copy chunk (node.rereplicate-target).
+#      The register workload runs on one of the pages while node 2 is killed (kill -9).
+#      Once it is declared dead, the monitor copies every page that lost its replica:
+#      first to node 4 (the emptiest), which dies mid-copy and must hold nothing
+#      committed, then to the node among 1 and 3 that holds none (REREPLICATED). The
+#      history must be linearizable and every page must end with two byte-identical
 #      replicas (gat-dump, page-digest). Then node 1, an original survivor, is killed too:
 #      every page (the registers' final values, the known bytes) must still read the same,
 #      from the new replicas alone.
@@ -81,7 +84,8 @@ cluster=d$$
 pids=()  # pids[1..3]: the nodes
 mpids=() # the monitors
 cleanup() {
-  for p in "${pids[@]}" "${mpids[@]}"; do kill "$p" 2>/dev/null || true; done
+  # Every background job: a register client waiting for its --until file too.
+  for p in "${pids[@]}" "${mpids[@]}" $(jobs -p); do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
   [[ -n ${PMGAS_ZK:-} ]] || bash "$root/scripts/zookeeper.sh" stop --dir "$work/zk" >/dev/null 2>&1 || true
   rm -f /dev/shm/pmgas-"$cluster"-node*
@@ -390,14 +394,28 @@ for k in 0 1 2 3; do
   bulk+=("$bid") bytes+=("$hex")
   echo "data-path: re-replication: $b"
 done
+# Node 4 (on host 4) joins empty: the emptiest node, it is every copy's first target, and
+# once armed it kills itself at its first stored chunk (node.rereplicate-target): the
+# copies to it fail and go to another node; none of them may be committed on it. (It
+# first takes, unarmed, a replica of the registers' first page, short since phase 4.)
+start_node 4 "$h4" PMGAS_CRASH_AT=node.rereplicate-target PMGAS_CRASH_ARMED_BY="$work/arm-node4"
+wait_line "$work/node4.log" "NODE READY" 120 || fail "node 4 did not join"
 registers 5 --until "$work/stop5"
 wait_records 5 $((ops / 4))
+touch "$work/arm-node4"
 kill -9 "${pids[2]}"
 echo "data-path: killed node 2 (kill -9) after $(wc -l <"$work/history5.jsonl") history records"
 wait_line "$mlog" "NODE DEAD node=2" 60 || fail "node 2 was not declared dead"
 wait_after "$mlog" "NODE DEAD node=2" "REREPLICATED .* waiting_for_a_node=0" 120 ||
   fail "the monitor did not restore the replicas"
 grep "REREPLICATE" "$mlog" | tail -n 4
+wait_line "$work/node4.log" "CRASH POINT node.rereplicate-target" 5 || fail "node 4 was not a target, or did not die mid-copy"
+"$bin/pmgas-node" art-dump --json --pm "/dev/shm/pmgas-$cluster-node4" >"$work/art4.jsonl"
+for p in "$pid" "${bulk[@]}"; do
+  ! grep -q "\"ALLOCATED\",\"page_id\":$p," "$work/art4.jsonl" ||
+    fail "node 4, killed mid-copy, holds page $p committed: $(grep "\"page_id\":$p," "$work/art4.jsonl")"
+done
+echo "data-path: TARGET KILLED mid-copy: node 4 died at node.rereplicate-target; its pool: $(grep -c '"PREALLOCATED"' "$work/art4.jsonl") pages PREALLOCATED (freed at its next reconciliation), none of the phase's pages ALLOCATED"
 at=$(wc -l <"$work/history5.jsonl")
 wait_records 5 $((at + 100))
 touch "$work/stop5"

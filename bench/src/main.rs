@@ -13,6 +13,7 @@ mod objects;
 mod peer_proc;
 mod recovery;
 mod report;
+mod rereplicate;
 mod takeover;
 #[allow(unsafe_code)] // posting work requests; each block carries its SAFETY argument
 mod verbs_lat;
@@ -46,6 +47,9 @@ enum Command {
     Cache(cache::CacheArgs),
     /// How long a starting monitor takes to reload GATs of several sizes from ZooKeeper.
     Recovery(recovery::RecoveryArgs),
+    /// Foreground write latency before, during and after a re-replication
+    /// (scripts/bench-rereplicate.sh drives the node loss and times the copy).
+    Rereplicate(rereplicate::RereplicateArgs),
     /// Lists RDMA devices, their ports and RoCE v2 GIDs; with --gid-for, prints just the
     /// GID index for that address (the value perftest's -x wants).
     Devices {
@@ -93,6 +97,7 @@ fn main() -> ExitCode {
         Command::Recovery(args) => recovery::run(&args),
         Command::Data(args) => data::run(&args),
         Command::Cache(args) => cache::run(&args),
+        Command::Rereplicate(args) => rereplicate::run(&args),
         Command::DataProbe(args) => data_probe::run(&args),
         Command::Devices { device, gid_for } => devices(device.as_deref(), gid_for),
         Command::CheckHistory {

@@ -1580,6 +1580,14 @@ impl Monitor<'_> {
                 *idx -= 1;
             }
         }
+        // Re-replication requests to it get no answer now: they fail as unanswered.
+        if let Some(node) = p.node {
+            for sent in p.sent.into_values() {
+                if let Sent::Rere(sent) = sent {
+                    self.rereplicate_answer(node, sent, None);
+                }
+            }
+        }
     }
 }
 

@@ -26,7 +26,7 @@ fn crash_injection_suite_keeps_every_invariant() {
         .find_map(|p| p.strip_suffix(" failed"))
         .and_then(|n| n.parse::<u32>().ok())
         .expect("failed count");
-    assert!(ran >= 16, "only {ran} crash scenarios ran");
+    assert!(ran >= 18, "only {ran} crash scenarios ran");
     let which: Vec<&str> = stdout
         .lines()
         .filter_map(|l| l.strip_prefix("crash-suite: FAILED "))

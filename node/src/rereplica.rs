@@ -76,7 +76,11 @@ impl Rereplica {
     ) -> Result<(), PoolError> {
         let copies = lock(&self.copies);
         let target = copies.get(&page) == Some(&page_id);
-        pool.store_in_replica(page, page_id, target, offset, data)
+        pool.store_in_replica(page, page_id, target, offset, data)?;
+        if target {
+            pmgas_verbs::fault::point("node.rereplicate-target");
+        }
+        Ok(())
     }
 
     /// A new monitor connection: the old one's prepared copies are settled by the

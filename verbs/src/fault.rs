@@ -16,7 +16,9 @@
 //! recovery points are exercised by the crash suite (`scripts/crash-suite.sh`), the data
 //! path's by `scripts/data-path.sh` (`client.update-sent`, `node.data-replicating`,
 //! `node.data-backup-stored`, `monitor.tombstone-written`; `node.data-applied`,
-//! `monitor.free-sent` and `node.replica-freed` by none yet).
+//! `monitor.free-sent` and `node.replica-freed` by none yet), re-replication's by both
+//! (`monitor.rereplicate-copying` and `-mapped` by the suite, `node.rereplicate-target` by
+//! the data-path test; the others by none yet).
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -99,6 +101,38 @@ pub const POINTS: &[(&str, &str)] = &[
     (
         "node.replica-freed",
         "free: a replica zeroed and FREE durably, before the monitor is answered",
+    ),
+    (
+        "monitor.rereplicate-prepared",
+        "re-replication: the target prepared a page, AddReplica not yet sent",
+    ),
+    (
+        "monitor.rereplicate-copying",
+        "re-replication: AddReplica sent to the page's primary, the copy under way",
+    ),
+    (
+        "monitor.rereplicate-persist-queued",
+        "re-replication: the copy acknowledged, the mapping with the target handed to the GAT writer",
+    ),
+    (
+        "monitor.rereplicate-mapped",
+        "re-replication: the mapping with the target stored in ZooKeeper, the target not committed",
+    ),
+    (
+        "monitor.rereplicate-committed",
+        "re-replication: the target committed, the primary not yet told",
+    ),
+    (
+        "node.rereplicate-prepared",
+        "re-replication target: a page PREALLOCATED durably for the copy, before answering",
+    ),
+    (
+        "node.rereplicate-copying",
+        "re-replication source (primary): the copy's first chunk acknowledged by the target",
+    ),
+    (
+        "node.rereplicate-target",
+        "re-replication target: a chunk of the copy stored in its prepared page, before the ack",
     ),
     (
         "client.update-sent",

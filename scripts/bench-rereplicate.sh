@@ -114,17 +114,18 @@ gid3=$("$bin/pmgas-bench" devices --device "$d3" --gid-for "$h3")
 port=18800
 bw() { # bw SIZE: ib_read_bw's average MB/s, client on h3 reading node 1's device
   port=$((port + 1))
-  taskset -c 1 ib_read_bw -d "$d1" -x "$gid1" -s "$1" -n 2000 -F -p "$port" >"$work/srv.log" 2>&1 &
+  # 16 reads outstanding, as bench-data.sh (rxe fails runs with perftest's default 128).
+  taskset -c 1 ib_read_bw -d "$d1" -x "$gid1" -s "$1" -n 2000 -o 16 -F -p "$port" >"$work/srv.log" 2>&1 &
   local srv=$!
   for _ in $(seq 1 100); do ss -ltn 2>/dev/null | grep -q ":$port " && break; sleep 0.1; done
-  ib_read_bw -d "$d3" -x "$gid3" -s "$1" -n 2000 -F -p "$port" "$h1" >"$work/bw.log" 2>&1 ||
+  ib_read_bw -d "$d3" -x "$gid3" -s "$1" -n 2000 -o 16 -F -p "$port" "$h1" >"$work/bw.log" 2>&1 ||
     { cat "$work/bw.log" >&2; kill "$srv" 2>/dev/null; return 1; }
   wait "$srv" || true
   # #bytes #iterations BW peak[MB/sec] BW average[MB/sec] MsgRate[Mpps]
   awk -v s="$1" '$1 == s && NF >= 5 {print $4; exit}' "$work/bw.log"
 }
-bw4k=$(bw 4096)
-bw64k=$(bw 65536)
+bw4k=$(bw 4096) || fail "ib_read_bw 4 KiB"
+bw64k=$(bw 65536) || fail "ib_read_bw 64 KiB"
 python3 - "$work/fg.jsonl" "$copied" "$bytes" "$ms" "$bw4k" "$bw64k" "$short" <<'PY'
 import json, sys
 fg = {r["op"]: r for r in map(json.loads, open(sys.argv[1]))}

@@ -134,6 +134,33 @@ struct Queued {
     ends_copy: Option<u64>,
 }
 
+/// The copy of a whole page to `backups` through its queue, in [`MAX_UPDATE_BYTES`]
+/// chunks (D2a; R3, whose last chunk ends the join's copy: `ends_copy`).
+fn copy_chunks(
+    page: PageIndex,
+    page_size: u64,
+    backups: &[Replica],
+    ends_copy: Option<u64>,
+) -> Vec<Queued> {
+    let chunks = page_size.div_ceil(MAX_UPDATE_BYTES as u64);
+    (0..chunks)
+        .map(|chunk| {
+            let offset = chunk * MAX_UPDATE_BYTES as u64;
+            Queued {
+                conn: NO_CLIENT,
+                request_id: 0,
+                wire_id: 0,
+                page,
+                offset: offset as u32,
+                op: UpdateOp::Write(vec![]),
+                backups: backups.to_vec(),
+                copy_len: Some((page_size - offset).min(MAX_UPDATE_BYTES as u64) as usize),
+                ends_copy: ends_copy.filter(|_| chunk + 1 == chunks),
+            }
+        })
+        .collect()
+}
+
 /// A re-replication's target joining a page this node is the primary of
 /// (`monitor/REREPLICATION.md` R3, R4): every update of the page queued from the join on
 /// goes to the target too, after a copy of the whole page through the page's queue.
@@ -851,21 +878,9 @@ impl DataServer {
             // reached some backups and not others; this primary's copy is the truth
             // (nothing was readable before every replica had it), so the replicas agree
             // again before anything new is ordered.
-            for chunk in 0..page_size.div_ceil(MAX_UPDATE_BYTES as u64) {
-                let offset = chunk * MAX_UPDATE_BYTES as u64;
-                let len = (page_size - offset).min(MAX_UPDATE_BYTES as u64) as usize;
-                order.queue.push_back(Queued {
-                    conn: NO_CLIENT,
-                    request_id: 0,
-                    wire_id: 0,
-                    page,
-                    offset: offset as u32,
-                    op: UpdateOp::Write(vec![]),
-                    backups: q.backups.clone(),
-                    copy_len: Some(len),
-                    ends_copy: None,
-                });
-            }
+            order
+                .queue
+                .extend(copy_chunks(page, page_size, &q.backups, None));
             tracing::debug!(
                 page_id = page_id.0,
                 epoch = epoch.0,
@@ -1466,23 +1481,10 @@ impl DataServer {
             },
         );
         let page_size = self.pool.header().page_size_bytes;
-        let chunks = page_size.div_ceil(MAX_UPDATE_BYTES as u64);
         let order = self.pages.entry(page_id).or_default();
-        for chunk in 0..chunks {
-            let offset = chunk * MAX_UPDATE_BYTES as u64;
-            let len = (page_size - offset).min(MAX_UPDATE_BYTES as u64) as usize;
-            order.queue.push_back(Queued {
-                conn: NO_CLIENT,
-                request_id: 0,
-                wire_id: 0,
-                page,
-                offset: offset as u32,
-                op: UpdateOp::Write(vec![]),
-                backups: vec![target],
-                copy_len: Some(len),
-                ends_copy: (chunk + 1 == chunks).then_some(txn_id),
-            });
-        }
+        order
+            .queue
+            .extend(copy_chunks(page, page_size, &[target], Some(txn_id)));
         tracing::info!(page_id = page_id.0, target = %target.node, txn_id, "copying a page to a new replica");
         if order.in_flight.is_none() {
             self.start_next(page_id);

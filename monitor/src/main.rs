@@ -184,13 +184,12 @@ fn gat_dump(zk: &str, cluster: &str, json: bool) -> Result<(), String> {
         Ok::<_, String>((epoch, nodes, gat))
     })?;
     // Per page, the replicas declarations dropped and no re-replication replaced yet.
-    let mut dropped: std::collections::HashMap<u32, usize> = Default::default();
-    for set in gat.dropped.values() {
-        for (_, page_id) in set {
-            *dropped.entry(page_id.0).or_default() += 1;
-        }
-    }
-    let short = |id: u32| dropped.get(&id).copied().unwrap_or(0);
+    let short = |id: u32| {
+        gat.short
+            .get(&pmgas_layout::PageId(id))
+            .copied()
+            .unwrap_or(0)
+    };
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let written = (|| -> std::io::Result<()> {
         if json {

@@ -334,6 +334,7 @@ pub fn serve(
             "replicas on nodes declared dead are not in the GAT's view"
         );
     }
+    let short = gat.short;
     let dead = Failures {
         dead: gat.dead,
         missing,
@@ -423,7 +424,7 @@ pub fn serve(
             spin: pmgas_verbs::spin::SpinThenSleep::default(),
             last_request: Instant::now(),
         };
-        monitor.rereplicate_loaded();
+        monitor.rereplicate_loaded(short);
         monitor.run_loop()
     })
 }

@@ -89,10 +89,13 @@ pub struct LoadedGat {
     pub dead: DeadNodes,
     /// Replicas the dead-node records removed from the stored mappings.
     pub dropped_replicas: usize,
-    /// Those replicas, by node: (page index there, page id), tombstones' included. A node
-    /// declared dead that comes back is told to free them.
+    /// Those replicas, by node: (page index there, page id), tombstones' and every stored
+    /// revision's included. A node declared dead that comes back is told to free them.
     pub dropped:
         std::collections::BTreeMap<NodeId, std::collections::BTreeSet<(PageIndex, PageId)>>,
+    /// Per live page, how many replicas its last revision lost to dead nodes: what a
+    /// re-replication still has to restore (`monitor/REREPLICATION.md`).
+    pub short: std::collections::BTreeMap<PageId, usize>,
     pub chunks: usize,
     pub max_page_id: u32,
 }
@@ -497,8 +500,9 @@ impl Store {
         };
         out.dead = dead;
         // Replicas the declarations dropped, with the revision of the mapping that named
-        // them: only the page's last revision counts (a re-replication's mapping names
-        // live replicas only).
+        // them: all are to be freed by their nodes if they come back, but only the page's
+        // last revision says what it is short of (a re-replication's mapping names live
+        // replicas only).
         let mut drops: Vec<(PageId, u16, pmgas_layout::wire::Replica)> = vec![];
         while let Some((path, result)) = futures::StreamExt::next(&mut reads).await {
             let (data, _) = result.map_err(zk_error("get", path.clone()))?;
@@ -526,13 +530,22 @@ impl Store {
             .iter()
             .map(|m| (m.page_id, m.revision))
             .collect();
+        let live: std::collections::HashSet<PageId> = out
+            .mappings
+            .iter()
+            .filter(|m| !m.freed)
+            .map(|m| m.page_id)
+            .collect();
         for (page_id, revision, r) in drops {
+            out.dropped
+                .entry(r.node)
+                .or_default()
+                .insert((r.page, page_id));
             if last.get(&page_id) == Some(&revision) {
                 out.dropped_replicas += 1;
-                out.dropped
-                    .entry(r.node)
-                    .or_default()
-                    .insert((r.page, page_id));
+                if live.contains(&page_id) {
+                    *out.short.entry(page_id).or_default() += 1;
+                }
             }
         }
         Ok(out)

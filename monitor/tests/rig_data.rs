@@ -56,6 +56,7 @@ fn data_path_is_linearizable_durable_and_survives_crashes() {
         "TARGET KILLED mid-copy",
         "REREPLICATED every page back to 2 identical replicas",
         "SECOND LOSS ok",
+        "RETURNED node 2 freed its dropped replicas",
         "HUNG SHARER ok",
         "client p2 stopped (SIGSTOP)",
         "read-mostly cache counters",

@@ -105,17 +105,11 @@ impl Monitor<'_> {
         }
     }
 
-    /// R1 at start: the pages the loaded GAT shows short (a replica dropped by a
-    /// declaration, not yet replaced: a mapping written by a re-replication names only
-    /// live replicas).
-    pub(super) fn rereplicate_loaded(&mut self) {
-        let mut dropped: BTreeMap<PageId, usize> = BTreeMap::new();
-        for set in self.failures.dropped.values() {
-            for (_, page_id) in set {
-                *dropped.entry(*page_id).or_default() += 1;
-            }
-        }
-        for (page_id, lost) in dropped {
+    /// R1 at start: the pages the loaded GAT shows short (its last revision lost a
+    /// replica to a declaration: a mapping written by a re-replication names only live
+    /// replicas).
+    pub(super) fn rereplicate_loaded(&mut self, short: BTreeMap<PageId, usize>) {
+        for (page_id, lost) in short {
             if let Some(m) = self.mappings.get(&page_id)
                 && !m.freed
                 && !m.replicas.is_empty()

@@ -122,6 +122,8 @@ pub struct Rereplicator {
     done: u64,
     failed_attempts: u64,
     reported: bool,
+    /// The pages waiting for a node at the last report (a change is reported again).
+    reported_waiting: usize,
 }
 
 impl Rereplicator {
@@ -138,6 +140,7 @@ impl Rereplicator {
             done: 0,
             failed_attempts: 0,
             reported: true,
+            reported_waiting: 0,
         }
     }
 
@@ -436,10 +439,13 @@ impl Rereplicator {
     }
 
     /// R7 once nothing is in flight and the queue holds only the `waiting` pages that no
-    /// node can take; the counts start again.
+    /// node can take (again when that number changed: a waiting page was lost or freed);
+    /// the counts start again.
     fn report_if_done(&mut self, out: &mut Vec<RereplicateAction>, waiting: usize) {
-        if !self.reported && self.queue.len() == waiting && self.flights.is_empty() {
+        let news = !self.reported || self.reported_waiting != waiting;
+        if news && self.queue.len() == waiting && self.flights.is_empty() {
             self.reported = true;
+            self.reported_waiting = waiting;
             out.push(RereplicateAction::Report {
                 pages: std::mem::take(&mut self.done),
                 failed_attempts: std::mem::take(&mut self.failed_attempts),
@@ -586,6 +592,18 @@ mod tests {
             (1, 0, 0),
             "waits for a node that can take it"
         );
+        // The waiting page is lost (its last replica's node died): reported again.
+        let kept = current.replace(Mapping::new(page, vec![]));
+        assert_eq!(
+            re.drive(&view, &all, 8),
+            vec![RereplicateAction::Report {
+                pages: 0,
+                failed_attempts: 0,
+                waiting: 0
+            }]
+        );
+        assert!(re.drive(&view, &all, 8).is_empty());
+        *current.borrow_mut() = kept;
         // A GAT write that failed rolls back too.
         let mut re = Rereplicator::new(1, 1);
         re.need(page, 3);

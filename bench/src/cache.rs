@@ -100,11 +100,7 @@ fn cache_config(block_bytes: usize, budget_bytes: usize) -> CacheConfig {
 }
 
 pub fn run(args: &CacheArgs) -> Result<(), String> {
-    if let Some(cpu) = args.cpu
-        && !core_affinity::set_for_current(core_affinity::CoreId { id: cpu })
-    {
-        return Err(format!("could not pin to cpu {cpu}"));
-    }
+    crate::data::pin(args.cpu)?;
     let handle = |bind: Option<IpAddr>, cache: Option<CacheConfig>| {
         let mut config = SpaceConfig::new(&args.zk, &args.cluster);
         config.bind = bind;

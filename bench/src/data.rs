@@ -95,15 +95,30 @@ impl DataReport {
     }
 }
 
-pub fn run(args: &DataArgs) -> Result<(), String> {
-    if let Some(cpu) = args.cpu
+/// Pins the calling thread to `cpu`, if given (every client-side benchmark does).
+pub(crate) fn pin(cpu: Option<usize>) -> Result<(), String> {
+    if let Some(cpu) = cpu
         && !core_affinity::set_for_current(core_affinity::CoreId { id: cpu })
     {
         return Err(format!("could not pin to cpu {cpu}"));
     }
-    let mut config = SpaceConfig::new(&args.zk, &args.cluster);
-    config.bind = args.bind;
-    let space = Space::connect(config).map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// A handle on the cluster's address space, from `bind` (which picks the RDMA device).
+pub(crate) fn connect(
+    zk: &str,
+    cluster: &str,
+    bind: Option<std::net::IpAddr>,
+) -> Result<Space, String> {
+    let mut config = SpaceConfig::new(zk, cluster);
+    config.bind = bind;
+    Space::connect(config).map_err(|e| e.to_string())
+}
+
+pub fn run(args: &DataArgs) -> Result<(), String> {
+    pin(args.cpu)?;
+    let space = connect(&args.zk, &args.cluster, args.bind)?;
     let primary = NodeId(args.primary);
     let mut pages: Vec<(u8, PageId)> = vec![];
     for &b in &args.backups {

@@ -11,7 +11,6 @@ use std::time::Instant;
 
 use clap::Args;
 use pmgas_layout::PageId;
-use pmgas_node::space::{Space, SpaceConfig};
 
 use crate::data::DataReport;
 use crate::report::new_histogram;
@@ -42,14 +41,8 @@ pub struct RereplicateArgs {
 }
 
 pub fn run(args: &RereplicateArgs) -> Result<(), String> {
-    if let Some(cpu) = args.cpu
-        && !core_affinity::set_for_current(core_affinity::CoreId { id: cpu })
-    {
-        return Err(format!("could not pin to cpu {cpu}"));
-    }
-    let mut config = SpaceConfig::new(&args.zk, &args.cluster);
-    config.bind = args.bind;
-    let space = Space::connect(config).map_err(|e| e.to_string())?;
+    crate::data::pin(args.cpu)?;
+    let space = crate::data::connect(&args.zk, &args.cluster, args.bind)?;
     let addr = space
         .addr(PageId(args.page_id), 0)
         .map_err(|e| e.to_string())?;

@@ -45,7 +45,13 @@ pub(super) struct Rereplication {
     bytes: u64,
     last_progress: Instant,
     last_forgiven: Instant,
+    /// When targets were last chosen: at most every [`DRIVE_EVERY`] (a page waiting for a
+    /// node would otherwise cost a pass over the nodes on every loop pass).
+    last_drive: Instant,
 }
+
+/// How often queued pages are given targets.
+const DRIVE_EVERY: Duration = Duration::from_millis(10);
 
 impl Rereplication {
     pub(super) fn new(concurrency: usize, mb_s: u32, page_size: u64) -> Self {
@@ -59,6 +65,7 @@ impl Rereplication {
             bytes: 0,
             last_progress: Instant::now(),
             last_forgiven: Instant::now(),
+            last_drive: Instant::now(),
         }
     }
 
@@ -123,9 +130,13 @@ impl Monitor<'_> {
     /// Returns whether it sent anything.
     pub(super) fn drive_rereplication(&mut self) -> bool {
         let (waiting, in_flight, _) = self.rereplication.machine.progress();
-        if waiting + in_flight == 0 || self.deposed.is_some() {
+        if waiting + in_flight == 0
+            || self.deposed.is_some()
+            || self.rereplication.last_drive.elapsed() < DRIVE_EVERY
+        {
             return false;
         }
+        self.rereplication.last_drive = Instant::now();
         let nodes: BTreeMap<NodeId, NodeView> = self
             .by_node
             .iter()
